@@ -1,0 +1,5 @@
+import sys
+
+from kdarch.cli import main
+
+sys.exit(main())

@@ -1,0 +1,76 @@
+"""Small building blocks shared by every kdarch block: RMSNorm, rotary embedding (YaRN optional), SwiGLU MLP.
+
+RoPE follows DeepSeek: it rotates interleaved pairs (x[2i], x[2i+1]) of the decoupled rope slice only,
+and YaRN rescales the low frequencies when the model runs past the context it was trained for.
+
+Shape legend: B batch, T query tokens, S key tokens, H heads, D model width, R rope width.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdarch.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
+
+
+def _yarn_correction_dim(n_rotations: float, dim: int, base: float, max_seq_len: int) -> float:
+    """Index of the rope pair that turns `n_rotations` times over `max_seq_len` positions."""
+    return dim * math.log(max_seq_len / (n_rotations * 2 * math.pi)) / (2 * math.log(base))
+
+
+def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """Angular frequency of each rope pair, [R/2] fp32, with YaRN interpolation when rope_factor > 1."""
+    dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    if cfg.rope_factor > 1.0:
+        low = max(math.floor(_yarn_correction_dim(cfg.rope_beta_fast, dim, base, cfg.rope_original_max_seq_len)), 0)
+        high = min(math.ceil(_yarn_correction_dim(cfg.rope_beta_slow, dim, base, cfg.rope_original_max_seq_len)),
+                   dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+        keep = 1 - ramp  # 1 for fast (high-frequency) pairs, kept as they are; 0 for slow ones, interpolated
+        freqs = freqs / cfg.rope_factor * (1 - keep) + freqs * keep
+    return freqs.float()
+
+
+def rope_table(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables [max_seq_len, R/2] in fp32."""
+    angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float32), rope_frequencies(cfg))
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of x [B, T, (H,) R] by angles given as cos/sin [T, R/2] or [B, T, R/2]."""
+    if x.dim() == 4:  # broadcast over heads
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    xf = x.float()
+    x1, x2 = xf[..., 0::2], xf[..., 1::2]
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU MLP, down(silu(gate x) * up x), with gate and up fused into one projection (gate rows first)."""
+
+    def __init__(self, dim: int, inter_dim: int):
+        super().__init__()
+        self.w_gate_up = nn.Linear(dim, 2 * inter_dim, bias=False)
+        self.w_down = nn.Linear(inter_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w_gate_up(x).chunk(2, dim=-1)
+        return self.w_down(F.silu(gate) * up)
