@@ -97,7 +97,7 @@ class ModelConfig:
 
     # --- misc -----------------------------------------------------------------------------------
     rms_norm_eps: float = 1e-6
-    """Epsilon of every RMSNorm."""
+    """Epsilon of the block, final and MTP RMSNorms (the q/kv latent norms always use 1e-6, as DeepSeek-V3)."""
     tie_word_embeddings: bool = False
     """Share the embedding matrix with the output head."""
     init_std: float = 0.02

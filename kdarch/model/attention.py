@@ -20,6 +20,8 @@ from kdarch.config import ModelConfig
 from kdarch.model.cache import LatentKVCache
 from kdarch.model.layers import RMSNorm, apply_rope
 
+LATENT_NORM_EPS = 1e-6  # the q / kv latent norms use DeepSeek-V3's fixed eps, whatever rms_norm_eps is
+
 
 class MLA(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -31,12 +33,12 @@ class MLA(nn.Module):
         qk_out = cfg.n_heads * cfg.qk_head_dim
         if cfg.q_lora_rank:
             self.wq_a = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=False)
-            self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS)
             self.wq_b = nn.Linear(cfg.q_lora_rank, qk_out, bias=False)
         else:
             self.wq = nn.Linear(cfg.hidden_size, qk_out, bias=False)
         self.wkv_a = nn.Linear(cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
-        self.kv_norm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank, LATENT_NORM_EPS)
         self.wkv_b = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.v_head_dim, cfg.hidden_size, bias=False)
 

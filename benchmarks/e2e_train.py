@@ -1,0 +1,114 @@
+"""One training step (forward + backward + AdamW) of kdarch vs transformers' DeepseekV3ForCausalLM.
+
+Both models get the same config and the same weights (kdarch's, exported through the Hugging Face
+converter) and the same batch; each runs in its own subprocess so peak memory is measured cleanly.
+
+    python benchmarks/e2e_train.py                  # bench preset, batch 8 x 256, fp32, 2 threads
+    python benchmarks/e2e_train.py --steps 3 --batch 2 --seq 64   # quick look
+
+Reports tokens/s and peak memory for both and their ratios (kdarch / transformers), the first-step
+loss of each (they must agree), a table on stdout and a CSV in benchmarks/results/e2e_train.csv.
+Peak memory is the process's resident-set high-water mark during the steps minus its size before them
+(weights loaded): activations, gradients, optimizer state and allocator slack.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import peak_rss_mb, print_table, row, rss_mb, time_cpu, write_csv  # noqa: E402
+
+
+def worker(args) -> None:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    if args.worker == "kdarch":
+        import kdarch
+        model = kdarch.from_pretrained(Path(args.dir) / "kdarch")
+    else:
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(Path(args.dir) / "hf", attn_implementation=args.hf_attn,
+                                                     dtype=torch.float32)
+    model.train()
+    ids = load_file(str(Path(args.dir) / "batch.safetensors"))["ids"]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    losses = []
+
+    def step():
+        out = model(input_ids=ids, labels=ids)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+
+    base = rss_mb()
+    times = time_cpu(step, warmup=args.warmup, repeat=args.steps)
+    print(json.dumps({"times": times, "first_loss": losses[0], "peak_mb": peak_rss_mb() - base,
+                      "params": sum(p.numel() for p in model.parameters())}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="bench")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--steps", type=int, default=5, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "eager"], help="transformers attention kernel")
+    p.add_argument("--worker", choices=["kdarch", "hf"], help=argparse.SUPPRESS)
+    p.add_argument("--dir", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return worker(args)
+
+    import kdarch
+    cfg = kdarch.get_preset(args.preset)
+    torch.manual_seed(0)
+    model = kdarch.CausalLM(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(Path(tmp) / "kdarch")
+        model.save_pretrained(Path(tmp) / "hf", format="hf")
+        save_file({"ids": torch.randint(0, cfg.vocab_size, (args.batch, args.seq))}, str(Path(tmp) / "batch.safetensors"))
+        del model
+        results = {}
+        for provider in ("kdarch", "hf"):
+            cmd = [sys.executable, __file__, "--worker", provider, "--dir", tmp, "--threads", str(args.threads),
+                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--hf-attn", args.hf_attn]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+            results[provider] = json.loads(out.stdout.strip().splitlines()[-1])
+
+    tokens = args.batch * args.seq
+    setup = {"preset": args.preset, "batch": args.batch, "seq": args.seq, "threads": args.threads,
+             "dtype": "float32", "hf_attn": args.hf_attn}
+    rows, lines = [], []
+    for provider, r in results.items():
+        tps = [tokens / t for t in r["times"]]
+        rows += [row("train_step", provider, "fwd+bwd+adamw", "tokens_per_s", "tok/s", "tokens", tokens, tps, setup),
+                 row("train_step", provider, "fwd+bwd+adamw", "step_time", "s", "tokens", tokens, r["times"], setup),
+                 row("train_step", provider, "fwd+bwd+adamw", "peak_memory", "MiB", "tokens", tokens, r["peak_mb"], setup)]
+        r["tps"] = sorted(tps)[len(tps) // 2]
+        lines.append([provider, f"{r['params'] / 1e6:.1f}M", f"{r['tps']:.0f}", f"{r['peak_mb']:.0f}",
+                      f"{r['first_loss']:.5f}"])
+    speed = results["kdarch"]["tps"] / results["hf"]["tps"]
+    mem = results["kdarch"]["peak_mb"] / results["hf"]["peak_mb"]
+    rows += [row("train_step", "kdarch/hf", "fwd+bwd+adamw", "speed_ratio", "x", "tokens", tokens, speed, setup),
+             row("train_step", "kdarch/hf", "fwd+bwd+adamw", "memory_ratio", "x", "tokens", tokens, mem, setup)]
+    print(f"one training step, preset {args.preset!r}, batch {args.batch} x {args.seq}, fp32, {args.threads} threads")
+    print_table(["provider", "params", "tokens/s", "peak MiB", "first loss"], lines)
+    print(f"\nkdarch / transformers: {speed:.2f}x tokens/s (target >= 1.5x), {mem:.2f}x peak memory (target <= 0.8x)")
+    loss_gap = abs(results["kdarch"]["first_loss"] - results["hf"]["first_loss"])
+    print(f"first-step loss difference: {loss_gap:.2e} (same weights, same batch)")
+    print(f"CSV: {write_csv('e2e_train', rows)}")
+
+
+if __name__ == "__main__":
+    main()
