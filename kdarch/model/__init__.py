@@ -1,7 +1,7 @@
 """kdarch.model: the student architecture (MLA attention, DeepSeekMoE, MTP) and its latent-KV generation."""
 from kdarch.model.cache import LatentKVCache
 from kdarch.model.generate import generate, sample_next
-from kdarch.model.transformer import Block, CausalLM, CausalLMOutput, MTPModule, causal_lm_loss
+from kdarch.model.transformer import Block, CausalLM, CausalLMOutput, MTPModule
 
-__all__ = ["Block", "CausalLM", "CausalLMOutput", "LatentKVCache", "MTPModule", "causal_lm_loss", "generate",
+__all__ = ["Block", "CausalLM", "CausalLMOutput", "LatentKVCache", "MTPModule", "generate",
            "sample_next"]

@@ -63,9 +63,12 @@ class MLA(nn.Module):
         k_nope_BTHN, v_BTHV = self.wkv_b(latent_BTC).view(B, T, H, -1).split([self.nope_dim, self.v_dim], dim=-1)
         q_BHTK = torch.cat((q_nope_BTHN, q_rope_BTHR), dim=-1).transpose(1, 2)
         k_BHTK = torch.cat((k_nope_BTHN, k_rope_BTR[:, :, None].expand(B, T, H, self.rope_dim)), dim=-1).transpose(1, 2)
+        qk_dim = q_BHTK.shape[-1]
+        if self.v_dim < qk_dim:  # fused SDPA kernels want one head width: pad V with zeros, slice the output
+            v_BTHV = F.pad(v_BTHV, (0, qk_dim - self.v_dim))
         o_BHTV = F.scaled_dot_product_attention(q_BHTK, k_BHTK, v_BTHV.transpose(1, 2), is_causal=True,
                                                 scale=self.softmax_scale)
-        return o_BHTV.transpose(1, 2)
+        return o_BHTV.transpose(1, 2)[..., :self.v_dim]
 
     def _absorbed(self, q_nope_BTHN, q_rope_BTHR, latent_BSC, k_rope_BSR, mask_B1TS) -> torch.Tensor:
         w_HXC = self.wkv_b.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_rank)

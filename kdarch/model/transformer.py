@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kdarch.config import ModelConfig
@@ -20,12 +19,13 @@ from kdarch.model.attention import MLA
 from kdarch.model.cache import LatentKVCache
 from kdarch.model.layers import MLP, RMSNorm, rope_table
 from kdarch.model.moe import MoE
+from kdarch.ops.linear_ce import linear_cross_entropy
 
 
 @dataclass
 class CausalLMOutput:
-    logits: torch.Tensor
-    """[B, T, V] next-token logits."""
+    logits: torch.Tensor | None
+    """[B, T, V] next-token logits (None with labels and return_logits=False)."""
     loss: torch.Tensor | None = None
     """lm_loss + mtp_loss_weight * mtp_loss + balance_loss, when labels are given."""
     lm_loss: torch.Tensor | None = None
@@ -152,10 +152,12 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
                 output_hidden_states: bool = False, output_mtp_logits: bool = False,
                 cache: LatentKVCache | None = None, position_ids: torch.Tensor | None = None,
-                valid_mask: torch.Tensor | None = None) -> CausalLMOutput:
+                valid_mask: torch.Tensor | None = None, return_logits: bool = True) -> CausalLMOutput:
         """Full causal forward. With `labels` (HF convention: labels are the input ids; the shift happens
-        here; -100 is ignored) it returns the losses. With `cache` it runs the absorbed-attention path,
-        appending these tokens at `position_ids` ([B, T]; `valid_mask` marks non-padding tokens)."""
+        here; -100 is ignored) it returns the losses, computed by a fused chunked head that never keeps
+        [B*T, V] logits for backward; the returned logits then carry no autograd history, and
+        `return_logits=False` skips them. With `cache` it runs the absorbed-attention path, appending these
+        tokens at `position_ids` ([B, T]; `valid_mask` marks non-padding tokens)."""
         self._check_ids("input_ids", input_ids)
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
@@ -183,41 +185,46 @@ class CausalLM(nn.Module):
         if cache is not None:
             cache.advance(T)
         h = self.norm(x)
-        out = CausalLMOutput(logits=self.head(h), last_hidden_state=h,
+        out = CausalLMOutput(logits=None, last_hidden_state=h,
                              hidden_states=tuple(hidden) if hidden is not None else None)
+        out.lm_loss, out.logits = self._head(h, labels, 1, return_logits)
 
         if self.mtp and (labels is not None or output_mtp_logits) and cache is None:
-            out.mtp_logits = []
+            out.mtp_logits, mtp_losses = [], []
             h_prev = h
             for k, module in enumerate(self.mtp, start=1):
                 if T - k < 1:
                     break
                 emb = self.embed(input_ids[:, k:])
                 h_prev, h_normed, aux = module(h_prev[:, :T - k], emb, cos[..., :T - k, :], sin[..., :T - k, :])
-                out.mtp_logits.append(self.head(h_normed))
+                loss_k, logits_k = self._head(h_normed, labels, k + 1, output_mtp_logits or return_logits)
+                out.mtp_logits.append(logits_k)
+                mtp_losses.append(loss_k)
                 if aux is not None:
                     aux_losses.append(aux)
+            if labels is not None and mtp_losses:
+                out.mtp_loss = torch.stack(mtp_losses).mean()
         if aux_losses:
             out.balance_loss = torch.stack(aux_losses).sum()
-
         if labels is not None:
-            out.lm_loss = causal_lm_loss(out.logits, labels, shift=1)
             out.loss = out.lm_loss
-            if out.mtp_logits:
-                losses = [causal_lm_loss(lg, labels, shift=k + 1) for k, lg in enumerate(out.mtp_logits, start=1)]
-                out.mtp_loss = torch.stack(losses).mean()
+            if out.mtp_loss is not None:
                 out.loss = out.loss + self.config.mtp_loss_weight * out.mtp_loss
             if out.balance_loss is not None:
                 out.loss = out.loss + out.balance_loss
         return out
 
-
-def causal_lm_loss(logits_BXV: torch.Tensor, labels_BT: torch.Tensor, shift: int) -> torch.Tensor:
-    """Mean CE of logits at position i against labels[i + shift] (logits may cover fewer positions than
-    labels, as MTP logits do); -100 labels are ignored. NaN-free when no label is valid (returns 0)."""
-    n = labels_BT.shape[1] - shift
-    logits = logits_BXV[:, :n].reshape(-1, logits_BXV.shape[-1]).float()
-    target = labels_BT[:, shift:].reshape(-1)
-    if n <= 0 or not (target != -100).any():
-        return logits_BXV.sum() * 0.0
-    return F.cross_entropy(logits, target, ignore_index=-100)
+    def _head(self, h_BXD: torch.Tensor, labels_BT: torch.Tensor | None, shift: int, return_logits: bool):
+        """(loss, logits) of the output head on hidden states h (X <= T positions), position i predicting
+        labels[i + shift]. Without labels: (None, differentiable logits). With labels the loss runs through
+        the fused chunked head and the logits, if returned, carry no autograd history."""
+        if labels_BT is None:
+            return None, self.head(h_BXD)
+        B, X, D = h_BXD.shape
+        target_BX = labels_BT.new_full((B, X), -100)
+        n = labels_BT.shape[1] - shift
+        if n > 0:
+            target_BX[:, :n] = labels_BT[:, shift:shift + n]
+        res = linear_cross_entropy(h_BXD.reshape(B * X, D), self.head.weight, target_BX.reshape(-1),
+                                   return_logits=return_logits)
+        return (res[0], res[1].view(B, X, -1)) if return_logits else (res, None)

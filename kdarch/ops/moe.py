@@ -1,0 +1,125 @@
+"""The "torch" backend of `moe_ffn`: dropless routed-expert SwiGLU in vectorised PyTorch.
+
+Why this shape: the (token, slot) rows are sorted by expert once, so every expert's rows are
+one contiguous segment; both expert GEMMs then run as ONE grouped GEMM over those segments
+(`torch._grouped_mm`, or a padded `bmm` where grouped_mm cannot take the dtype / layout), and
+nothing on the hot path loops over experts in Python. The un-permute is a gather by the
+inverse permutation followed by a sum over the K slots, in fp32 with the routing weights, so
+forward and backward are deterministic (no float atomics, no index_add on repeated indices).
+This is the same dataflow the Triton kernels implement, and the CPU fast path.
+
+Legend: T tokens, K slots per token (top-k), E experts, H hidden, I expert intermediate,
+M = T*K routed rows, C = rows of the busiest expert (padded bmm only), N/D a GEMM's out/in.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kdarch.ops.backend import register
+
+_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def routing_metadata(topk_ids_TK: torch.Tensor, n_experts: int):
+    """(counts_E, offsets_E1, sorted_idx_M, inv_idx_M), int64; see kdarch.kernels.moe_ref."""
+    ids_M = topk_ids_TK.reshape(-1).long()
+    sorted_idx_M = torch.argsort(ids_M, stable=True)
+    # offsets[e] = #rows with id < e; fixed-shape and sync-free (bincount is neither under compile)
+    e_E1 = torch.arange(n_experts + 1, device=ids_M.device)
+    offsets_E1 = torch.searchsorted(ids_M[sorted_idx_M], e_E1)
+    counts_E = offsets_E1.diff()
+    inv_idx_M = torch.empty_like(sorted_idx_M)
+    inv_idx_M[sorted_idx_M] = torch.arange(ids_M.numel(), device=ids_M.device)
+    return counts_E, offsets_E1, sorted_idx_M, inv_idx_M
+
+
+class _PermuteRows(torch.autograd.Function):
+    """out_MD = src[idx_M // fan], where idx_M is a permutation of the len(src)*fan slots.
+
+    Backward gathers by the inverse permutation and sums each source row's `fan` copies,
+    which is deterministic (autograd's default would index_add onto repeated rows).
+    """
+
+    @staticmethod
+    def forward(ctx, src_RD, idx_M, inv_idx_M, fan: int):
+        ctx.save_for_backward(inv_idx_M)
+        ctx.fan = fan
+        return src_RD.index_select(0, idx_M // fan if fan > 1 else idx_M)
+
+    @staticmethod
+    def backward(ctx, grad_MD):
+        (inv_idx_M,) = ctx.saved_tensors
+        g_MD = grad_MD.index_select(0, inv_idx_M)
+        return g_MD.view(-1, ctx.fan, g_MD.shape[-1]).sum(1), None, None, None
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    """torch._grouped_mm wants 16-byte aligned base pointers and non-unit strides."""
+    step = 16 // t.element_size()
+    return t.data_ptr() % 16 == 0 and all(s % step == 0 for s in t.stride() if s != 1)
+
+
+def grouped_mm_ok(dtype: torch.dtype, *w_END: torch.Tensor) -> bool:
+    """Can torch._grouped_mm run the expert GEMMs with these weights, forward and backward?
+
+    It needs 16-byte aligned rows in every operand and gradient: each weight's two inner
+    sizes (which are also the activations' row lengths) must be multiples of 16 bytes.
+    """
+    if torch.compiler.is_compiling() and dtype != torch.bfloat16:
+        return False  # its fake (meta) kernel only accepts bf16 in torch 2.13
+    step = 16 // torch.empty((), dtype=dtype).element_size()
+    return (hasattr(torch, "_grouped_mm") and dtype in _GROUPED_MM_DTYPES
+            and all(w.dtype == dtype and _aligned(w) and all(n % step == 0 for n in w.shape[1:])
+                    for w in w_END))
+
+
+def _expert_linear(x_MD, w_END, ends_E, slot_M, n_pad):
+    """y_MN[j] = x_MD[j] @ w_END[e(j)].T, rows of expert e contiguous.
+
+    ends_E: int32 cumulative END offsets (grouped_mm); slot_M / n_pad: row j's place in a
+    zero-padded [E, n_pad, D] batch (padded bmm fallback). Exactly one of the two is used.
+    """
+    if slot_M is None:
+        return torch._grouped_mm(x_MD, w_END.transpose(-1, -2), offs=ends_E)
+    E, N, D = w_END.shape
+    x_pad = x_MD.new_zeros(E * n_pad, D).index_copy(0, slot_M, x_MD).view(E, n_pad, D)
+    y_pad = torch.bmm(x_pad, w_END.transpose(-1, -2))  # [E, C, N]
+    return y_pad.reshape(E * n_pad, N).index_select(0, slot_M)
+
+
+def moe_ffn_torch(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI,
+                  impl: str = "auto"):
+    """Vectorised moe_ffn (inputs already validated by kdarch.ops.moe_ffn).
+
+    impl: "auto" (grouped_mm where it supports dtype and layout, else padded bmm),
+    "grouped_mm" or "padded_bmm" (for tests and benchmarks).
+    """
+    if impl not in ("auto", "grouped_mm", "padded_bmm"):
+        raise ValueError(f"impl must be 'auto', 'grouped_mm' or 'padded_bmm', got {impl!r}")
+    T, K = topk_ids_TK.shape
+    E = w_gate_up_E2IH.shape[0]
+    counts_E, offsets_E1, sorted_idx_M, inv_idx_M = routing_metadata(topk_ids_TK, E)
+
+    x_MH = _PermuteRows.apply(x_TH, sorted_idx_M, inv_idx_M, K)  # rows in expert order
+    use_gmm = impl == "grouped_mm" or (
+        impl == "auto" and grouped_mm_ok(x_TH.dtype, w_gate_up_E2IH, w_down_EHI))
+    if use_gmm:
+        ends_E, slot_M, n_pad = offsets_E1[1:].to(torch.int32), None, 0
+    else:
+        expert_M = topk_ids_TK.reshape(-1).long()[sorted_idx_M]  # sorted expert id per row
+        n_pad = int(counts_E.max()) if counts_E.numel() else 0  # host sync: fallback only
+        row_M = torch.arange(x_MH.shape[0], device=x_MH.device)
+        ends_E, slot_M = None, expert_M * n_pad + row_M - offsets_E1[expert_M]
+
+    h_M2I = _expert_linear(x_MH, w_gate_up_E2IH, ends_E, slot_M, n_pad)
+    gate_MI, up_MI = h_M2I.chunk(2, dim=-1)
+    y_MH = _expert_linear(F.silu(gate_MI) * up_MI, w_down_EHI, ends_E, slot_M, n_pad)
+
+    y_TKH = _PermuteRows.apply(y_MH, inv_idx_M, sorted_idx_M, 1).view(T, K, -1)  # slot order
+    out_TH = torch.bmm(topk_weights_TK.float().unsqueeze(1), y_TKH.float()).squeeze(1)
+    return out_TH.to(x_TH.dtype)
+
+
+register("moe_ffn", "torch", moe_ffn_torch)
