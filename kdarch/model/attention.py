@@ -46,22 +46,23 @@ class MLA(nn.Module):
                 cache: LatentKVCache | None = None) -> torch.Tensor:
         B, T, _ = x_BTD.shape
         q = self.wq_b(self.q_norm(self.wq_a(x_BTD))) if hasattr(self, "wq_a") else self.wq(x_BTD)
-        q_nope_BTHN, q_rope_BTHR = q.view(B, T, self.n_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
-        q_rope_BTHR = apply_rope(q_rope_BTHR, cos, sin)
+        q_BTHK = q.view(B, T, self.n_heads, -1)
+        q_BTHK[..., self.nope_dim:] = apply_rope(q_BTHK[..., self.nope_dim:], cos, sin)  # in place: no q copy
         latent_BTC, k_rope_BTR = self.wkv_a(x_BTD).split([self.kv_rank, self.rope_dim], dim=-1)
         latent_BTC = self.kv_norm(latent_BTC)
         k_rope_BTR = apply_rope(k_rope_BTR, cos, sin)
         if cache is None:
-            o_BTHV = self._full(q_nope_BTHN, q_rope_BTHR, latent_BTC, k_rope_BTR)
+            o_BTHV = self._full(q_BTHK, latent_BTC, k_rope_BTR)
         else:
             latent_BSC, k_rope_BSR = cache.update(layer_id, latent_BTC, k_rope_BTR)
+            q_nope_BTHN, q_rope_BTHR = q_BTHK.split([self.nope_dim, self.rope_dim], dim=-1)
             o_BTHV = self._absorbed(q_nope_BTHN, q_rope_BTHR, latent_BSC, k_rope_BSR, cache.attention_mask(T))
         return self.wo(o_BTHV.flatten(2))
 
-    def _full(self, q_nope_BTHN, q_rope_BTHR, latent_BTC, k_rope_BTR) -> torch.Tensor:
-        B, T, H, _ = q_nope_BTHN.shape
+    def _full(self, q_BTHK, latent_BTC, k_rope_BTR) -> torch.Tensor:
+        B, T, H, _ = q_BTHK.shape
         k_nope_BTHN, v_BTHV = self.wkv_b(latent_BTC).view(B, T, H, -1).split([self.nope_dim, self.v_dim], dim=-1)
-        q_BHTK = torch.cat((q_nope_BTHN, q_rope_BTHR), dim=-1).transpose(1, 2)
+        q_BHTK = q_BTHK.transpose(1, 2)
         k_BHTK = torch.cat((k_nope_BTHN, k_rope_BTR[:, :, None].expand(B, T, H, self.rope_dim)), dim=-1).transpose(1, 2)
         qk_dim = q_BHTK.shape[-1]
         if self.v_dim < qk_dim:  # fused SDPA kernels want one head width: pad V with zeros, slice the output

@@ -16,29 +16,40 @@ import torch
 
 def _chunked_loss_and_grads(h_ND, w_VD, labels_N, ignore_index: int, chunk: int, want_gh: bool, want_gw: bool,
                             logits_out: torch.Tensor | None):
-    """Sum of per-row CE over valid rows, the row count, and (on request) d(mean loss)/dh and /dw."""
-    n_valid = (labels_N != ignore_index).sum()
-    inv_n = 1.0 / n_valid.clamp_min(1).to(torch.float32)
+    """Mean CE over valid rows and (on request) its gradients d/dh, d/dw.
+
+    Per chunk only two [C, V] passes touch memory: the logits GEMM and one softmax. The one-hot part of
+    d logits = softmax - onehot never becomes a [C, V] tensor: it is applied on the [C, D] side
+    (dh -= w[y], dw[y] -= h), and the 1/n_valid scale rides on the [C, D] operands too."""
+    valid_N = labels_N != ignore_index
+    inv_n = 1.0 / valid_N.sum().clamp_min(1).to(torch.float32)
     grad_h_ND = torch.empty_like(h_ND) if want_gh else None
     grad_w_VD = torch.zeros(w_VD.shape, dtype=torch.float32, device=w_VD.device) if want_gw else None
     loss = torch.zeros((), dtype=torch.float32, device=h_ND.device)
     for s in range(0, h_ND.shape[0], chunk):
-        h_CD, y_C = h_ND[s:s + chunk], labels_N[s:s + chunk]
-        logits_CV = (h_CD @ w_VD.T).float()
+        h_CD, valid_C = h_ND[s:s + chunk], valid_N[s:s + chunk]
+        y_C1 = torch.where(valid_C, labels_N[s:s + chunk], 0)[:, None]
         if logits_out is not None:
-            logits_out[s:s + chunk] = logits_CV
-        valid_C = y_C != ignore_index
-        safe_y_C = torch.where(valid_C, y_C, 0)[:, None]
-        lse_C = torch.logsumexp(logits_CV, dim=-1)
-        loss += ((lse_C - logits_CV.gather(1, safe_y_C).squeeze(1)) * valid_C).sum()
+            logits_CV = torch.mm(h_CD, w_VD.T, out=logits_out[s:s + chunk]) if h_ND.dtype == torch.float32 \
+                else logits_out[s:s + chunk].copy_(h_CD @ w_VD.T)
+        else:
+            logits_CV = (h_CD @ w_VD.T).float()
+        probs_CV = logits_CV.softmax(dim=-1)
+        p_y_C = probs_CV.gather(1, y_C1).squeeze(1)
+        nll_C = -p_y_C.log()
+        tiny_C = p_y_C < 1e-30  # log of an underflowed probability: recompute those rows exactly
+        if tiny_C.any():
+            rows = tiny_C.nonzero().squeeze(1)
+            nll_C[rows] = logits_CV[rows].logsumexp(dim=-1) - logits_CV[rows].gather(1, y_C1[rows]).squeeze(1)
+        loss += (nll_C * valid_C).sum()
         if want_gh or want_gw:
-            g_CV = logits_CV.sub_(lse_C[:, None]).exp_()  # softmax, in place of the logits
-            g_CV.scatter_add_(1, safe_y_C, -torch.ones_like(safe_y_C, dtype=g_CV.dtype))
-            g_CV.mul_((valid_C * inv_n)[:, None])
+            scale_C1 = (valid_C * inv_n)[:, None]
             if want_gh:
-                grad_h_ND[s:s + chunk] = g_CV.to(w_VD.dtype) @ w_VD
+                gh_CD = probs_CV.to(w_VD.dtype) @ w_VD
+                grad_h_ND[s:s + chunk] = (gh_CD - w_VD[y_C1.squeeze(1)]) * scale_C1.to(gh_CD.dtype)
             if want_gw:
-                grad_w_VD.addmm_(g_CV.T, h_CD.float())
+                hs_CD = h_CD.float() * scale_C1
+                grad_w_VD.addmm_(probs_CV.T, hs_CD).index_add_(0, y_C1.squeeze(1), -hs_CD)
     return loss * inv_n, grad_h_ND, grad_w_VD
 
 
@@ -60,15 +71,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(h_ND: torch.Tensor, w_VD: torch.Tensor, labels_N: torch.Tensor, *,
-                         ignore_index: int = -100, chunk: int = 1024, return_logits: bool = False):
+                         ignore_index: int = -100, chunk: int | None = None, return_logits: bool = False):
     """Mean CE of `h @ w.T` against `labels` over rows whose label != ignore_index (0 if there are none).
-    Returns the loss, or (loss, logits [N, V] fp32 without autograd history) with return_logits."""
+    Returns the loss, or (loss, logits [N, V] fp32 without autograd history) with return_logits.
+    `chunk` rows are processed at a time (default: about 64 MiB of fp32 logits)."""
     if h_ND.dim() != 2 or w_VD.dim() != 2 or h_ND.shape[1] != w_VD.shape[1]:
         raise ValueError(f"linear_cross_entropy: expected h [N, D] and w [V, D], got {tuple(h_ND.shape)} and "
                          f"{tuple(w_VD.shape)}")
     if labels_N.shape != h_ND.shape[:1]:
         raise ValueError(f"linear_cross_entropy: expected labels [{h_ND.shape[0]}], got {tuple(labels_N.shape)}")
     logits = torch.empty(h_ND.shape[0], w_VD.shape[0], device=h_ND.device) if return_logits else None
+    chunk = chunk or max(1, 2**24 // w_VD.shape[0])  # ~64 MiB of fp32 logits per chunk
     if torch.is_grad_enabled() and (h_ND.requires_grad or w_VD.requires_grad):
         loss = _LinearCrossEntropy.apply(h_ND, w_VD, labels_N, ignore_index, chunk, logits)
     else:
