@@ -69,10 +69,11 @@ def cmd_demo(args) -> int:
                   f"{step * batch * seq / (time.perf_counter() - t0):.0f} tok/s")
     prompt = list(b"The ")
     t0 = time.perf_counter()
-    new = model.generate([prompt], args.new_tokens, temperature=0.0)[0]
+    new = model.generate([prompt], args.new_tokens, temperature=0.8, top_k=40,
+                         generator=torch.Generator().manual_seed(args.seed))[0]
     dt = time.perf_counter() - t0
     text = bytes(t for t in prompt + new if t < 256).decode("utf-8", errors="replace")
-    print(f"  generated {len(new)} tokens in {dt:.2f}s on the latent KV cache: {text!r}")
+    print(f"  sampled {len(new)} tokens (T=0.8, top-k 40) in {dt:.2f}s on the latent KV cache: {text!r}")
     return 0
 
 
