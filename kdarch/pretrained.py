@@ -66,18 +66,24 @@ def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
 
 
-def load_state_dict_into(model, sd: dict[str, torch.Tensor], source: str) -> None:
-    """Copy `sd` into `model`, refusing missing, unexpected or mis-shaped tensors with their names."""
-    expected = kdarch_state_dict(model)
-    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
+def check_state_dict(sd: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: str,
+                     may_miss: set[str] = frozenset()) -> None:
+    """Refuse missing (beyond `may_miss`), unexpected or mis-shaped tensors, naming them."""
+    missing = sorted(expected.keys() - sd.keys() - may_miss)
+    unexpected = sorted(sd.keys() - expected.keys())
     if missing or unexpected:
-        raise ValueError(f"{source}: weights do not match the config: missing {missing[:8]}"
+        raise ValueError(f"{source}: tensors do not match the config: missing {missing[:8]}"
                          f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
                          f"{'...' if len(unexpected) > 8 else ''}")
     for k, v in sd.items():
         if v.shape != expected[k].shape:
             raise ValueError(f"{source}: tensor {k} has shape {tuple(v.shape)}, the config expects "
                              f"{tuple(expected[k].shape)}")
+
+
+def load_state_dict_into(model, sd: dict[str, torch.Tensor], source: str) -> None:
+    """Copy `sd` into `model` after `check_state_dict`."""
+    check_state_dict(sd, kdarch_state_dict(model), source)
     model.load_state_dict(sd, strict=False)
 
 

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from kdarch.config import ConfigError, ModelConfig
 from kdarch.model import CausalLM
-from kdarch.pretrained import atomic_write, load_state_dict_into, read_safetensors
+from kdarch.pretrained import atomic_write, check_state_dict, load_state_dict_into, read_safetensors
 
 __all__ = ["hf_config_to_kdarch", "kdarch_config_to_hf", "hf_state_dict", "load_hf_state_dict", "load_hf",
            "save_hf", "to_hf_model"]
@@ -360,16 +360,7 @@ def load_hf_state_dict(model: CausalLM, hf_sd: dict[str, torch.Tensor], source: 
         if emb is not None and not torch.equal(sd["lm_head.weight"], emb):
             raise ValueError(f"{source}: tie_word_embeddings is set but lm_head.weight differs from the embedding")
         sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
-    missing = sorted(want.keys() - sd.keys() - copies.keys())
-    unexpected = sorted(sd.keys() - want.keys())
-    if missing or unexpected:
-        raise ValueError(f"{source}: tensors do not match the config: missing {missing[:8]}"
-                         f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
-                         f"{'...' if len(unexpected) > 8 else ''}")
-    for k, v in sd.items():
-        if v.shape != want[k].shape:
-            raise ValueError(f"{source}: tensor {k} has shape {tuple(v.shape)}, the config expects "
-                             f"{tuple(want[k].shape)}")
+    check_state_dict(sd, want, source, may_miss=set(copies))
     for k, src in copies.items():
         if k in sd and not torch.equal(sd[k], sd[src]):
             raise ValueError(f"{source}: MTP tensor {k} differs from {src}; kdarch shares embedding and head with MTP")
