@@ -74,6 +74,11 @@ def cmd_demo(args) -> int:
     dt = time.perf_counter() - t0
     text = bytes(t for t in prompt + new if t < 256).decode("utf-8", errors="replace")
     print(f"  sampled {len(new)} tokens (T=0.8, top-k 40) in {dt:.2f}s on the latent KV cache: {text!r}")
+    from kdarch.model import generate_speculative
+    drafted, stats = generate_speculative(model, prompt, args.new_tokens)
+    same = drafted == model.generate([prompt], args.new_tokens)[0]
+    print(f"  greedy with the MTP module drafting: {len(drafted)} tokens in {stats.main_steps + 1} main-model steps "
+          f"(draft acceptance {stats.acceptance:.0%}); {'identical to' if same else 'DIFFERENT from'} plain greedy")
     return 0
 
 

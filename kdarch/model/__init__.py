@@ -1,7 +1,8 @@
 """kdarch.model: the student architecture (MLA attention, DeepSeekMoE, MTP) and its latent-KV generation."""
 from kdarch.model.cache import LatentKVCache
 from kdarch.model.generate import generate, sample_next
+from kdarch.model.speculative import SpeculativeStats, generate_speculative
 from kdarch.model.transformer import Block, CausalLM, CausalLMOutput, MTPModule
 
-__all__ = ["Block", "CausalLM", "CausalLMOutput", "LatentKVCache", "MTPModule", "generate",
+__all__ = ["Block", "CausalLM", "CausalLMOutput", "LatentKVCache", "MTPModule", "SpeculativeStats", "generate_speculative", "generate",
            "sample_next"]

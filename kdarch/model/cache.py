@@ -15,12 +15,15 @@ from kdarch.config import ModelConfig
 
 class LatentKVCache:
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, *, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", first_layer: int = 0, n_layers: int | None = None):
+        """Slots for `max_len` tokens of blocks first_layer .. first_layer + n_layers - 1 (default: the main
+        model's blocks; MTP blocks have ids n_layers, n_layers + 1, ...)."""
         if max_len > cfg.max_seq_len:
             raise ValueError(f"LatentKVCache: max_len={max_len} exceeds ModelConfig.max_seq_len={cfg.max_seq_len}")
-        self.max_len = max_len
-        self.latent_LBSC = torch.zeros(cfg.n_layers, batch_size, max_len, cfg.kv_lora_rank, dtype=dtype, device=device)
-        self.k_rope_LBSR = torch.zeros(cfg.n_layers, batch_size, max_len, cfg.qk_rope_head_dim, dtype=dtype,
+        n_layers = cfg.n_layers if n_layers is None else n_layers
+        self.max_len, self.first_layer = max_len, first_layer
+        self.latent_LBSC = torch.zeros(n_layers, batch_size, max_len, cfg.kv_lora_rank, dtype=dtype, device=device)
+        self.k_rope_LBSR = torch.zeros(n_layers, batch_size, max_len, cfg.qk_rope_head_dim, dtype=dtype,
                                        device=device)
         self.valid_BS = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.length = 0  # slots filled so far
@@ -41,10 +44,10 @@ class LatentKVCache:
 
     def update(self, layer: int, latent_BTC: torch.Tensor, k_rope_BTR: torch.Tensor):
         """Write the new tokens of one layer; return that layer's cache up to and including them."""
-        end = self.length + latent_BTC.shape[1]
-        self.latent_LBSC[layer, :, self.length:end] = latent_BTC
-        self.k_rope_LBSR[layer, :, self.length:end] = k_rope_BTR
-        return self.latent_LBSC[layer, :, :end], self.k_rope_LBSR[layer, :, :end]
+        end, i = self.length + latent_BTC.shape[1], layer - self.first_layer
+        self.latent_LBSC[i, :, self.length:end] = latent_BTC
+        self.k_rope_LBSR[i, :, self.length:end] = k_rope_BTR
+        return self.latent_LBSC[i, :, :end], self.k_rope_LBSR[i, :, :end]
 
     def attention_mask(self, t: int) -> torch.Tensor:
         """[B, 1, T, S] bool: query i (slot length+i) sees the valid slots before it and always its own slot
@@ -58,3 +61,10 @@ class LatentKVCache:
 
     def advance(self, t: int) -> None:
         self.length += t
+
+    def truncate(self, length: int) -> None:
+        """Forget every slot from `length` on (e.g. rejected speculative tokens)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"LatentKVCache.truncate: expected 0 <= length <= {self.length}, got {length}")
+        self.valid_BS[:, length:] = False
+        self.length = length

@@ -67,9 +67,11 @@ class MTPModule(nn.Module):
         self.block = Block(cfg, layer_id)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h_prev, emb, cos, sin):
+    def forward(self, h_prev, emb, cos, sin, cache: LatentKVCache | None = None):
+        """h_prev [B, T, D]: the previous depth's hidden states at positions i; emb: embeddings of tokens i+k.
+        Returns this depth's hidden states, their final-normed version (for the head) and the balance loss."""
         h = self.eh_proj(torch.cat((self.enorm(emb), self.hnorm(h_prev)), dim=-1))
-        h, aux = self.block(h, cos, sin)
+        h, aux = self.block(h, cos, sin, cache)
         return h, self.norm(h), aux
 
 

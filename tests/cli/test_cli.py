@@ -21,7 +21,7 @@ def test_demo_runs_end_to_end():
     out = subprocess.run([sys.executable, "-m", "kdarch", "demo", "--steps", "2", "--new-tokens", "4"],
                          capture_output=True, text=True, timeout=300, check=True).stdout
     assert "parameters:" in out and "KV cache per token" in out and "step    2" in out
-    assert "sampled 4 tokens" in out
+    assert "sampled 4 tokens" in out and "identical to plain greedy" in out
 
 
 def test_bad_preset_is_a_usage_error(capsys):

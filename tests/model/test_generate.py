@@ -78,3 +78,37 @@ def test_generate_errors():
         model.generate([[]], 4)
     with pytest.raises(ValueError, match="token id 999 out of range"):
         model.generate([[999]], 4)
+
+
+def _trained_on_a_cycle(steps=40):
+    torch.manual_seed(0)
+    model = CausalLM(get_preset("debug"))
+    cycle = torch.tensor([3, 17, 42, 99, 7, 250, 64, 5, 128, 31])
+    x = cycle.repeat(2, 6)[:, :48]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        loss = model(x, labels=x, return_logits=False).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), cycle
+
+
+def test_mtp_speculative_decoding_equals_greedy_and_accepts_drafts():
+    from kdarch.model import generate_speculative
+    model, cycle = _trained_on_a_cycle()
+    prompt = cycle[:4].tolist()
+    spec, stats = generate_speculative(model, prompt, 20)
+    assert spec == model.generate([prompt], 20)[0]
+    assert stats.acceptance > 0.5 and stats.main_steps < 19
+    # an untrained model: drafts mostly rejected, output still exactly greedy
+    fresh = make()
+    spec, stats = generate_speculative(fresh, [1, 2, 3], 12)
+    assert spec == fresh.generate([[1, 2, 3]], 12)[0]
+    assert stats.drafted == stats.main_steps
+
+
+def test_speculative_needs_mtp():
+    from kdarch.model import generate_speculative
+    with pytest.raises(ValueError, match="n_mtp_modules=0"):
+        generate_speculative(make(n_mtp_modules=0), [1, 2], 4)
