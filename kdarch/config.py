@@ -95,6 +95,12 @@ class ModelConfig:
     mtp_loss_weight: float = 0.3
     """lambda: the MTP loss (mean over depths) is added to the main CE with this weight."""
 
+    # --- precision ----------------------------------------------------------------------------------
+    fp8: bool = False
+    """Run the blocks' linear layers and the routed experts in FP8 (e4m3; activations and gradients in
+    1x128 tiles, weights in 128x128 blocks; fp32/bf16 master weights). The embedding, output head,
+    router, norms and attention core stay in high precision, as in DeepSeek-V3."""
+
     # --- misc -----------------------------------------------------------------------------------
     rms_norm_eps: float = 1e-6
     """Epsilon of the block, final and MTP RMSNorms (the q/kv latent norms always use 1e-6, as DeepSeek-V3)."""

@@ -75,7 +75,7 @@ YARN_KEYS = {"rope_type", "type", "rope_theta", "factor", "original_max_position
              "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate", "partial_rotary_factor"}
 MOE_ONLY = ("moe_intermediate_size", "n_shared_experts", "routed_scaling_factor", "n_group", "topk_group",
             "num_experts_per_tok", "norm_topk_prob")
-TRAINING_EXTRAS = ("bias_update_speed", "mtp_loss_weight")  # kdarch-only knobs, kept under "kdarch_training"
+TRAINING_EXTRAS = ("bias_update_speed", "mtp_loss_weight", "fp8")  # kdarch-only knobs, kept under "kdarch_training"
 
 
 def _refuse(field: str, value, why: str):

@@ -18,7 +18,7 @@ from torch import nn
 
 from kdarch.config import ModelConfig
 from kdarch.model.cache import LatentKVCache
-from kdarch.model.layers import RMSNorm, apply_rope
+from kdarch.model.layers import RMSNorm, apply_rope, linear
 
 LATENT_NORM_EPS = 1e-6  # the q / kv latent norms use DeepSeek-V3's fixed eps, whatever rms_norm_eps is
 
@@ -32,15 +32,16 @@ class MLA(nn.Module):
         self.softmax_scale = cfg.softmax_scale
         qk_out = cfg.n_heads * cfg.qk_head_dim
         if cfg.q_lora_rank:
-            self.wq_a = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=False)
+            self.wq_a = linear(cfg.hidden_size, cfg.q_lora_rank, cfg.fp8)
             self.q_norm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS)
-            self.wq_b = nn.Linear(cfg.q_lora_rank, qk_out, bias=False)
+            self.wq_b = linear(cfg.q_lora_rank, qk_out, cfg.fp8)
         else:
-            self.wq = nn.Linear(cfg.hidden_size, qk_out, bias=False)
-        self.wkv_a = nn.Linear(cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+            self.wq = linear(cfg.hidden_size, qk_out, cfg.fp8)
+        self.wkv_a = linear(cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim, cfg.fp8)
         self.kv_norm = RMSNorm(cfg.kv_lora_rank, LATENT_NORM_EPS)
+        # the KV up-projection stays high precision: cached decoding folds its weight into q and the output
         self.wkv_b = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.v_head_dim, cfg.hidden_size, bias=False)
+        self.wo = linear(cfg.n_heads * cfg.v_head_dim, cfg.hidden_size, cfg.fp8)
 
     def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer_id: int = 0,
                 cache: LatentKVCache | None = None) -> torch.Tensor:

@@ -63,13 +63,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).to(x.dtype)
 
 
+def linear(in_dim: int, out_dim: int, fp8: bool = False) -> nn.Linear:
+    """A bias-free projection; with fp8 its matmuls (forward, dX, dW) run in FP8 on the same parameters."""
+    if fp8:
+        from kdarch.ops.fp8 import Fp8Linear
+        return Fp8Linear(in_dim, out_dim, bias=False)
+    return nn.Linear(in_dim, out_dim, bias=False)
+
+
 class MLP(nn.Module):
     """SwiGLU MLP, down(silu(gate x) * up x), with gate and up fused into one projection (gate rows first)."""
 
-    def __init__(self, dim: int, inter_dim: int):
+    def __init__(self, dim: int, inter_dim: int, fp8: bool = False):
         super().__init__()
-        self.w_gate_up = nn.Linear(dim, 2 * inter_dim, bias=False)
-        self.w_down = nn.Linear(inter_dim, dim, bias=False)
+        self.w_gate_up = linear(dim, 2 * inter_dim, fp8)
+        self.w_down = linear(inter_dim, dim, fp8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w_gate_up(x).chunk(2, dim=-1)

@@ -58,7 +58,8 @@ class MoE(nn.Module):
         self.gate = Gate(cfg)
         self.w_gate_up = nn.Parameter(torch.empty(E, 2 * I, D))  # gate rows, then up rows
         self.w_down = nn.Parameter(torch.empty(E, D, I))
-        self.shared = MLP(D, cfg.n_shared_experts * I) if cfg.n_shared_experts else None
+        self.shared = MLP(D, cfg.n_shared_experts * I, cfg.fp8) if cfg.n_shared_experts else None
+        self.fp8 = cfg.fp8
         self.register_buffer("tokens_per_expert", torch.zeros(E), persistent=False)  # since the last bias update
 
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -69,7 +70,7 @@ class MoE(nn.Module):
         if self.training:
             with torch.no_grad():
                 self.tokens_per_expert += torch.bincount(topk_ids_NK.flatten(), minlength=self.n_experts)
-        y_ND = ops.moe_ffn(x_ND, topk_ids_NK, weights_NK, self.w_gate_up, self.w_down)
+        y_ND = ops.moe_ffn(x_ND, topk_ids_NK, weights_NK, self.w_gate_up, self.w_down, fp8=self.fp8)
         if self.shared is not None:
             y_ND = y_ND + self.shared(x_ND)
         aux = None

@@ -17,7 +17,7 @@ from torch import nn
 from kdarch.config import ModelConfig
 from kdarch.model.attention import MLA
 from kdarch.model.cache import LatentKVCache
-from kdarch.model.layers import MLP, RMSNorm, rope_table
+from kdarch.model.layers import MLP, RMSNorm, linear, rope_table
 from kdarch.model.moe import MoE
 from kdarch.ops.linear_ce import linear_cross_entropy
 
@@ -48,7 +48,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.attn = MLA(cfg)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.ffn = MoE(cfg) if cfg.is_moe_layer(layer_id) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.ffn = MoE(cfg) if cfg.is_moe_layer(layer_id) else MLP(cfg.hidden_size, cfg.intermediate_size, cfg.fp8)
 
     def forward(self, x, cos, sin, cache: LatentKVCache | None = None):
         x = x + self.attn(self.attn_norm(x), cos, sin, self.layer_id, cache)
@@ -63,7 +63,7 @@ class MTPModule(nn.Module):
         super().__init__()
         self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)  # acts on [enorm(e); hnorm(h)]
+        self.eh_proj = linear(2 * cfg.hidden_size, cfg.hidden_size, cfg.fp8)  # acts on [enorm(e); hnorm(h)]
         self.block = Block(cfg, layer_id)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 
 from kdarch.ops import moe as _moe  # noqa: F401  (registers the "torch" backend)
+from kdarch.ops import fp8 as _fp8  # noqa: F401  (registers the FP8 ops; API in kdarch.ops.fp8)
+from kdarch.ops import moe_triton as _moe_triton  # noqa: F401  (registers the "triton" backend)
 from kdarch.ops.backend import available_backends, register, resolve
 from kdarch.ops.linear_ce import linear_cross_entropy
 
@@ -58,15 +60,18 @@ def _check_moe_inputs(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down
 
 def moe_ffn(x_TH: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
             w_gate_up_E2IH: torch.Tensor, w_down_EHI: torch.Tensor,
-            backend: str | None = None) -> torch.Tensor:
+            backend: str | None = None, fp8: bool = False) -> torch.Tensor:
     """Routed-expert SwiGLU: out[t] = sum_k w[t,k] * down_e(silu(gate_e x_t) * up_e x_t).
 
     x [T, H]; topk_ids [T, K] int64/int32 with e = topk_ids[t, k] in [0, E);
     topk_weights [T, K] float (combined in fp32); w_gate_up [E, 2I, H] (gate rows, then up
     rows); w_down [E, H, I]. Returns [T, H] in x.dtype. Differentiable in x, topk_weights,
     w_gate_up and w_down. backend: "torch" | "triton" | "cpp" | "auto" | None (env
-    KDARCH_BACKEND, else auto).
+    KDARCH_BACKEND, else auto). fp8: run both expert GEMMs in FP8 (kdarch.ops.fp8), the backend
+    choosing the FP8 GEMM kernels.
     """
     _check_moe_inputs(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI)
+    if fp8:
+        return _moe.moe_ffn_fp8(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, backend=backend)
     fn = resolve("moe_ffn", backend, x_TH.device)
     return fn(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI)

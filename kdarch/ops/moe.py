@@ -166,4 +166,19 @@ def moe_ffn_torch(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI
     return out_TH.to(x_TH.dtype)
 
 
+def moe_ffn_fp8(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, backend=None):
+    """moe_ffn with both expert GEMMs in FP8 (kdarch.ops.fp8.fp8_grouped_linear: 1x128 activation and
+    gradient tiles, 128x128 weight blocks, master weights kept); routing, SwiGLU and combine in fp32."""
+    from kdarch.ops.fp8 import fp8_grouped_linear
+
+    T, K = topk_ids_TK.shape
+    _, offsets_E1, sorted_idx_M, inv_idx_M = routing_metadata(topk_ids_TK, w_gate_up_E2IH.shape[0])
+    x_MH = _PermuteRows.apply(x_TH, sorted_idx_M, inv_idx_M, K)
+    gate_MI, up_MI = fp8_grouped_linear(x_MH, w_gate_up_E2IH, offsets_E1, backend=backend).float().chunk(2, dim=-1)
+    w_M1 = topk_weights_TK.reshape(-1)[sorted_idx_M].float()[:, None]
+    act_MI = (F.silu(gate_MI) * up_MI * w_M1).to(x_TH.dtype)  # routing weight folded in, as in the torch path
+    y_MH = fp8_grouped_linear(act_MI, w_down_EHI, offsets_E1, backend=backend)
+    return _PermuteRows.apply(y_MH.float(), inv_idx_M, sorted_idx_M, 1).view(T, K, -1).sum(dim=1).to(x_TH.dtype)
+
+
 register("moe_ffn", "torch", moe_ffn_torch)
