@@ -1,0 +1,213 @@
+"""Teacher signals: dense logits, or a cached top-k (ids + logits or log-probs + tail mass).
+
+Why top-k: a teacher's full logits are too big to keep (V = 152k fp32 is 600 KB per token); its top-k
+(k = 64..128) holds nearly all of the mass for ~1 KB per token. What to do with the mass outside the top-k
+at a temperature T != 1 is a choice; two are offered, and both equal the dense loss exactly when k = V:
+
+- mode="renormalise": both distributions are restricted to the teacher's k ids and renormalised there:
+  p_t = softmax(v / T) over the k entries (logits and log-probs give the same), p_s = softmax(z[ids] / T).
+  Works from logits alone; ignores how much mass the teacher left outside the top-k.
+- mode="tail": k + 1 buckets, the last one "everything else". The teacher's buckets are its T = 1
+  probabilities [p_1 .. p_k, tail] re-tempered as buckets, q ∝ b^(1/T) (the tail's inner shape is unknown,
+  so it is tempered as one token). The student's buckets are its full-vocabulary probabilities at T on
+  the ids plus their remainder 1 - Σ_k p_s (a masked logsumexp, never a difference). Needs log-probs
+  or tail_mass. A teacher tail of exactly 0 (rounding, when the top-k holds ~all the mass) is floored at
+  TAIL_FLOOR so that reverse KL / JSD stay finite.
+
+The functions below work on one chunk of rows in the loss's compute dtype (fp32, or fp64 when an input is
+fp64), writing [C, V] results into reusable workspace buffers `ws(name, rows, cols)`. The student side
+returns its bucket log-probs and probs with `back`, which turns w = p_s ⊙ dD/dp_s (per bucket) into dD/du
+over the full vocabulary (u = student logits / T).
+
+Shape legend: N rows, V vocabulary, K top-k, C rows per chunk, B buckets (V, K or K + 1).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+MODES = ("tail", "renormalise")
+VALUES_ARE = ("logprobs", "logits")
+TAIL_FLOOR = 1e-30
+"""Smallest teacher tail mass used in mode="tail" (log = -69)."""
+
+
+@dataclass(frozen=True)
+class TopKTeacher:
+    """A teacher's top-k per row; row i belongs with row i of the student's logits / hidden states."""
+    ids: torch.Tensor
+    """[..., K] int64/int32 vocabulary ids, distinct within a row."""
+    values: torch.Tensor
+    """[..., K] float: the teacher's logits or log-probabilities (at T = 1) on those ids."""
+    values_are: str = "logprobs"
+    """"logprobs" or "logits" (logits: known only up to a per-row constant)."""
+    tail_mass: torch.Tensor | None = None
+    """[...] 1 - Σ top-k probabilities at T = 1. None: derived from log-probs (in fp64)."""
+    mode: str = "tail"
+    """How the mass outside the top-k is treated at T: "tail" (one extra bucket) or "renormalise"."""
+
+    def __post_init__(self):
+        if self.values_are not in VALUES_ARE:
+            raise ValueError(f"TopKTeacher.values_are must be one of {VALUES_ARE}, got {self.values_are!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"TopKTeacher.mode must be one of {MODES}, got {self.mode!r}")
+        ids, vals, tail = self.ids, self.values, self.tail_mass
+        if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32) or ids.dim() < 1:
+            raise ValueError(f"TopKTeacher.ids must be an int64/int32 tensor [..., K], got {_desc(ids)}")
+        if ids.shape[-1] < 1:
+            raise ValueError(f"TopKTeacher: k must be >= 1, got ids of shape {tuple(ids.shape)}")
+        if not isinstance(vals, torch.Tensor) or not vals.is_floating_point() or vals.shape != ids.shape:
+            raise ValueError(f"TopKTeacher.values must be a float tensor shaped like ids {tuple(ids.shape)}, "
+                             f"got {_desc(vals)}")
+        if tail is not None and (not isinstance(tail, torch.Tensor) or not tail.is_floating_point()
+                                 or tail.shape != ids.shape[:-1]):
+            raise ValueError(f"TopKTeacher.tail_mass must be a float tensor of shape {tuple(ids.shape[:-1])}, "
+                             f"got {_desc(tail)}")
+        if self.mode == "tail" and self.values_are == "logits" and tail is None:
+            raise ValueError('TopKTeacher: mode="tail" needs log-probs or tail_mass; with bare logits pass '
+                             'tail_mass or use mode="renormalise"')
+
+    @classmethod
+    def from_logits(cls, logits: torch.Tensor, k: int, *, mode: str = "tail") -> TopKTeacher:
+        """Top-k log-probs and the exact tail mass of dense teacher logits [..., V] (what a logit cache keeps)."""
+        with torch.no_grad():
+            logp = logits.float().log_softmax(-1)
+            values, ids = logp.topk(k, dim=-1)
+            tail = logp.scatter(-1, ids, float("-inf")).logsumexp(-1).exp()
+        return cls(ids, values, "logprobs", tail, mode)
+
+    @property
+    def k(self) -> int:
+        return self.ids.shape[-1]
+
+    def detach(self) -> TopKTeacher:
+        tail = self.tail_mass.detach() if self.tail_mass is not None else None
+        return dataclasses.replace(self, values=self.values.detach(), tail_mass=tail)
+
+    def flatten(self) -> TopKTeacher:
+        """The same signal with rows flattened: ids/values [N, K], tail_mass [N]."""
+        tail = self.tail_mass.reshape(-1) if self.tail_mass is not None else None
+        return dataclasses.replace(self, ids=self.ids.reshape(-1, self.k), values=self.values.reshape(-1, self.k),
+                                   tail_mass=tail)
+
+    def take(self, rows) -> TopKTeacher:
+        """Rows of a flattened signal (a slice or an index tensor)."""
+        pick = (lambda t: t[rows]) if isinstance(rows, slice) else (lambda t: t.index_select(0, rows))
+        tail = pick(self.tail_mass) if self.tail_mass is not None else None
+        return dataclasses.replace(self, ids=pick(self.ids), values=pick(self.values), tail_mass=tail)
+
+    def check(self, vocab_size: int, lead_shape: tuple, who: str) -> None:
+        """Checks against the student (one pass over [N, K]): shapes, id range and uniqueness, log-probs."""
+        if tuple(self.ids.shape[:-1]) != tuple(lead_shape):
+            raise ValueError(f"{who}: TopKTeacher rows {tuple(self.ids.shape[:-1])} must match the student's "
+                             f"leading shape {tuple(lead_shape)}")
+        if self.k > vocab_size:
+            raise ValueError(f"{who}: TopKTeacher has k={self.k} > the student's vocab size V={vocab_size}")
+        if self.ids.numel() == 0:
+            return
+        lo, hi = torch.aminmax(self.ids)
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"{who}: TopKTeacher.ids must lie in [0, V={vocab_size}), got values in "
+                             f"[{int(lo)}, {int(hi)}] (teacher and student vocabularies must match)")
+        if self.k > 1:
+            srt = self.ids.reshape(-1, self.k).sort(-1).values
+            if (srt[:, 1:] == srt[:, :-1]).any():
+                raise ValueError(f"{who}: TopKTeacher.ids repeat an id within a row; top-k ids must be distinct")
+        if self.values_are == "logprobs":
+            mass = self.values.double().logsumexp(-1).exp().max()
+            if mass > 1.01:
+                raise ValueError(f"{who}: TopKTeacher.values_are='logprobs' but exp(values) sums to {float(mass):.3g}"
+                                 f" > 1 in some row; pass logits with values_are='logits'")
+        if self.tail_mass is not None:
+            lo, hi = torch.aminmax(self.tail_mass)
+            if lo < -1e-3 or hi > 1 + 1e-3:
+                raise ValueError(f"{who}: TopKTeacher.tail_mass must lie in [0, 1], got [{float(lo):.3g}, "
+                                 f"{float(hi):.3g}]")
+
+
+def _desc(x) -> str:
+    return f"{x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def uses_tail(teacher: TopKTeacher, vocab_size: int) -> bool:
+    return teacher.mode == "tail" and teacher.k < vocab_size  # k = V: no tail; both modes are the dense loss
+
+
+def rows_into(x_NV: torch.Tensor, rows, out_CV: torch.Tensor) -> torch.Tensor:
+    """out <- x[rows] (a slice or an index tensor) without a fresh [C, V] allocation where possible."""
+    if isinstance(rows, slice):
+        return out_CV.copy_(x_NV[rows])
+    if x_NV.dtype == out_CV.dtype:
+        return torch.index_select(x_NV, 0, rows, out=out_CV)
+    return out_CV.copy_(x_NV.index_select(0, rows))
+
+
+def log_softmax_(x_CV: torch.Tensor, p_CV: torch.Tensor, T: float = 1.0) -> torch.Tensor:
+    """x <- log_softmax(x / T) in place and p <- softmax(x / T); returns logsumexp(x / T) [C, 1]. One exp pass,
+    no log over [C, V], and the 1/T folded into passes that are needed anyway."""
+    m_C1 = x_CV.amax(-1, keepdim=True) / T
+    z_C1 = torch.add(-m_C1, x_CV, alpha=1 / T, out=p_CV).exp_().sum(-1, keepdim=True)
+    p_CV.div_(z_C1)
+    lse_C1 = z_C1.log_().add_(m_C1)
+    torch.add(-lse_C1, x_CV, alpha=1 / T, out=x_CV)
+    return lse_C1
+
+
+def teacher_logprobs(teacher, rows, T: float, vocab_size: int, ws):
+    """The teacher's log-probs and probs at T over its buckets: [C, V] (dense), [C, K] or [C, K + 1]. Log-probs
+    are clamped to the dtype's finite range (a -inf logit gives probability 0 and a finite log)."""
+    if isinstance(teacher, torch.Tensor):
+        C = ws.rows(rows)
+        lt_CV, pt_CV = rows_into(teacher, rows, ws("TT", C, vocab_size)), ws("Q", C, vocab_size)
+        log_softmax_(lt_CV, pt_CV, T)
+        return lt_CV.clamp_min_(torch.finfo(lt_CV.dtype).min), pt_CV
+    tk = teacher.take(rows)
+    v_CK = tk.values.to(ws.dtype)
+    if not uses_tail(tk, vocab_size):
+        lt_CB = (v_CK / T).log_softmax(-1)
+    else:
+        tail_C = tk.tail_mass.double() if tk.tail_mass is not None else 1 - tk.values.double().exp().sum(-1)
+        tail_C = tail_C.clamp(TAIL_FLOOR, 1.0)
+        if tk.values_are == "logits":  # log p = log_softmax(v) + log(1 - tail)
+            v_CK = v_CK.log_softmax(-1) + (-tail_C).log1p().to(v_CK.dtype)[:, None]
+        lt_CB = (torch.cat([v_CK, tail_C.log().to(v_CK.dtype)[:, None]], 1) / T).log_softmax(-1)
+    lt_CB = lt_CB.clamp_min_(torch.finfo(lt_CB.dtype).min)
+    return lt_CB, lt_CB.exp()
+
+
+def student_logprobs(s_CV: torch.Tensor, teacher, rows, T: float, ws):
+    """The student's log-probs and probs at T over the teacher's buckets, from its logits s (a workspace buffer);
+    back(w_CB) -> dD/du [C, V] for w = p_s ⊙ dD/dp_s and u = s / T (for a plain softmax that is w - p_s·Σw;
+    a bucket sums its tokens' probabilities), written outside buffer "P"; and lse = logsumexp(s / T) [C, 1]
+    when s was overwritten by log_softmax(s / T) (dense and tail), None when s is intact (renormalise)."""
+    C, V = s_CV.shape
+    if isinstance(teacher, TopKTeacher):
+        ids_CK = teacher.take(rows).ids.long()
+        if not uses_tail(teacher, V):  # renormalise over the k ids
+            ls_CK = (s_CV.gather(1, ids_CK) / T).log_softmax(-1)
+            ps_CK = ls_CK.exp()
+
+            def back(w_CK):
+                g_CK = w_CK.addcmul_(ps_CK, w_CK.sum(-1, keepdim=True), value=-1)
+                return ws("G", C, V).zero_().scatter_(1, ids_CK, g_CK)
+            return ls_CK, ps_CK, back, None
+
+    ls_CV, ps_CV = s_CV, ws("P", C, V)
+    lse_C1 = log_softmax_(ls_CV, ps_CV, T)
+    if not isinstance(teacher, TopKTeacher):
+        return ls_CV, ps_CV, lambda w_CV: w_CV.addcmul_(ps_CV, w_CV.sum(-1, keepdim=True), value=-1), lse_C1
+
+    rest_CV = ws("G", C, V).copy_(ls_CV).scatter_(1, ids_CK, float("-inf"))  # log-probs of the tail tokens
+    m_C1 = rest_CV.amax(-1, keepdim=True)
+    ls_tail_C1 = rest_CV.sub_(m_C1).exp_().sum(-1, keepdim=True).log_().add_(m_C1)
+    ls_CB = torch.cat([ls_CV.gather(1, ids_CK), ls_tail_C1], 1)
+    ps_CB = ls_CB.exp()
+
+    def back(w_CB):
+        sw_C1, ps_tail_C1 = w_CB.sum(-1, keepdim=True), ps_CB[:, -1:]
+        dtail_C1 = torch.where(ps_tail_C1 > 0, w_CB[:, -1:] / ps_tail_C1, 0)  # dD/dp_tail
+        g_CV = torch.mul(ps_CV, dtail_C1 - sw_C1, out=ws("G", C, V))  # tail tokens: p·(dD/dp_tail - Σw)
+        return g_CV.scatter_(1, ids_CK, w_CB[:, :-1].addcmul_(ps_CB[:, :-1], sw_C1, value=-1))
+    return ls_CB, ps_CB, back, lse_C1

@@ -1,0 +1,292 @@
+"""kd_loss and the top-k teacher signal against plain-PyTorch formulas written out here (autograd for the
+gradients), plus finite-difference gradchecks, masking, limits and input validation."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdarch.distill import KINDS, KDLossConfig, TopKTeacher, kd_loss
+
+IGNORE = -100
+
+
+# ------------------------------------------------------------------ independent references (no kdarch code)
+def ref_divergence(ls, lt, kind, beta=0.5):
+    """Per-row divergence between distributions given as log-probs (teacher lt, student ls)."""
+    ps, pt = ls.exp(), lt.exp()
+    if kind == "forward_kl" or (kind == "jsd" and beta == 0):
+        return (pt * (lt - ls)).sum(-1)
+    if kind == "reverse_kl" or (kind == "jsd" and beta == 1):
+        return (ps * (ls - lt)).sum(-1)
+    if kind == "jsd":
+        lm = (beta * pt + (1 - beta) * ps).log()
+        return beta * (pt * (lt - lm)).sum(-1) + (1 - beta) * (ps * (ls - lm)).sum(-1)
+    return 0.5 * (pt - ps).abs().sum(-1)
+
+
+def ref_loss(s, y, kind, T, alpha, beta=0.5, teacher_lt=None, student_ls=None):
+    """alpha * scale * mean soft + (1 - alpha) * CE over rows with y != IGNORE; the soft term uses the given
+    bucket log-probs (default: dense softmax at T of s and of the teacher logits)."""
+    valid = y != IGNORE
+    if not valid.any():
+        return s.sum() * 0
+    scale = 1.0 if kind == "tvd" else T * T
+    soft = scale * ref_divergence(student_ls[valid], teacher_lt[valid], kind, beta).mean()
+    return alpha * soft + (1 - alpha) * F.cross_entropy(s[valid], y[valid])
+
+
+def dense_ref(s, t, y, kind, T, alpha, beta=0.5):
+    return ref_loss(s, y, kind, T, alpha, beta, F.log_softmax(t / T, -1), F.log_softmax(s / T, -1))
+
+
+def renorm_ref(s, ids, vals, y, kind, T, alpha, beta=0.5):
+    lt = F.log_softmax(vals / T, -1)
+    ls = F.log_softmax(s.gather(-1, ids) / T, -1)
+    return ref_loss(s, y, kind, T, alpha, beta, lt, ls)
+
+
+def tail_ref(s, ids, logp, tail, y, kind, T, alpha, beta=0.5):
+    q = torch.cat([logp.exp(), tail[..., None]], -1) ** (1 / T)  # buckets re-tempered
+    lt = (q / q.sum(-1, keepdim=True)).log()
+    p = F.softmax(s / T, -1).gather(-1, ids)
+    ls = torch.cat([p, 1 - p.sum(-1, keepdim=True)], -1).log()
+    return ref_loss(s, y, kind, T, alpha, beta, lt, ls)
+
+
+def make(shape=(2, 7), V=29, dtype=torch.float32, seed=0, ignore_every=3):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(*shape, V, generator=g, dtype=dtype)
+    t = 2 * torch.randn(*shape, V, generator=g, dtype=dtype)
+    y = torch.randint(0, V, shape, generator=g)
+    y.view(-1)[::ignore_every] = IGNORE
+    return s, t, y
+
+
+def loss_and_grad(fn, s):
+    s = s.detach().clone().requires_grad_()
+    loss = fn(s)
+    (3.0 * loss).backward()  # a non-unit upstream gradient
+    return loss.detach(), s.grad
+
+
+# ------------------------------------------------------------------------------------------- dense
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("T", [1.0, 2.5])
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_dense_matches_reference(kind, T, alpha):
+    s, t, y = make()
+    t.requires_grad_()
+    loss, g = loss_and_grad(lambda x: kd_loss(x, t, y, kind=kind, temperature=T, alpha=alpha, beta=0.3, chunk=4), s)
+    ref, g_ref = loss_and_grad(lambda x: dense_ref(x, t.detach(), y, kind, T, alpha, 0.3), s)
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(g, g_ref)
+    assert t.grad is None  # no gradient ever reaches the teacher
+    assert g.view(-1, s.shape[-1])[0].abs().sum() == 0  # row 0 is ignored
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradcheck_float64(kind):
+    s, t, y = make((5,), V=7, dtype=torch.float64, seed=1, ignore_every=4)
+    s.requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: kd_loss(x, t, y, kind=kind, temperature=1.7, alpha=0.6, beta=0.3,
+                                                      chunk=2), (s,))
+
+
+def test_jsd_ends_are_the_kls_and_its_limits():
+    s, t, y = make(dtype=torch.float64)
+    for beta, kind in ((0.0, "forward_kl"), (1.0, "reverse_kl")):
+        got = kd_loss(s, t, y, kind="jsd", beta=beta, temperature=2.0, alpha=1.0)
+        torch.testing.assert_close(got, dense_ref(s, t, y, kind, 2.0, 1.0))
+    # inside (0, 1) JSD_beta -> 0 at the ends, as beta * KL(t||s) and (1 - beta) * KL(s||t)
+    fwd = kd_loss(s, t, y, kind="forward_kl", temperature=2.0, alpha=1.0)
+    rev = kd_loss(s, t, y, kind="reverse_kl", temperature=2.0, alpha=1.0)
+    eps = 1e-6
+    torch.testing.assert_close(kd_loss(s, t, y, kind="jsd", beta=eps, temperature=2.0, alpha=1.0) / eps, fwd,
+                               rtol=1e-4, atol=0)
+    torch.testing.assert_close(kd_loss(s, t, y, kind="jsd", beta=1 - eps, temperature=2.0, alpha=1.0) / eps, rev,
+                               rtol=1e-4, atol=0)
+
+
+def test_soft_scale_and_terms():
+    s, t, y = make()
+    n = int((y != IGNORE).sum())
+    terms = kd_loss(s, t, y, kind="forward_kl", temperature=3.0, alpha=0.25, return_terms=True)
+    kl = dense_ref(s, t, y, "forward_kl", 3.0, 1.0)  # already × T²
+    ce = dense_ref(s, t, y, "forward_kl", 3.0, 0.0)
+    torch.testing.assert_close(terms.soft, kl)
+    torch.testing.assert_close(terms.hard, ce)
+    torch.testing.assert_close(terms.total, 0.25 * kl + 0.75 * ce)
+    assert terms.n_tokens == n and not terms.soft.requires_grad
+    # TVD is not scaled by T²: same value at every T when the logits are scaled along
+    tvd1 = kd_loss(s, t, y, kind="tvd", temperature=1.0, alpha=1.0)
+    torch.testing.assert_close(kd_loss(3 * s, 3 * t, y, kind="tvd", temperature=3.0, alpha=1.0), tvd1)
+
+
+def test_all_ignored_is_zero_and_masked_rows_never_leak():
+    s, t, y = make()
+    loss, g = loss_and_grad(lambda x: kd_loss(x, t, torch.full_like(y, IGNORE)), s)
+    assert loss.item() == 0.0 and g.abs().sum() == 0
+    t_bad, s_bad = t.clone(), s.clone()
+    t_bad[y == IGNORE] = float("nan")
+    s_bad[y == IGNORE] = float("inf")
+    loss, g = loss_and_grad(lambda x: kd_loss(x, t_bad, y, kind="jsd", temperature=2.0), s_bad)
+    ref, g_ref = loss_and_grad(lambda x: dense_ref(x, t, y, "jsd", 2.0, 0.5), s)
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(g[y != IGNORE], g_ref[y != IGNORE])
+
+
+def test_custom_ignore_index_and_no_labels():
+    s, t, y = make()
+    y0 = y.clamp_min(0)  # ignore_index=0: rows labelled 0 count in neither term
+    want = dense_ref(s, t, torch.where(y0 == 0, IGNORE, y0), "reverse_kl", 2.0, 0.5)
+    torch.testing.assert_close(kd_loss(s, t, y0, kind="reverse_kl", temperature=2.0, ignore_index=0), want)
+    torch.testing.assert_close(kd_loss(s, t, None, temperature=2.0, alpha=1.0),
+                               dense_ref(s, t, torch.zeros_like(y), "forward_kl", 2.0, 1.0))
+
+
+def test_teacher_minus_inf_logits_give_zero_probability():
+    s, t, y = make()
+    t[..., -3:] = float("-inf")  # e.g. padded vocabulary entries masked by the teacher
+    valid = y != IGNORE
+    lt = F.log_softmax(t / 2.0, -1)
+
+    def ref(x):
+        ls = F.log_softmax(x / 2.0, -1)
+        kl = torch.where(lt.exp() > 0, lt.exp() * (lt - ls), 0).sum(-1)  # 0 log 0 = 0
+        return 0.5 * 4 * kl[valid].mean() + 0.5 * F.cross_entropy(x[valid], y[valid])
+    loss, g = loss_and_grad(lambda x: kd_loss(x, t, y, kind="forward_kl", temperature=2.0), s)
+    want, g_want = loss_and_grad(ref, s)
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(g, g_want)
+
+
+def test_bf16_student_logits():
+    s, t, y = make()
+    sb = s.bfloat16()
+    loss, g = loss_and_grad(lambda x: kd_loss(x, t, y, kind="jsd", temperature=2.0), sb)
+    ref, g_ref = loss_and_grad(lambda x: dense_ref(x, t, y, "jsd", 2.0, 0.5), sb.float())
+    assert loss.dtype == torch.float32 and g.dtype == torch.bfloat16
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(g.float(), g_ref, atol=1e-3, rtol=1e-2)
+
+
+# ------------------------------------------------------------------------------------------- top-k
+@pytest.mark.parametrize("mode", ["tail", "renormalise"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_topk_with_k_equal_v_is_the_dense_loss(mode, kind):
+    s, t, y = make()
+    V = s.shape[-1]
+    dense, g_dense = loss_and_grad(lambda x: kd_loss(x, t, y, kind=kind, temperature=2.0, chunk=5), s)
+    perm = torch.randperm(V, generator=torch.Generator().manual_seed(3)).expand(*t.shape[:-1], V)
+    logp = F.log_softmax(t, -1)
+    signals = [TopKTeacher(perm, logp.gather(-1, perm), "logprobs", mode=mode),
+               TopKTeacher(perm, t.gather(-1, perm), "logits", torch.zeros(t.shape[:-1]), mode=mode),
+               TopKTeacher.from_logits(t, V, mode=mode)]
+    for sig in signals:
+        loss, g = loss_and_grad(lambda x: kd_loss(x, sig, y, kind=kind, temperature=2.0, chunk=5), s)
+        torch.testing.assert_close(loss, dense)
+        torch.testing.assert_close(g, g_dense)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("T", [1.0, 0.7])
+def test_topk_modes_match_reference(kind, T):
+    s, t, y = make(dtype=torch.float64, seed=4)
+    sig = TopKTeacher.from_logits(t, 6, mode="tail")
+    assert sig.values.dtype == torch.float32
+    ids, logp, tail = sig.ids, sig.values.double(), sig.tail_mass.double()
+    torch.testing.assert_close(tail, 1 - logp.exp().sum(-1))
+    sig = TopKTeacher(ids, logp, "logprobs", tail, mode="tail")
+    loss, g = loss_and_grad(lambda x: kd_loss(x, sig, y, kind=kind, temperature=T, beta=0.4, chunk=3), s)
+    ref, g_ref = loss_and_grad(lambda x: tail_ref(x, ids, logp, tail, y, kind, T, 0.5, 0.4), s)
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(g, g_ref)
+    # without tail_mass it is derived from the log-probs; logits + tail_mass give the same buckets
+    no_tail = TopKTeacher(ids, logp, "logprobs", mode="tail")
+    torch.testing.assert_close(kd_loss(s, no_tail, y, kind=kind, temperature=T, beta=0.4), ref)
+    shifted = TopKTeacher(ids, logp + 5.0, "logits", tail, mode="tail")
+    torch.testing.assert_close(kd_loss(s, shifted, y, kind=kind, temperature=T, beta=0.4), ref)
+
+    sig = TopKTeacher(ids, logp + 5.0, "logits", mode="renormalise")
+    loss, g = loss_and_grad(lambda x: kd_loss(x, sig, y, kind=kind, temperature=T, beta=0.4, chunk=3), s)
+    ref, g_ref = loss_and_grad(lambda x: renorm_ref(x, ids, logp, y, kind, T, 0.5, 0.4), s)
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(g, g_ref)
+
+
+@pytest.mark.parametrize("mode", ["tail", "renormalise"])
+def test_topk_gradcheck_and_zero_tail(mode):
+    s, t, y = make((4,), V=9, dtype=torch.float64, seed=5, ignore_every=3)
+    sig = TopKTeacher.from_logits(t, 3, mode=mode)
+    s.requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: kd_loss(x, sig, y, kind="jsd", temperature=1.5, chunk=2), (s,))
+    zero = TopKTeacher(sig.ids, sig.values.double().log_softmax(-1), "logprobs", torch.zeros(4), mode=mode)
+    for kind in KINDS:  # a teacher tail of exactly 0 stays finite
+        assert torch.isfinite(kd_loss(s, zero, y, kind=kind, temperature=2.0))
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def test_config_errors_name_the_allowed_values():
+    s, t, y = make()
+    with pytest.raises(ValueError, match=r"kind must be one of \('forward_kl', 'reverse_kl', 'jsd', 'tvd'\)"):
+        kd_loss(s, t, y, kind="kl")
+    for kw, msg in ((dict(temperature=0.0), "temperature must be a finite number > 0"),
+                    (dict(temperature=math.inf), "temperature"),
+                    (dict(alpha=1.5), r"alpha must be a number in \[0, 1\]"),
+                    (dict(beta=-0.1), r"beta must be a number in \[0, 1\]"),
+                    (dict(chunk=0), "chunk must be a positive int")):
+        with pytest.raises(ValueError, match=msg):
+            kd_loss(s, t, y, **kw)
+    with pytest.raises(ValueError, match="ignore_index must be an int"):
+        KDLossConfig(ignore_index=1.5)
+
+
+def test_input_errors():
+    s, t, y = make()
+    V = s.shape[-1]
+    with pytest.raises(ValueError, match=r"vocab size mismatch: student V=29, teacher V=32.*teacher_logits\[\.\.\., :29"):
+        kd_loss(s, F.pad(t, (0, 3)), y)
+    with pytest.raises(ValueError, match=r"teacher logits must have shape \(2, 7, 29\)"):
+        kd_loss(s, t[:1], y)
+    with pytest.raises(ValueError, match="teacher logits must be a float tensor"):
+        kd_loss(s, t.long(), y)
+    with pytest.raises(TypeError, match="teacher must be a logits tensor"):
+        kd_loss(s, t.tolist(), y)
+    with pytest.raises(ValueError, match="student_logits must be a float tensor"):
+        kd_loss(s.long(), t, y)
+    with pytest.raises(ValueError, match=r"labels must have shape \(2, 7\)"):
+        kd_loss(s, t, y[:, :3])
+    with pytest.raises(ValueError, match="labels must be an int64/int32 tensor"):
+        kd_loss(s, t, y.float())
+    bad = y.clone()
+    bad[0, 1] = V
+    with pytest.raises(ValueError, match=r"label 29 out of range; expected ids in \[0, 29\) or ignore_index=-100"):
+        kd_loss(s, t, bad)
+    with pytest.raises(ValueError, match="needs labels"):
+        kd_loss(s, t, None, alpha=0.5)
+
+
+def test_topk_errors():
+    s, t, y = make()
+    sig = TopKTeacher.from_logits(t, 4)
+    with pytest.raises(ValueError, match=r"TopKTeacher.ids must lie in \[0, V=20\)"):
+        kd_loss(s[..., :20], sig, y.clamp_max(19))
+    dup = sig.ids.clone()
+    dup[..., 1] = dup[..., 0]
+    with pytest.raises(ValueError, match="repeat an id"):
+        kd_loss(s, TopKTeacher(dup, sig.values), y)
+    with pytest.raises(ValueError, match="values_are='logprobs' but exp"):
+        kd_loss(s, TopKTeacher(sig.ids, sig.values + 3.0), y)
+    with pytest.raises(ValueError, match=r"k=4 > the student's vocab size V=3"):
+        kd_loss(s[..., :3], sig, y.clamp_max(2))
+    with pytest.raises(ValueError, match=r"rows \(2, 7\) must match the student's leading shape \(14,\)"):
+        kd_loss(s.reshape(14, -1), sig, y.reshape(-1))
+    with pytest.raises(ValueError, match='mode="tail" needs log-probs or tail_mass'):
+        TopKTeacher(sig.ids, sig.values, "logits")
+    with pytest.raises(ValueError, match=r"mode must be one of \('tail', 'renormalise'\)"):
+        TopKTeacher(sig.ids, sig.values, mode="renorm")
+    with pytest.raises(ValueError, match="values must be a float tensor shaped like ids"):
+        TopKTeacher(sig.ids, sig.values[..., :2])
+    with pytest.raises(ValueError, match=r"tail_mass must lie in \[0, 1\]"):
+        kd_loss(s, TopKTeacher(sig.ids, sig.values, tail_mass=sig.tail_mass + 2), y)
