@@ -15,56 +15,19 @@ import kdarch
 from kdarch import ops
 from kdarch.kernels import moe_dispatch as md
 from kdarch.kernels.moe_ref import moe_ffn_ref, routing_metadata_ref
+from kdarch.kernels.testing import (MOE_CASE_IDS, MOE_CASES, MOE_GRAD_NAMES, fwd_bwd, make_ids, make_inputs,
+                                    moe_ffn_lowp)
+from kdarch.kernels.testing import max_rel_err as rel_err
 from kdarch.ops import backend as ops_backend
 from kdarch.ops import moe_triton as mt
 from kdarch.ops.moe import moe_ffn_torch
 
-# (name, T, H, I, E, K, routing): "random" = K distinct experts per token,
-# "skip0" = expert 0 never chosen, "one" = every token to expert E-1.
-CASES = [
-    ("1tok", 1, 32, 16, 4, 2, "random"),
-    ("7tok", 7, 32, 16, 4, 2, "random"),
-    ("odd_h97_7exp", 7, 97, 24, 7, 3, "random"),
-    ("top1", 9, 32, 16, 7, 1, "random"),
-    ("topk_eq_E", 5, 32, 16, 4, 4, "random"),
-    ("empty_expert", 8, 32, 16, 6, 2, "skip0"),
-    ("all_to_one", 7, 32, 16, 5, 1, "one"),
-]
-IDS = [c[0] for c in CASES]
-NAMES = ["out", "d_x", "d_topk_weights", "d_w_gate_up", "d_w_down"]
-
-
-def make_ids(T, E, K, routing, gen):
-    if routing == "one":
-        return torch.full((T, K), E - 1, dtype=torch.int64)
-    lo = 1 if routing == "skip0" else 0
-    return torch.stack([lo + torch.randperm(E - lo, generator=gen)[:K] for _ in range(T)])
-
-
-def make_inputs(T, H, I, E, K, routing, dtype=torch.float32, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(T, H, generator=gen)
-    ids = make_ids(T, E, K, routing, gen)
-    w = torch.rand(T, K, generator=gen)
-    wgu = torch.randn(E, 2 * I, H, generator=gen) / H**0.5
-    wd = torch.randn(E, H, I, generator=gen) / I**0.5
-    return x.to(dtype), ids, w, wgu.to(dtype), wd.to(dtype)
-
-
-def fwd_bwd(fn, x, ids, w, wgu, wd, grad_seed=1):
-    """Output and grads of (x, topk_weights, w_gate_up, w_down), all as fp32."""
-    leaves = [t.detach().clone().requires_grad_() for t in (x, w, wgu, wd)]
-    out = fn(leaves[0], ids, leaves[1], leaves[2], leaves[3])
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).to(out.dtype)
-    return [t.float() for t in (out, *torch.autograd.grad(out, leaves, g))]
+CASES, IDS = MOE_CASES, MOE_CASE_IDS
+NAMES = MOE_GRAD_NAMES
 
 
 def triton_ffn(*a):
     return ops.moe_ffn(*a, backend="triton")
-
-
-def rel_err(a, ref):
-    return ((a - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
 
 
 # ------------------------------------------------------------------------------- routing metadata
@@ -155,17 +118,6 @@ def test_fp32_forward_backward_match_reference(case):
     got = fwd_bwd(triton_ffn, *inp)
     for name, a, r in zip(NAMES, got, ref):
         assert rel_err(a, r) < 1e-5, f"{name}: rel err {rel_err(a, r):.2e}"
-
-
-def moe_ffn_lowp(x, ids, w, wgu, wd):
-    """The same math run by PyTorch in x.dtype: the error bar for fp16 / bf16."""
-    I, out = wd.shape[-1], torch.zeros_like(x)
-    for e in range(wgu.shape[0]):
-        t, k = (ids == e).nonzero(as_tuple=True)
-        h = x[t] @ wgu[e].T
-        y = (torch.nn.functional.silu(h[:, :I]) * h[:, I:]) @ wd[e].T
-        out = out.index_add(0, t, y * w[t, k, None].to(x.dtype))
-    return out
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
