@@ -65,3 +65,25 @@ def resolve(op_name: str, backend: str | None = None,
         why = "not registered" if backend not in _REGISTRY[op_name] else "unavailable here"
         raise ValueError(f"backend {source}{backend!r} is {why} for op {op_name!r}; available: {have}")
     return _REGISTRY[op_name][backend][0]
+
+
+def triton_interpreting() -> bool:
+    """TRITON_INTERPRET is on: Triton kernels run on CPU tensors, in Python."""
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def triton_usable(min_capability: tuple[int, int] | None = None) -> bool:
+    """Triton importable, and either the interpreter on (TRITON_INTERPRET=1, CPU tensors) or a CUDA GPU
+    (of at least `min_capability`, e.g. (8, 9) for fp8 tensor cores)."""
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("triton") is None:
+        return False
+    if triton_interpreting():
+        return True
+    return torch.cuda.is_available() and (min_capability is None
+                                          or torch.cuda.get_device_capability() >= min_capability)

@@ -22,15 +22,13 @@ Legend: M tokens (rows), K in-features, N out-features, E experts; *_q e4m3fn da
 
 from __future__ import annotations
 
-import importlib.util
-import os
 
 import torch
 import torch.nn as nn
 
 from kdarch.kernels import fp8_ref as ref
 from kdarch.kernels.fp8_ref import AMAX_FLOOR, BLOCK, GRAD_AMAX_FLOOR, cdiv
-from kdarch.ops.backend import register, resolve
+from kdarch.ops.backend import register, resolve, triton_usable
 
 FP8 = torch.float8_e4m3fn
 _OUT_DTYPES = (torch.bfloat16, torch.float32)
@@ -144,11 +142,7 @@ def _(a_q, a_s, b_q, b_s, offs, out_dtype):
 
 def _triton_ok() -> bool:
     """Triton importable, and either the interpreter or a GPU with fp8 tensor cores (sm89+: Ada, Hopper, ...)."""
-    if importlib.util.find_spec("triton") is None:
-        return False
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return True
-    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+    return triton_usable(min_capability=(8, 9))
 
 
 _BACKENDS = {  # op -> (torch fn, triton fn); one signature per op

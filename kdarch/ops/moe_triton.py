@@ -17,12 +17,10 @@ Legend: T tokens, K slots per token (top-k), E experts, H hidden, I expert inter
 from __future__ import annotations
 
 import functools
-import importlib.util
-import os
 
 import torch
 
-from kdarch.ops.backend import register
+from kdarch.ops.backend import register, triton_interpreting, triton_usable
 
 Tensor = torch.Tensor
 
@@ -33,13 +31,9 @@ def _kernels():
     return moe_dispatch
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
-
-
 def triton_available() -> bool:
     """triton importable, and a GPU to run on or the interpreter switched on (TRITON_INTERPRET=1)."""
-    return importlib.util.find_spec("triton") is not None and (torch.cuda.is_available() or _interpret())
+    return triton_usable()
 
 
 # ------------------------------------------------------------------------------------- custom ops
@@ -98,7 +92,7 @@ moe_ffn_fwd.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------------- the backend
 def moe_ffn_triton(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI):
     """moe_ffn on the Triton kernels (inputs already validated by kdarch.ops.moe_ffn)."""
-    if x_TH.device.type == "cpu" and not _interpret():
+    if x_TH.device.type == "cpu" and not triton_interpreting():
         raise ValueError("moe_ffn backend 'triton' runs CPU tensors only under the Triton interpreter "
                          "(TRITON_INTERPRET=1, set before triton is imported); use backend='torch' on the CPU")
     if x_TH.device.type not in ("cpu", "cuda"):
