@@ -39,6 +39,8 @@ class CausalLMOutput:
     """Embedding output and every block's output, each [B, T, D] (on request)."""
     mtp_logits: list[torch.Tensor] | None = None
     """Per MTP depth k: [B, T-k, V], position i predicting token i+k+1 (on request or with labels)."""
+    mtp_hidden_states: list[torch.Tensor] | None = None
+    """Per MTP depth k: [B, T-k, D] final-normed hidden states, what the head sees (on request)."""
 
 
 class Block(nn.Module):
@@ -153,12 +155,13 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
                 output_hidden_states: bool = False, output_mtp_logits: bool = False,
-                cache: LatentKVCache | None = None, position_ids: torch.Tensor | None = None,
+                output_mtp_hidden_states: bool = False, cache: LatentKVCache | None = None, position_ids: torch.Tensor | None = None,
                 valid_mask: torch.Tensor | None = None, return_logits: bool = True) -> CausalLMOutput:
         """Full causal forward. With `labels` (HF convention: labels are the input ids; the shift happens
         here; -100 is ignored) it returns the losses, computed by a fused chunked head that never keeps
         [B*T, V] logits for backward; the returned logits then carry no autograd history, and
-        `return_logits=False` skips them. With `cache` it runs the absorbed-attention path, appending these
+        `return_logits=False` skips them (also without labels: a distillation head then works from
+        `last_hidden_state` / `mtp_hidden_states`). With `cache` it runs the absorbed-attention path, appending these
         tokens at `position_ids` ([B, T]; `valid_mask` marks non-padding tokens)."""
         self._check_ids("input_ids", input_ids)
         B, T = input_ids.shape
@@ -191,15 +194,20 @@ class CausalLM(nn.Module):
                              hidden_states=tuple(hidden) if hidden is not None else None)
         out.lm_loss, out.logits = self._head(h, labels, 1, return_logits)
 
-        if self.mtp and (labels is not None or output_mtp_logits) and cache is None:
+        want_mtp = labels is not None or output_mtp_logits or output_mtp_hidden_states
+        if self.mtp and want_mtp and cache is None:
             out.mtp_logits, mtp_losses = [], []
+            out.mtp_hidden_states = [] if output_mtp_hidden_states else None
             h_prev = h
             for k, module in enumerate(self.mtp, start=1):
                 if T - k < 1:
                     break
                 emb = self.embed(input_ids[:, k:])
                 h_prev, h_normed, aux = module(h_prev[:, :T - k], emb, cos[..., :T - k, :], sin[..., :T - k, :])
-                loss_k, logits_k = self._head(h_normed, labels, k + 1, output_mtp_logits or return_logits)
+                if out.mtp_hidden_states is not None:
+                    out.mtp_hidden_states.append(h_normed)
+                loss_k, logits_k = self._head(h_normed, labels, k + 1, output_mtp_logits or
+                                              (return_logits and not output_mtp_hidden_states))
                 out.mtp_logits.append(logits_k)
                 mtp_losses.append(loss_k)
                 if aux is not None:
@@ -221,7 +229,7 @@ class CausalLM(nn.Module):
         labels[i + shift]. Without labels: (None, differentiable logits). With labels the loss runs through
         the fused chunked head and the logits, if returned, carry no autograd history."""
         if labels_BT is None:
-            return None, self.head(h_BXD)
+            return None, self.head(h_BXD) if return_logits else None
         B, X, D = h_BXD.shape
         target_BX = labels_BT.new_full((B, X), -100)
         n = labels_BT.shape[1] - shift

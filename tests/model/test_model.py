@@ -29,6 +29,19 @@ def test_forward_shapes_and_outputs():
     torch.testing.assert_close(model.head(out.last_hidden_state), out.logits)
 
 
+def test_hidden_states_only_forward_for_distillation():
+    """return_logits=False without labels computes no head; MTP hidden states feed the head like its logits."""
+    model = make(n_mtp_modules=2)
+    x = ids()
+    ref = model(x, output_mtp_logits=True)
+    out = model(x, output_mtp_hidden_states=True, return_logits=False)
+    assert out.logits is None and out.loss is None and out.mtp_logits == [None, None]
+    assert [h.shape for h in out.mtp_hidden_states] == [(2, 15, 64), (2, 14, 64)]
+    torch.testing.assert_close(out.last_hidden_state, ref.last_hidden_state)
+    for h, logits in zip(out.mtp_hidden_states, ref.mtp_logits):
+        torch.testing.assert_close(model.head(h), logits)
+
+
 def test_losses_match_manual_cross_entropy():
     model = make(seq_aux_loss_coef=0.01)
     x = ids()
