@@ -1,0 +1,304 @@
+"""Relation KD losses against loop formulas written out here, their invariances and gradients, the
+RelationDistiller's grouping and masking, and capture_mla_latents on kdarch (and Hugging Face) models."""
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+import kdarch
+from kdarch.distill.relations import (RelationDistiller, capture_mla_latents, rkd_angle_loss, rkd_distance_loss,
+                                      similarity_preserving_loss)
+
+LOSSES = {"distance": rkd_distance_loss, "angle": rkd_angle_loss, "sp": similarity_preserving_loss}
+
+
+# ------------------------------------------------------------------ independent references (no kdarch code)
+def huber(a, b):
+    d = abs(a - b)
+    return 0.5 * d * d if d < 1 else d - 0.5
+
+
+def ref_distance(s, t):
+    def psi(x):
+        pairs = list(itertools.combinations(range(len(x)), 2))
+        d = [torch.sqrt(((x[i] - x[j]) ** 2).sum()) for i, j in pairs]
+        mu = sum(d) / len(d)
+        return [v / mu for v in d]
+    ps, pt = psi(s), psi(t)
+    return sum(huber(a, b) for a, b in zip(ps, pt)) / len(ps)
+
+
+def ref_angle(s, t):
+    def cos(x, i, j, k):
+        e1, e2 = x[i] - x[j], x[k] - x[j]
+        return (e1 * e2).sum() / (e1.norm() * e2.norm())
+    trip = list(itertools.permutations(range(len(s)), 3))
+    return sum(huber(cos(s, i, j, k), cos(t, i, j, k)) for i, j, k in trip) / len(trip)
+
+
+def ref_sp(s, t):
+    def gram(x):
+        g = torch.stack([torch.stack([(a * b).sum() for b in x]) for a in x])
+        return torch.stack([row / row.norm() for row in g])
+    return ((gram(s) - gram(t)) ** 2).sum() / len(s) ** 2
+
+
+REFS = {"distance": ref_distance, "angle": ref_angle, "sp": ref_sp}
+
+
+def points(n, width, seed, dtype=torch.float64):
+    return torch.randn(n, width, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def rotation(width, seed):
+    return torch.linalg.qr(points(width, width, seed))[0]
+
+
+# ---------------------------------------------------------------------------------------------- losses
+@pytest.mark.parametrize("kind", LOSSES)
+@pytest.mark.parametrize("n", [3, 7])
+def test_values_and_gradients_match_reference(kind, n):
+    s, t = points(n, 5, 1).requires_grad_(), points(n, 9, 2)
+    s_ref = s.detach().clone().requires_grad_()
+    got, want = LOSSES[kind](s, t), REFS[kind](s_ref, t)
+    torch.testing.assert_close(got, want)
+    assert want > 1e-3  # the comparison means something
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(s.grad, s_ref.grad)
+
+
+@pytest.mark.parametrize("kind", LOSSES)
+def test_gradcheck(kind):
+    s, t = points(5, 4, 3).requires_grad_(), points(5, 6, 4)
+    assert torch.autograd.gradcheck(lambda x: LOSSES[kind](x, t), (s,))
+
+
+@pytest.mark.parametrize("kind", LOSSES)
+def test_fp32_far_from_origin(kind):
+    """Hidden states share a large common component; the loss must not lose the differences to rounding."""
+    s = (points(6, 16, 5) + 300 * points(1, 16, 7)).float()
+    t = (points(6, 24, 6) + 300 * points(1, 24, 8)).float()
+    got = LOSSES[kind](s, t)
+    assert got.dtype == torch.float32
+    want = REFS[kind](s.double(), t.double())
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", LOSSES)
+def test_invariances(kind):
+    """All three: blind to a global scale and a rotation of either side; RKD also to translation."""
+    s, t = points(6, 5, 9), points(6, 7, 10)
+    base = LOSSES[kind](s, t)
+    torch.testing.assert_close(LOSSES[kind](3.7 * s, 0.2 * t), base)
+    torch.testing.assert_close(LOSSES[kind](s @ rotation(5, 11), t @ rotation(7, 12)), base)
+    if kind != "sp":
+        torch.testing.assert_close(LOSSES[kind](s + 4.0, t - points(1, 7, 13)), base)
+    # identical geometry costs nothing, whatever the widths
+    torch.testing.assert_close(LOSSES[kind](2 * t @ rotation(7, 14)[:, :7], t), torch.zeros((), dtype=torch.float64),
+                               atol=1e-12, rtol=0)
+
+
+def test_sp_row_normalisation():
+    """Scaling one row of a side scales its Gram row; only the normalised rows survive in that row."""
+    s, t = points(5, 4, 15), points(5, 6, 16)
+    c = torch.tensor([1.0, 1.0, 4.0, 1.0, 1.0], dtype=torch.float64)[:, None]
+    torch.testing.assert_close(similarity_preserving_loss(s * c, t), ref_sp(s * c, t))
+    assert not torch.allclose(similarity_preserving_loss(s * c, t), similarity_preserving_loss(s, t))
+
+
+@pytest.mark.parametrize("kind", LOSSES)
+def test_teacher_gets_no_gradient(kind):
+    s, t = points(5, 4, 17).requires_grad_(), points(5, 6, 18).requires_grad_()
+    LOSSES[kind](s, t).backward()
+    assert t.grad is None and s.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["distance", "angle"])
+def test_coincident_points_stay_finite(kind):
+    s, t = points(5, 4, 19), points(5, 6, 20)
+    s[3] = s[1]
+    s.requires_grad_()
+    loss = LOSSES[kind](s, t)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
+
+
+def test_angle_cosine_zero_at_coincident_apex():
+    """Student points 0 and 1 coincide: an angle with a zero-length side counts as cos 0."""
+    s = torch.tensor([[0.0, 0.0], [0.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
+    t = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
+    r = 2 ** -0.5
+    # (i, apex, k): (1,0,2), (2,0,1): student 0, teacher 0 | (0,1,2), (2,1,0): student 0 (zero side), teacher r
+    #               (0,2,1), (1,2,0): student 1, teacher r
+    want = (2 * huber(0.0, r) + 2 * huber(1.0, r)) / 6
+    torch.testing.assert_close(rkd_angle_loss(s, t), torch.tensor(want, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: rkd_distance_loss(points(4, 3, 0), points(5, 3, 0)), r"student has 4 points, teacher 5"),
+    (lambda: rkd_distance_loss(points(4, 3, 0)[0], points(4, 3, 0)), r"student must be a float tensor \[N, width\]"),
+    (lambda: similarity_preserving_loss(points(4, 3, 0), torch.ones(4, 3, dtype=torch.long)),
+     r"teacher must be a float tensor"),
+    (lambda: rkd_distance_loss(points(1, 3, 0), points(1, 3, 0)), r"needs at least 2 points, got N=1"),
+    (lambda: rkd_angle_loss(points(2, 3, 0), points(2, 3, 0)), r"needs at least 3 points, got N=2"),
+    (lambda: rkd_angle_loss(points(9, 3, 0), points(9, 3, 0), max_n=8),
+     r"N=9 points make 504 triplets \(O\(N³\) memory\); at most max_n=8"),
+    (lambda: rkd_angle_loss(points(4, 3, 0), points(4, 3, 0), max_n=2), r"max_n must be an int >= 3"),
+])
+def test_losses_reject(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+# ---------------------------------------------------------------------------------------------- module
+B, T = 4, 6
+
+
+def state_pair(seed, s_width=5, t_width=7, dtype=torch.float64):
+    return ((points(B * T, s_width, seed, dtype).view(B, T, -1),) * 2,
+            (points(B * T, t_width, seed + 1, dtype).view(B, T, -1),) * 3)
+
+
+MASK = torch.tensor([[1, 1, 1, 0, 1, 0], [0, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+
+
+@pytest.mark.parametrize("kind", LOSSES)
+def test_over_samples_relates_sequence_means(kind):
+    hs, ht = state_pair(21)
+    keep = [b for b in range(B) if MASK[b].any()]
+    mean = lambda h: torch.stack([h[b][MASK[b]].mean(0) for b in keep])  # noqa: E731
+    got = RelationDistiller(kind, "samples")(hs, ht, MASK)
+    torch.testing.assert_close(got, REFS[kind](mean(hs[-1]), mean(ht[-1])))
+    # without a mask every token counts
+    torch.testing.assert_close(RelationDistiller(kind, "samples")(hs, ht), REFS[kind](hs[-1].mean(1), ht[-1].mean(1)))
+
+
+@pytest.mark.parametrize("kind", LOSSES)
+def test_over_tokens_averages_sequences(kind):
+    hs, ht = state_pair(23)
+    min_n = 3 if kind == "angle" else 2
+    per_seq = [REFS[kind](hs[0][b][MASK[b]], ht[1][b][MASK[b]]) for b in range(B) if MASK[b].sum() >= min_n]
+    got = RelationDistiller(kind, "tokens", layers=(0, 1))(hs, ht, MASK)
+    torch.testing.assert_close(got, sum(per_seq) / len(per_seq))
+
+
+@pytest.mark.parametrize("over", ["samples", "tokens"])
+def test_module_masked_tokens_do_not_matter_and_teacher_is_detached(over):
+    hs, ht = state_pair(25)
+    hs = tuple(h.clone().requires_grad_() for h in hs)
+    ht = tuple(h.clone().requires_grad_() for h in ht)
+    rel = RelationDistiller("sp", over)
+    base = rel(hs, ht, MASK)
+    junk = lambda h: torch.where(MASK[..., None], h, torch.full_like(h, float("nan")))  # noqa: E731
+    torch.testing.assert_close(rel([junk(h) for h in hs], [junk(h) for h in ht], MASK), base)
+    base.backward()
+    assert all(h.grad is None for h in ht) and hs[-1].grad.abs().sum() > 0
+    assert torch.equal(hs[-1].grad[~MASK], torch.zeros_like(hs[-1].grad[~MASK]))
+
+
+def test_module_too_few_valid_points_gives_zero():
+    hs, ht = state_pair(27)
+    one_each = torch.zeros(B, T, dtype=torch.bool)
+    one_each[:, 0] = True
+    assert RelationDistiller("distance", "tokens")(hs, ht, one_each).item() == 0.0
+    one_seq = torch.zeros(B, T, dtype=torch.bool)
+    one_seq[2] = True
+    loss = RelationDistiller("angle", "samples")(hs, ht, one_seq)
+    assert loss.item() == 0.0 and loss.dtype == torch.float64
+
+
+def test_module_angle_subsamples_evenly():
+    hs, ht = state_pair(29)
+    got = RelationDistiller("angle", "tokens", max_points=4)(hs, ht)
+    idx = [0, 2, 3, 5]  # round(linspace(0, 5, 4)) = round(0, 5/3, 10/3, 5)
+    want = sum(ref_angle(hs[-1][b, idx], ht[-1][b, idx]) for b in range(B)) / B
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(kind="cka"), r"kind must be one of \('distance', 'angle', 'sp'\), got 'cka'"),
+    (dict(over="batch"), r"over must be one of \('samples', 'tokens'\)"),
+    (dict(source="logits"), r"source must be one of \('hidden', 'mla'\)"),
+    (dict(layers=3), r"layers must be a \(student index, teacher index\) pair of ints, got 3"),
+    (dict(layers=(1, 2, 3)), r"layers must be a \(student index, teacher index\) pair"),
+    (dict(layers=(1.0, 2)), r"layers must be a \(student index, teacher index\) pair"),
+    (dict(max_points=2), r"max_points must be an int >= 3, got 2"),
+])
+def test_config_rejects(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RelationDistiller(**kwargs)
+
+
+def test_forward_rejects():
+    hs, ht = state_pair(31)
+    with pytest.raises(ValueError, match=r"student index 2 out of range for 2 hidden states.*\[-2, 1\]"):
+        RelationDistiller(layers=(2, 0))(hs, ht)
+    with pytest.raises(ValueError, match=r"teacher index -4 out of range for 3 MLA latents"):
+        RelationDistiller(source="mla", layers=(0, -4))(hs, ht)
+    with pytest.raises(ValueError, match=r"needs at least 3 sequences per batch \(batch size\), got 2"):
+        RelationDistiller("angle")([h[:2] for h in hs], [h[:2] for h in ht])
+    with pytest.raises(ValueError, match=r"needs at least 2 tokens per sequence, got 1"):
+        RelationDistiller("sp", "tokens")([h[:, :1] for h in hs], [h[:, :1] for h in ht])
+    with pytest.raises(ValueError, match=r"student states are \[B, T\] = \[4, 6\], teacher states \[4, 5\]"):
+        RelationDistiller()(hs, [h[:, :5] for h in ht])
+    with pytest.raises(ValueError, match=r"mask must be a bool tensor of shape \[4, 6\]"):
+        RelationDistiller()(hs, ht, MASK.float())
+
+
+# ----------------------------------------------------------------------------------------- MLA latents
+def _no_hooks(model):
+    return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_capture_mla_latents_matches_hand_computation():
+    torch.manual_seed(0)
+    model = kdarch.CausalLM(kdarch.get_preset("debug"))
+    cfg = model.config
+    ids = torch.randint(0, cfg.vocab_size, (2, 7))
+    with capture_mla_latents(model) as passes:
+        out = model(ids, output_hidden_states=True, return_logits=False)
+        assert len(passes) == 1 and len(passes[0]) == cfg.n_layers
+        model(ids[:1, :3], return_logits=False)
+    assert _no_hooks(model)
+    assert [tuple(x.shape) for x in passes[0]] == [(2, 7, cfg.kv_lora_rank)] * cfg.n_layers
+    assert [tuple(x.shape) for x in passes[1]] == [(1, 3, cfg.kv_lora_rank)] * cfg.n_layers
+    with torch.no_grad():
+        for i, layer in enumerate(model.layers):
+            kv = layer.attn.wkv_a(layer.attn_norm(out.hidden_states[i]))[..., :cfg.kv_lora_rank]
+            rms = kv.pow(2).mean(-1, keepdim=True).add(1e-6).rsqrt()
+            torch.testing.assert_close(passes[0][i], kv * rms * layer.attn.kv_norm.weight)
+    # the captured student latents carry gradients back to the weights that made them
+    RelationDistiller("distance", "tokens", source="mla")(passes[0], [x.detach() * 2 + 1 for x in passes[0]]).backward()
+    assert model.layers[-1].attn.wkv_a.weight.grad.abs().sum() > 0
+
+
+def test_capture_mla_latents_removes_hooks_on_error_and_refuses_non_mla():
+    model = kdarch.CausalLM(kdarch.get_preset("debug"))
+    with pytest.raises(RuntimeError, match="boom"):
+        with capture_mla_latents(model):
+            raise RuntimeError("boom")
+    assert _no_hooks(model)
+    with pytest.raises(ValueError, match=r"Sequential has no MLA latent norm; expected modules named "
+                                         r"layers.<i>.attn.kv_norm \(kdarch\) or layers.<i>.self_attn.kv_a_layernorm"):
+        with capture_mla_latents(nn.Sequential(nn.Linear(2, 2))):
+            pass
+    with pytest.raises(ValueError, match=r"two latent norms for layer 0"):
+        with capture_mla_latents(nn.ModuleList([model, kdarch.CausalLM(kdarch.get_preset("debug"))])):
+            pass
+
+
+def test_capture_mla_latents_hugging_face_matches_kdarch():
+    pytest.importorskip("transformers")
+    from kdarch.convert.hf import to_hf_model
+    torch.manual_seed(1)
+    model = kdarch.CausalLM(kdarch.get_preset("debug")).eval()
+    hf = to_hf_model(model, attn_implementation="eager")
+    ids = torch.randint(0, model.config.vocab_size, (2, 5))
+    with torch.no_grad(), capture_mla_latents(model) as ours, capture_mla_latents(hf) as theirs:
+        model(ids, return_logits=False)
+        hf(ids)
+    assert _no_hooks(hf) and len(theirs) == 1 and len(theirs[0]) == model.config.n_layers
+    for a, b in zip(ours[0], theirs[0]):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
