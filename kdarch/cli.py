@@ -1,12 +1,23 @@
 """The `kdarch` command line (also `python -m kdarch`).
 
+    kdarch distill [--out DIR]         the main job: teacher -> distilled student vs scratch, with a report
+    kdarch distill --task arithmetic   sequence-level (reasoning) distillation on checkable arithmetic
+    kdarch train --config F.toml       train one model (e.g. a teacher) on a dataset
+    kdarch eval --model DIR            held-out loss / perplexity (and agreement with --teacher)
+    kdarch generate --model DIR        continue a prompt (sampling, or greedy with MTP drafting)
+    kdarch convert SRC DST --to hf     kdarch <-> Hugging Face DeepseekV3 directories
+    kdarch cache-teacher --teacher DIR --out CACHE   top-k teacher logits for a dataset, sharded on disk
     kdarch info [--preset NAME]        sizes of a preset: parameters, active parameters, KV-cache bytes/token
-    kdarch demo [--steps N]            build the tiny student, train it briefly on embedded text, generate
+    kdarch demo                        a one-minute tour: the tiny student trained briefly, generation
+
+Every run command takes --config FILE.toml and --section.field flags that override it; `kdarch train
+--help` lists each field with its meaning.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -26,8 +37,8 @@ def describe(cfg: ModelConfig) -> dict[str, float]:
 
 def embedded_text() -> bytes:
     """Real English text that ships with every Python: the pydoc topic help."""
-    from pydoc_data.topics import topics
-    return "\n\n".join(topics[k] for k in sorted(topics)).encode("utf-8")
+    from kdarch.train.data import embedded_corpus
+    return "\n\n".join(embedded_corpus()).encode("utf-8")
 
 
 def cmd_info(args) -> int:
@@ -82,13 +93,210 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _run_config(args):
+    from kdarch.train.config import load_run_config, overrides_from_args
+    return load_run_config(args.config, overrides_from_args(args))
+
+
+def _report_path(out, report: dict) -> None:
+    print(json.dumps({k: v for k, v in report.items() if k in ("teacher", "student", "scratch", "gap_closed")},
+                     indent=2, default=str))
+    print(f"report: {out / 'report.json'} (summary {out / 'report.md'})")
+
+
+def cmd_train(args) -> int:
+    from kdarch.train.pipeline import log_to_stderr, prepare_run_dir, run_train
+    run = _run_config(args)
+    out = prepare_run_dir(args.out, args.resume, "train")
+    row = run_train(run, out, resume=args.resume, log=log_to_stderr)
+    print(json.dumps(row, indent=2))
+    print(f"model: {out / 'model' / 'model'}")
+    return 0
+
+
+def cmd_distill(args) -> int:
+    from kdarch.train.pipeline import log_to_stderr, prepare_run_dir, run_distill
+    run = _run_config(args)
+    out = prepare_run_dir(args.out, args.resume, f"distill-{args.task}")
+    log_to_stderr(f"kdarch distill ({args.task}): run directory {out}")
+    if args.task == "arithmetic":
+        from kdarch.train.reasoning import run_arithmetic
+        report = run_arithmetic(run, out, resume=args.resume, log=log_to_stderr)
+    else:
+        report = run_distill(run, out, resume=args.resume, log=log_to_stderr)
+    _report_path(out, report)
+    return 0
+
+
+def _load_model_and_tokenizer(path):
+    from kdarch.pretrained import from_pretrained
+    from kdarch.train.tokenizer import load_tokenizer
+    model = from_pretrained(path).eval()
+    try:
+        tok = load_tokenizer(path)
+    except (FileNotFoundError, ValueError):
+        tok = load_tokenizer("bytes") if model.config.vocab_size <= 260 else None
+    return model, tok
+
+
+def cmd_eval(args) -> int:
+    from kdarch.distill.teachers import load_teacher
+    from kdarch.train.data import load_documents, pack, split_documents
+    from kdarch.train.evaluate import evaluate_lm
+    from kdarch.train.pipeline import teacher_top1
+    model, tok = _load_model_and_tokenizer(args.model)
+    if tok is None:
+        raise SystemExit(f"kdarch eval: {args.model} has no tokenizer.json; kdarch models saved by the train script "
+                         "carry theirs")
+    docs = load_documents(args.data, field=args.text_field)
+    if args.split == "heldout":
+        docs = split_documents(docs, args.heldout_fraction, args.split_seed)[1]
+    ids_NT = pack(docs, tok, args.seq_len)
+    top1 = None
+    if args.teacher:
+        teacher = load_teacher(args.teacher, student_vocab_size=model.config.vocab_size,
+                               student_fingerprint=tok.fingerprint)
+        table = teacher_top1(teacher, ids_NT, args.max_sequences)
+        top1 = lambda idx, ids: table[idx]  # noqa: E731
+    row = evaluate_lm(model, ids_NT, max_sequences=args.max_sequences, teacher_top1=top1)
+    print(json.dumps({"model": str(args.model), "data": args.data, "split": args.split, **row}, indent=2))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    model, tok = _load_model_and_tokenizer(args.model)
+    if tok is None:
+        raise SystemExit(f"kdarch generate: {args.model} has no tokenizer.json")
+    prompt = tok.encode(args.prompt)
+    if not prompt:
+        raise SystemExit("kdarch generate: --prompt must not be empty")
+    t0 = time.perf_counter()
+    if args.speculative:
+        from kdarch.model import generate_speculative
+        new, stats = generate_speculative(model, prompt, args.max_new_tokens)
+        extra = f"MTP drafting: acceptance {stats.acceptance:.0%}, {stats.main_steps} main-model steps"
+    else:
+        new = model.generate([prompt], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                             top_p=args.top_p, generator=torch.Generator().manual_seed(args.seed))[0]
+        extra = f"temperature {args.temperature}, top-k {args.top_k}, top-p {args.top_p}"
+    dt = time.perf_counter() - t0
+    print(args.prompt + tok.decode(new))
+    print(f"[{len(new)} tokens in {dt:.2f}s, {len(new) / dt:.0f} tok/s; {extra}]", file=sys.stderr)
+    return 0
+
+
+def cmd_convert(args) -> int:
+    import shutil
+    from pathlib import Path
+
+    from kdarch.pretrained import from_pretrained, save_pretrained
+    model = from_pretrained(args.src)
+    dst = save_pretrained(model, args.dst, format="hf" if args.to == "hf" else "kdarch")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (Path(args.src) / name).is_file():
+            shutil.copy2(Path(args.src) / name, Path(dst) / name)
+    print(f"{args.src} -> {dst} ({args.to} format)")
+    return 0
+
+
+def cmd_cache_teacher(args) -> int:
+    from pathlib import Path
+
+    from kdarch.distill.logit_cache import LogitCache, write_logit_cache
+    from kdarch.distill.teachers import load_teacher
+    from kdarch.train.pipeline import log_to_stderr, prepare_data
+    import tempfile
+    run = _run_config(args)
+    out, tdir = Path(args.out), Path(args.teacher)
+    with tempfile.TemporaryDirectory() as scratch:
+        data = prepare_data(run, Path(scratch), tokenizer_dir=tdir, log=log_to_stderr)
+    teacher = load_teacher(tdir, dtype=getattr(torch, run.distill.teacher_dtype),
+                           student_vocab_size=data.tokenizer.vocab_size, student_fingerprint=data.tokenizer.fingerprint)
+    t0 = time.perf_counter()
+    write_logit_cache(teacher, data.train_NT, out, k=args.k, dtype=args.dtype, shard_size=args.shard_size,
+                      batch_size=args.batch_size,
+                      progress=lambda done, total: print(f"\rcache-teacher: {done}/{total} sequences", end="",
+                                                         file=sys.stderr, flush=True))
+    data.tokenizer.save(out)  # beside the manifest: `kdarch distill` takes the cache's tokenizer from here
+    cache = LogitCache(out)
+    print(file=sys.stderr)
+    print(json.dumps({"cache": str(out), "sequences": len(cache), "k": args.k, "dtype": args.dtype,
+                      "bytes_per_token": cache.bytes_per_token, "seconds": time.perf_counter() - t0}, indent=2))
+    print(f"distill from it with: kdarch distill --distill.teacher {out} (same [data] settings)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from kdarch.train.config import add_config_flags
     p = argparse.ArgumentParser(prog="kdarch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
+
+    def run_parser(name: str, help: str, sections: tuple[str, ...]):
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.add_argument("--config", metavar="FILE.toml", help="TOML run configuration; --section.field flags override it")
+        sp.add_argument("--out", metavar="DIR", help="run directory (default: a fresh runs/<command>-<time>)")
+        sp.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its latest checkpoints (finished stages are kept)")
+        add_config_flags(sp, sections)
+        return sp
+
+    tr = run_parser("train", "train one model (e.g. a teacher) on a dataset with next-token + MTP loss",
+                    ("model", "data", "train"))
+    tr.set_defaults(fn=cmd_train)
+    di = run_parser("distill", "distill a student from a teacher (kdarch or Hugging Face directory, or a logit "
+                    "cache); with no teacher, train one on the data first; compare with a scratch student",
+                    ("model", "data", "train", "distill"))
+    di.add_argument("--task", choices=("lm", "arithmetic"), default="lm",
+                    help="lm: logit distillation on text (default); arithmetic: sequence-level reasoning "
+                         "distillation on generated multi-step arithmetic")
+    di.set_defaults(fn=cmd_distill)
+
+    ev = sub.add_parser("eval", help="held-out loss, perplexity and top-1 agreement with a teacher")
+    ev.add_argument("--model", required=True, metavar="DIR", help="a kdarch model directory (with tokenizer.json)")
+    ev.add_argument("--data", default="embedded", help="dataset: embedded, a .txt file / directory, or .jsonl")
+    ev.add_argument("--text-field", default="text", help="JSONL text field")
+    ev.add_argument("--split", choices=("heldout", "all"), default="heldout",
+                    help="evaluate the held-out split the train script made (same fraction and seed), or everything")
+    ev.add_argument("--heldout-fraction", type=float, default=0.1, help="held-out fraction used in training")
+    ev.add_argument("--split-seed", type=int, default=0, help="split seed used in training")
+    ev.add_argument("--seq-len", type=int, default=128, help="tokens per evaluated sequence")
+    ev.add_argument("--max-sequences", type=int, default=0, help="evaluate at most this many sequences (0: all)")
+    ev.add_argument("--teacher", metavar="DIR", help="teacher directory for top-1 agreement")
+    ev.set_defaults(fn=cmd_eval)
+
+    ge = sub.add_parser("generate", help="continue a prompt with a trained model")
+    ge.add_argument("--model", required=True, metavar="DIR", help="a kdarch model directory (with tokenizer.json)")
+    ge.add_argument("--prompt", required=True, help="text to continue")
+    ge.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
+    ge.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0: greedy)")
+    ge.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    ge.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
+    ge.add_argument("--seed", type=int, default=0, help="sampling seed")
+    ge.add_argument("--speculative", action="store_true", help="greedy decoding with the MTP modules drafting")
+    ge.set_defaults(fn=cmd_generate)
+
+    co = sub.add_parser("convert", help="convert a model directory between kdarch and Hugging Face DeepseekV3")
+    co.add_argument("src", help="kdarch or Hugging Face DeepseekV3 directory")
+    co.add_argument("dst", help="output directory")
+    co.add_argument("--to", choices=("hf", "kdarch"), required=True, help="output format")
+    co.set_defaults(fn=cmd_convert)
+
+    ca = sub.add_parser("cache-teacher", help="write a teacher's top-k log-probs + tail mass for the training data "
+                        "(packed exactly as `kdarch distill` packs it) into a checksummed, sharded logit cache")
+    ca.add_argument("--config", metavar="FILE.toml", help="TOML run configuration ([data] is used)")
+    ca.add_argument("--teacher", required=True, metavar="DIR", help="kdarch or Hugging Face model directory")
+    ca.add_argument("--out", required=True, metavar="DIR", help="cache directory (an interrupted write resumes)")
+    ca.add_argument("--k", type=int, default=64, help="top-k entries kept per token")
+    ca.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16", help="stored log-prob dtype")
+    ca.add_argument("--shard-size", type=int, default=256, help="sequences per shard file")
+    ca.add_argument("--batch-size", type=int, default=8, help="teacher batch size")
+    add_config_flags(ca, ("data", "distill"))
+    ca.set_defaults(fn=cmd_cache_teacher)
+
     info = sub.add_parser("info", help="print a preset's sizes")
     info.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model preset")
     info.set_defaults(fn=cmd_info)
-    demo = sub.add_parser("demo", help="build the tiny student, train it briefly, generate")
+    demo = sub.add_parser("demo", help="a one-minute tour: the tiny student trained briefly on embedded text, generation")
     demo.add_argument("--steps", type=int, default=60, help="training steps on embedded text (default 60)")
     demo.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
     demo.add_argument("--new-tokens", type=int, default=48, help="tokens to generate")
@@ -98,8 +306,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from kdarch.config import ConfigError
     args = build_parser().parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except (ConfigError, FileExistsError, FileNotFoundError, ValueError) as e:
+        # Bad input: one clear line, not a traceback from deep inside (KDARCH_DEBUG=1 shows it).
+        if os.environ.get("KDARCH_DEBUG"):
+            raise
+        print(f"kdarch {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""kdarch.distill: response-based knowledge distillation from a teacher's logits.
+"""kdarch.distill: knowledge distillation of a student from a teacher.
 
 - `kd_loss(student_logits, teacher, labels, kind=..., temperature=..., alpha=..., beta=...)`: the loss
   convention (forward / reverse KL × T², generalised JSD(β) × T², TVD; hard CE at T = 1; α·soft + (1 − α)·hard;
@@ -7,10 +7,34 @@
   states without materialising [tokens × vocab] logits, see `head.py`.
 - `TopKTeacher`: a cached top-k teacher signal (ids + logits or log-probs + tail mass) with two
   temperature treatments ("tail", "renormalise"), see `teacher_signal.py`.
+- `multi_token_kd_loss`: the main head and every MTP depth against the teacher's distribution for the token
+  each predicts, see `mtp.py`.
+- `FeatureDistiller`: projected student hidden states vs the teacher's over a layer map (MSE / cosine), see
+  `features.py`; `RelationDistiller` and the RKD distance / angle and similarity-preserving losses on hidden
+  states or MLA latents (`capture_mla_latents`), see `relations.py`.
+- `KDSchedule` / `parse_schedule`: α and T over training (constant, linear, cosine) and the adaptive α rule,
+  see `schedules.py`.
+- Teachers behind one interface (`ModelTeacher`, `HFTeacher`, `CachedTeacher`, `load_teacher`) with one
+  vocabulary-alignment rule (`align_vocab`: padding rows cut, tokenizer mismatches refused), and the on-disk
+  logit cache (`write_logit_cache`, `LogitCache`), see `teachers.py`, `vocab.py`, `logit_cache.py`.
 """
+from kdarch.distill.features import FeatureDistiller, FeatureKDConfig, uniform_layer_map
 from kdarch.distill.head import DistillationHead, fused_kd_loss
+from kdarch.distill.logit_cache import LogitCache, write_logit_cache
 from kdarch.distill.losses import KINDS, KDLossConfig, KDTerms, kd_loss
+from kdarch.distill.mtp import MultiTokenKD, multi_token_kd_loss
+from kdarch.distill.relations import (RelationDistiller, RelationKDConfig, capture_mla_latents, rkd_angle_loss,
+                                      rkd_distance_loss, similarity_preserving_loss)
+from kdarch.distill.schedules import SCHEDULE_KINDS, AdaptiveAlpha, KDSchedule, Schedule, parse_schedule
 from kdarch.distill.teacher_signal import MODES, TopKTeacher
+from kdarch.distill.teachers import CachedTeacher, HFTeacher, ModelTeacher, Teacher, TeacherOutput, load_teacher
+from kdarch.distill.vocab import (VocabAlignment, VocabMismatchError, align_vocab, tokenizer_fingerprint,
+                                  vocab_fingerprint)
 
-__all__ = ["KINDS", "MODES", "DistillationHead", "KDLossConfig", "KDTerms", "TopKTeacher", "fused_kd_loss",
-           "kd_loss"]
+__all__ = ["KINDS", "MODES", "SCHEDULE_KINDS", "AdaptiveAlpha", "CachedTeacher", "DistillationHead", "FeatureDistiller",
+           "FeatureKDConfig", "HFTeacher", "KDLossConfig", "KDSchedule", "KDTerms", "LogitCache", "ModelTeacher",
+           "MultiTokenKD", "RelationDistiller", "RelationKDConfig", "Schedule", "Teacher", "TeacherOutput",
+           "TopKTeacher", "VocabAlignment", "VocabMismatchError", "align_vocab", "capture_mla_latents",
+           "fused_kd_loss", "kd_loss", "load_teacher", "multi_token_kd_loss", "parse_schedule", "rkd_angle_loss",
+           "rkd_distance_loss", "similarity_preserving_loss", "tokenizer_fingerprint", "uniform_layer_map",
+           "vocab_fingerprint", "write_logit_cache"]

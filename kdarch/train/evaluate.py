@@ -1,0 +1,108 @@
+"""Held-out evaluation for the report: loss, perplexity, agreement with the teacher, generation speed, memory.
+
+The three models of a distillation report (teacher, distilled student, scratch student) are measured the same
+way here, so their rows compare: next-token cross-entropy over every position of the held-out sequences
+(mean over tokens, perplexity = exp of it), the fraction of those positions where the model's argmax equals
+the teacher's, greedy generation throughput on the latent KV cache, and the peak resident memory of the
+process while a stage runs (sampled from /proc, since CPU tensors are invisible to the CUDA allocator
+statistics and ru_maxrss never goes down).
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from kdarch.distill.teachers import Teacher
+
+TopOneFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""(indices_B, ids_BT) -> the teacher's argmax token per position [B, T]."""
+
+
+def _batches(heldout_NT: torch.Tensor, batch_size: int, max_sequences: int):
+    n = heldout_NT.shape[0] if not max_sequences else min(max_sequences, heldout_NT.shape[0])
+    for s in range(0, n, batch_size):
+        idx = torch.arange(s, min(n, s + batch_size))
+        yield idx, heldout_NT[idx]
+
+
+def _logits(model, ids_BT: torch.Tensor) -> torch.Tensor:
+    if isinstance(model, Teacher):
+        signal = model(ids_BT).signal
+        if not isinstance(signal, torch.Tensor):
+            raise ValueError(f"evaluate_lm: {model.name} gives top-k log-probs, not logits; it cannot be scored")
+        return signal
+    return model(ids_BT).logits
+
+
+@torch.no_grad()
+def evaluate_lm(model, heldout_NT: torch.Tensor, *, batch_size: int = 16, max_sequences: int = 0,
+                teacher_top1: TopOneFn | None = None) -> dict[str, float]:
+    """eval_loss (mean next-token CE over held-out tokens), perplexity and, with a teacher, top1_agreement.
+    `model`: a kdarch model, or a `kdarch.distill` teacher giving dense logits (e.g. a Hugging Face model)."""
+    if heldout_NT.dim() != 2 or heldout_NT.shape[0] == 0 or heldout_NT.shape[1] < 2:
+        raise ValueError(f"evaluate_lm: expected held-out sequences [N >= 1, T >= 2], got {tuple(heldout_NT.shape)}")
+    module = model if isinstance(model, torch.nn.Module) else None
+    was_training = module is not None and module.training
+    if module is not None:
+        module.eval()
+    nll, count, agree = 0.0, 0, 0
+    for idx, ids in _batches(heldout_NT, batch_size, max_sequences):
+        logits = _logits(model, ids)[:, :-1].float()
+        nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
+        count += ids[:, 1:].numel()
+        if teacher_top1 is not None:
+            agree += (logits.argmax(-1) == teacher_top1(idx, ids)[:, :-1]).sum().item()
+    if module is not None:
+        module.train(was_training)
+    loss = nll / count
+    out = {"eval_loss": loss, "perplexity": math.exp(min(loss, 700.0)), "eval_tokens": count}
+    if teacher_top1 is not None:
+        out["top1_agreement"] = agree / count
+    return out
+
+
+@torch.no_grad()
+def generation_speed(model, prompts: list[list[int]], new_tokens: int = 64) -> dict[str, float]:
+    """Greedy generation on the latent KV cache: new tokens per second over the whole batch of prompts."""
+    model.eval()
+    model.generate([prompts[0][:4]], 2, eos_token_id=-1)  # warm-up
+    t0 = time.perf_counter()
+    out = model.generate(prompts, new_tokens, eos_token_id=-1)
+    dt = time.perf_counter() - t0
+    n = sum(len(o) for o in out)
+    return {"generate_tokens_per_s": n / dt, "generate_batch": len(prompts), "generate_new_tokens": new_tokens}
+
+
+def _rss_mb() -> float:
+    with open(f"/proc/{os.getpid()}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class PeakMemory:
+    """Peak resident set size (MiB) of this process while the `with` block runs, sampled every 10 ms."""
+
+    def __init__(self, interval: float = 0.01):
+        self.interval, self.peak_mb = interval, 0.0
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, _rss_mb())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakMemory:
+        self.peak_mb = _rss_mb()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, _rss_mb())

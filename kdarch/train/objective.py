@@ -1,0 +1,103 @@
+"""The distillation objective of the train script: one teacher pass, one student pass, every configured loss.
+
+Per micro-batch: the teacher's signal for the batch (dense logits, its top-k, or cache rows), then the
+student's hidden states only — no [tokens x vocab] student logits — through the fused head for the main
+head and each MTP depth (`multi_token_kd_loss`, α·soft + (1 − α)·hard with α and T from the schedule), plus
+optional feature KD (learned projectors, trained and checkpointed with the student) and relation KD (on the
+last hidden states or on the MLA latents), plus the model's own balance loss. A NaN/inf in the teacher's
+signal raises NonFiniteError, which the loop turns into a skipped step.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kdarch.distill.features import FeatureDistiller
+from kdarch.distill.mtp import multi_token_kd_loss
+from kdarch.distill.relations import RelationDistiller
+from kdarch.distill.schedules import KDSchedule
+from kdarch.distill.teacher_signal import TopKTeacher
+from kdarch.distill.teachers import ModelTeacher, Teacher
+from kdarch.train.config import DistillSection
+from kdarch.train.loop import NonFiniteError, StepLoss
+
+RELATION_KINDS = {"rkd_distance": "distance", "rkd_angle": "angle", "similarity": "sp"}
+
+
+def _finite(signal) -> bool:
+    if isinstance(signal, TopKTeacher):
+        return bool(torch.isfinite(signal.values).all())
+    return not bool(torch.isnan(signal).any() or torch.isposinf(signal).any())  # -inf = masked padding rows
+
+
+class DistillObjective:
+    """Loss of a student against `teacher` (a kdarch.distill Teacher, aligned to the student's vocabulary)."""
+
+    def __init__(self, teacher: Teacher, student: nn.Module, cfg: DistillSection, total_steps: int):
+        self.teacher, self.cfg, self.total_steps = teacher, cfg, total_steps
+        self.schedule = KDSchedule(alpha=cfg.alpha, temperature=cfg.temperature)
+        scfg = student.config
+        self.modules: dict[str, nn.Module] = {}
+        need_teacher_model = cfg.feature_weight > 0 or cfg.relation_weight > 0
+        if need_teacher_model and not isinstance(teacher, ModelTeacher):
+            raise ValueError("distill.feature_weight / relation_weight need the teacher's hidden states: use a model "
+                             "teacher (kdarch or Hugging Face directory), not a logit cache")
+        if cfg.feature_weight > 0:
+            tcfg = teacher.model.config
+            self.modules["features"] = FeatureDistiller(scfg.hidden_size, tcfg.hidden_size, scfg.n_layers,
+                                                        tcfg.num_hidden_layers if hasattr(tcfg, "num_hidden_layers")
+                                                        else tcfg.n_layers, loss=cfg.feature_loss)
+        if cfg.relation_weight > 0:
+            self.relation = RelationDistiller(kind=RELATION_KINDS[cfg.relation_kind], over=cfg.relation_over)
+        self.mtp_weight = scfg.mtp_loss_weight
+        self.depth_weights = list(cfg.mtp_depth_weights) or None
+        if self.depth_weights is not None and cfg.mtp and len(self.depth_weights) != scfg.n_mtp_modules:
+            raise ValueError(f"distill.mtp_depth_weights: expected {scfg.n_mtp_modules} weights (one per MTP module), "
+                             f"got {len(self.depth_weights)}")
+
+    def target_tokens(self, ids_BT: torch.Tensor) -> int:
+        return ids_BT.shape[0] * (ids_BT.shape[1] - 1)
+
+    def __call__(self, model, indices_B, ids_BT, progress: float) -> StepLoss:
+        cfg = self.cfg
+        need_hidden = cfg.feature_weight > 0 or cfg.relation_weight > 0
+        t_out = self.teacher(ids_BT, indices_B, hidden_states=need_hidden)
+        signal = t_out.signal
+        if not _finite(signal):
+            raise NonFiniteError("the teacher's signal has NaN/inf values")
+        if cfg.top_k and not isinstance(signal, TopKTeacher):
+            signal = TopKTeacher.from_logits(signal, cfg.top_k)
+        step = min(self.total_steps, round(progress * self.total_steps))
+        alpha, temperature = self.schedule.at(step, self.total_steps)
+        out = model(ids_BT, output_hidden_states=need_hidden, output_mtp_hidden_states=cfg.mtp, return_logits=False)
+        res = multi_token_kd_loss(out.last_hidden_state, (out.mtp_hidden_states or []) if cfg.mtp else [],
+                                  model.head.weight, ids_BT, signal, depth_weights=self.depth_weights,
+                                  mtp_weight=self.mtp_weight, kind=cfg.kind, temperature=temperature, alpha=alpha,
+                                  beta=cfg.beta)
+        loss = res.total
+        metrics = {"kd_loss": res.main.total.item(), "alpha": alpha, "temperature": temperature}
+        if res.main.soft is not None:
+            metrics["soft"] = res.main.soft.item()
+            self.schedule.observe(metrics["soft"])
+        if res.main.hard is not None:
+            metrics["hard_ce"] = res.main.hard.item()
+        if res.mtp is not None:
+            metrics["mtp_kd_loss"] = res.mtp.item()
+        if out.balance_loss is not None:
+            loss = loss + out.balance_loss
+        if cfg.feature_weight > 0:
+            feat = self.modules["features"](out.hidden_states, t_out.hidden_states)
+            loss = loss + cfg.feature_weight * feat
+            metrics["feature_loss"] = feat.item()
+        if cfg.relation_weight > 0:
+            rel = self.relation(out.hidden_states, t_out.hidden_states)
+            loss = loss + cfg.relation_weight * rel
+            metrics["relation_loss"] = rel.item()
+        return StepLoss(loss, metrics)
+
+    def state_dict(self) -> dict:
+        return {"schedule": self.schedule.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.schedule.load_state_dict(state["schedule"])
+

@@ -1,0 +1,249 @@
+"""The runs behind `kdarch train` and `kdarch distill`: data, stages, evaluation, report.
+
+`kdarch distill` with no teacher given is the package's end-to-end demonstration on real text: a tokenizer
+learnt on the training split, a teacher trained on it, the tiny MoE+MLA+MTP student distilled from the
+teacher (then, for a chain, each further student from the previous one), the same student architecture
+trained from scratch on the same token budget, and all of them evaluated on held-out documents. Each stage
+lives in its own directory under the run (checkpoints, metrics, the final model with its tokenizer), so
+`--resume` continues a killed run where it stopped and finished stages are not retrained.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from kdarch.distill.logit_cache import LogitCache, input_ids_sha256
+from kdarch.distill.teacher_signal import TopKTeacher
+from kdarch.distill.teachers import CachedTeacher, ModelTeacher, Teacher, load_teacher
+from kdarch.model import CausalLM
+from kdarch.pretrained import save_pretrained
+from kdarch.train.config import ModelSection, RunConfig, Stage, TrainSection
+from kdarch.train.data import load_documents, pack, split_documents
+from kdarch.train.evaluate import PeakMemory, evaluate_lm, generation_speed
+from kdarch.train.loop import Objective, set_seed, train
+from kdarch.train.objective import DistillObjective
+from kdarch.train.report import write_report
+from kdarch.train.tokenizer import BPETokenizer, Tokenizer, load_tokenizer
+
+DEFAULT_TEACHER = Stage("teacher", ModelSection("tiny", {"hidden_size": 384, "n_layers": 6, "n_heads": 6,
+                                                         "q_lora_rank": 128, "intermediate_size": 1024,
+                                                         "moe_intermediate_size": 192}),
+                        TrainSection(steps=100))
+"""The embedded default's teacher: the tiny preset widened to 384 and deepened to 6 layers (3x the parameters)."""
+DEFAULT_STUDENT = Stage("student", ModelSection("tiny"), TrainSection(steps=100))
+"""The embedded default's student: the tiny preset (MLA + 16-expert MoE + 1 MTP module)."""
+
+
+@dataclass
+class Data:
+    tokenizer: Tokenizer
+    train_NT: torch.Tensor
+    heldout_NT: torch.Tensor
+    seq_len: int
+
+
+def prepare_data(run: RunConfig, run_dir: Path, tokenizer_dir: Path | None = None, log=print) -> Data:
+    """Documents -> train / held-out split -> tokenizer (trained, given, or the teacher's) -> packed sequences.
+    The tokenizer is saved under run_dir/tokenizer and reused on resume."""
+    cfg = run.data
+    docs = load_documents(cfg.dataset, field=cfg.text_field)
+    train_docs, heldout_docs = split_documents(docs, cfg.heldout_fraction, cfg.split_seed)
+    saved = run_dir / "tokenizer"
+    if (saved / "tokenizer.json").exists():
+        tok = load_tokenizer(saved)
+    elif cfg.tokenizer == "bpe" and tokenizer_dir is not None and (tokenizer_dir / "tokenizer.json").exists():
+        tok = load_tokenizer(tokenizer_dir)
+        log(f"tokenizer: the teacher's ({tokenizer_dir})")
+    elif cfg.tokenizer == "bpe":
+        t0 = time.perf_counter()
+        tok = BPETokenizer.train(train_docs, cfg.vocab_size)
+        log(f"tokenizer: byte-level BPE, {tok.vocab_size} ids, trained on {len(train_docs)} documents in "
+            f"{time.perf_counter() - t0:.1f}s")
+    else:
+        tok = load_tokenizer(cfg.tokenizer)
+    if not (saved / "tokenizer.json").exists():
+        tok.save(saved)
+    data = Data(tok, pack(train_docs, tok, cfg.seq_len), pack(heldout_docs, tok, cfg.seq_len), cfg.seq_len)
+    log(f"data: {data.train_NT.numel():,} training tokens ({data.train_NT.shape[0]} x {cfg.seq_len}), "
+        f"{data.heldout_NT.numel():,} held-out tokens from {len(heldout_docs)} unseen documents")
+    return data
+
+
+def build_model(section: ModelSection, data: Data, seed: int) -> CausalLM:
+    cfg = section.build(data.tokenizer.vocab_size, data.seq_len)
+    cfg = cfg.replace(bos_token_id=data.tokenizer.bos_id, eos_token_id=data.tokenizer.eos_id)
+    set_seed(seed)
+    return CausalLM(cfg)
+
+
+@dataclass
+class StageRun:
+    name: str
+    model: CausalLM
+    rows: list[dict]
+    seconds: float
+    tokens: int
+    peak_memory_mb: float
+    directory: Path
+    teacher: str | None = None
+
+
+def run_stage(stage: Stage, data: Data, run_dir: Path, *, objective_for: Callable[[CausalLM], Objective] | None = None,
+              resume: bool = False, teacher: str | None = None, log=print) -> StageRun:
+    """Train one model (LM objective, or the objective `objective_for(model)` builds); save it with its tokenizer."""
+    model = build_model(stage.model, data, stage.train.seed)
+    objective = objective_for(model) if objective_for is not None else None
+    what = f"distilling from {teacher}" if teacher else "language modelling"
+    log(f"[{stage.name}] {model.config.num_params() / 1e6:.2f}M parameters "
+        f"({model.config.num_active_params() / 1e6:.2f}M active), {stage.train.steps} steps, {what}")
+    stage_dir = run_dir / stage.name
+    with PeakMemory() as mem:
+        res = train(model, stage.train, data.train_NT, stage_dir, objective=objective, resume=resume, name=stage.name)
+    final = stage_dir / "model"
+    save_pretrained(model, final)
+    data.tokenizer.save(final)
+    last = res.rows[-1] if res.rows else {}
+    log(f"[{stage.name}] done in {res.seconds:.0f}s, final training loss {last.get('loss', float('nan')):.3f}; "
+        f"model saved to {final}")
+    return StageRun(stage.name, model, res.rows, res.seconds, res.tokens, mem.peak_mb, final, teacher)
+
+
+def measure(run: StageRun, data: Data, *, eval_sequences: int, teacher_top1_NT: torch.Tensor | None) -> dict:
+    """The report row of one model."""
+    cfg = run.model.config
+    lookup = (lambda idx, ids: teacher_top1_NT[idx]) if teacher_top1_NT is not None else None
+    row = evaluate_lm(run.model, data.heldout_NT, max_sequences=eval_sequences, teacher_top1=lookup)
+    prompts = [data.heldout_NT[i, :16].tolist() for i in range(min(4, data.heldout_NT.shape[0]))]
+    row.update(generation_speed(run.model, prompts, new_tokens=48))
+    row.update(params_total=cfg.num_params(), params_active=cfg.num_active_params(),
+               kv_cache_bytes_per_token=cfg.kv_cache_bytes_per_token(latent=True),
+               peak_memory_mb=run.peak_memory_mb, train_seconds=run.seconds, train_tokens=run.tokens,
+               train_steps=len(run.rows) and run.rows[-1]["step"], model_dir=str(run.directory))
+    if run.teacher:
+        row["teacher"] = run.teacher
+    return row
+
+
+@torch.no_grad()
+def teacher_top1(teacher: Teacher, heldout_NT: torch.Tensor, eval_sequences: int, batch_size: int = 16) -> torch.Tensor:
+    """[N, T] the teacher's most likely next token at every held-out position (for top-1 agreement)."""
+    n = heldout_NT.shape[0] if not eval_sequences else min(eval_sequences, heldout_NT.shape[0])
+    rows = []
+    for s in range(0, n, batch_size):
+        idx = torch.arange(s, min(n, s + batch_size))
+        signal = teacher(heldout_NT[idx], idx).signal
+        if isinstance(signal, TopKTeacher):
+            rows.append(signal.ids.gather(-1, signal.values.argmax(-1, keepdim=True)).squeeze(-1).long())
+        else:
+            rows.append(signal.argmax(-1))
+    return torch.cat(rows)
+
+
+def prepare_run_dir(out: str | Path | None, resume: bool, prefix: str) -> Path:
+    """The run directory: `out`, or a fresh runs/<prefix>-<time>; an existing non-empty one needs --resume."""
+    if out is None:
+        out = Path("runs") / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+        while out.exists():
+            out = out.with_name(out.name + "x")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise FileExistsError(f"run directory {str(out)!r} is not empty; pass --resume to continue that run or "
+                              f"choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def stages_of(run: RunConfig) -> tuple[Stage, list[Stage]]:
+    """The teacher stage and the chain of students, with the embedded defaults where the config has none.
+    Stage train settings not given in the config come from [train] (then the defaults' step counts)."""
+    base = run.train
+    teacher = run.teacher or dataclasses.replace(DEFAULT_TEACHER, train=_with_steps(base, DEFAULT_TEACHER.train))
+    students = list(run.students) or [dataclasses.replace(DEFAULT_STUDENT, model=run.model if run.model != ModelSection()
+                                                          else DEFAULT_STUDENT.model,
+                                                          train=_with_steps(base, DEFAULT_STUDENT.train))]
+    return teacher, students
+
+
+def _with_steps(base: TrainSection, default: TrainSection) -> TrainSection:
+    """[train] as configured, but the default stage's step count when [train].steps was left at its default."""
+    return base if base.steps != TrainSection.steps else dataclasses.replace(base, steps=default.steps)
+
+
+def run_train(run: RunConfig, out: Path, *, resume: bool = False, log=print) -> dict:
+    """`kdarch train`: one model on the data with the LM objective; returns its report row."""
+    run.model.check_context(run.data.seq_len)
+    data = prepare_data(run, out, log=log)
+    stage = Stage("model", run.model, run.train)
+    res = run_stage(stage, data, out, resume=resume, log=log)
+    return measure(res, data, eval_sequences=run.train.eval_sequences, teacher_top1_NT=None)
+
+
+def check_cache_matches(cache: LogitCache, train_NT: torch.Tensor) -> None:
+    """A logit cache is indexed by packed training sequence: refuse one computed on other data up front."""
+    m = cache.manifest
+    if (m["num_sequences"], m["seq_len"]) != tuple(train_NT.shape) or \
+            m["input_ids_sha256"] != input_ids_sha256(train_NT):
+        raise ValueError(f"the logit cache {cache.path} was computed on other data ({m['num_sequences']} sequences x "
+                         f"{m['seq_len']} tokens) than this run's training data ({train_NT.shape[0]} x "
+                         f"{train_NT.shape[1]}, or the same shape with other tokens); write it with kdarch cache-teacher "
+                         "and the same [data] settings")
+
+
+def run_distill(run: RunConfig, out: Path, *, resume: bool = False, log=print) -> dict:
+    """`kdarch distill`: teacher (given, or trained here), the chain of distilled students, the scratch
+    baseline, evaluation of all of them on held-out text; writes report.json / report.md / plots; returns
+    the report."""
+    t_start = time.perf_counter()
+    dcfg, teacher_stage, students = run.distill, *stages_of(run)
+    for stage in ([] if dcfg.teacher else [teacher_stage]) + students:
+        stage.model.check_context(run.data.seq_len)
+    n_eval = run.train.eval_sequences
+    if dcfg.teacher:
+        tdir = Path(dcfg.teacher)
+        data = prepare_data(run, out, tokenizer_dir=tdir, log=log)
+        teacher = load_teacher(tdir, dtype=getattr(torch, dcfg.teacher_dtype))
+        teacher_run = None
+    else:
+        data = prepare_data(run, out, log=log)
+        teacher_run = run_stage(teacher_stage, data, out, resume=resume, log=log)
+        teacher = ModelTeacher(teacher_run.model, name=teacher_stage.name, fingerprint=data.tokenizer.fingerprint)
+    teacher.align_to(data.tokenizer.vocab_size, student_fingerprint=data.tokenizer.fingerprint)
+    if isinstance(teacher, CachedTeacher):
+        check_cache_matches(teacher.cache, data.train_NT)
+    # A logit cache covers the training sequences only: no agreement on held-out text then.
+    top1_NT = None if isinstance(teacher, CachedTeacher) else teacher_top1(teacher, data.heldout_NT, n_eval)
+    report: dict = {"teacher": {"name": teacher.name}}
+    if teacher_run is not None:
+        report["teacher"].update(measure(teacher_run, data, eval_sequences=n_eval, teacher_top1_NT=top1_NT))
+    elif isinstance(teacher, ModelTeacher):  # a given kdarch / Hugging Face model: scored from its logits
+        report["teacher"].update(evaluate_lm(teacher, data.heldout_NT, max_sequences=n_eval,
+                                             teacher_top1=lambda idx, ids: top1_NT[idx]))
+    chain, curves = [], {teacher_stage.name: teacher_run.rows} if teacher_run else {}
+    for stage in students:
+        res = run_stage(stage, data, out, resume=resume, teacher=teacher.name, log=log,
+                        objective_for=lambda m, t=teacher, st=stage: DistillObjective(t, m, dcfg, st.train.steps))
+        chain.append({"name": stage.name, **measure(res, data, eval_sequences=n_eval, teacher_top1_NT=top1_NT)})
+        curves[stage.name] = res.rows
+        teacher = ModelTeacher(res.model, name=stage.name, fingerprint=data.tokenizer.fingerprint)
+        teacher.align_to(data.tokenizer.vocab_size, student_fingerprint=data.tokenizer.fingerprint)
+    report["student"] = dict(chain[0])
+    if len(chain) > 1:
+        report["chain"] = chain
+    if run.scratch:
+        scratch = dataclasses.replace(students[0], name="scratch")
+        res = run_stage(scratch, data, out, resume=resume, log=log)
+        report["scratch"] = measure(res, data, eval_sequences=n_eval, teacher_top1_NT=top1_NT)
+        curves["scratch"] = res.rows
+    report["wall_seconds"] = time.perf_counter() - t_start
+    write_report(out, report, curves, run)
+    return report
+
+
+def log_to_stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

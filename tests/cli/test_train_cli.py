@@ -1,0 +1,199 @@
+"""The train script end to end on the debug preset: every command, the report, resume after SIGKILL, errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from kdarch.cli import main
+
+FAST = ["--model.preset", "debug", "--data.tokenizer", "bytes", "--data.seq_len", "32", "--train.batch_size", "4",
+        "--train.log_every", "1", "--train.eval_sequences", "4", "--train.progress", "false"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def small_corpus(tmp_path_factory):
+    """A 40 KB slice of the embedded corpus (12 documents), so that whole-dataset passes take seconds."""
+    from kdarch.train.data import embedded_corpus
+    corpus = tmp_path_factory.mktemp("corpus")
+    for i, doc in enumerate(embedded_corpus()[:12]):
+        (corpus / f"{i:02d}.txt").write_text(doc)
+    FAST.extend(["--data.dataset", str(corpus)])
+    yield corpus
+    del FAST[-2:]
+
+CHAIN = """
+[model]
+preset = "debug"
+[data]
+tokenizer = "bytes"
+seq_len = 32
+[train]
+steps = 3
+batch_size = 4
+warmup_steps = 1
+log_every = 1
+eval_sequences = 4
+progress = false
+[distill]
+alpha = "adaptive:0.9->0.2"
+temperature = "linear:2.0->1.0"
+top_k = 16
+feature_weight = 0.1
+relation_weight = 0.1
+[teacher]
+model = {preset = "debug", hidden_size = 96, n_heads = 6}
+train = {steps = 4}
+[[students]]
+name = "student"
+model = {preset = "debug"}
+[[students]]
+name = "student2"
+model = {preset = "debug", n_layers = 1, n_dense_layers = 1}
+"""
+
+MODEL_FIELDS = {"eval_loss", "perplexity", "top1_agreement", "params_total", "params_active",
+                "kv_cache_bytes_per_token", "generate_tokens_per_s", "peak_memory_mb"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train") / "run"
+    assert main(["train", "--out", str(out), "--train.steps", "3", *FAST]) == 0
+    return out
+
+
+def test_train_writes_a_model_metrics_and_checkpoint(trained, capsys):
+    model_dir = trained / "model" / "model"
+    assert (model_dir / "model.safetensors").is_file() and (model_dir / "tokenizer.json").is_file()
+    rows = [json.loads(x) for x in (trained / "model" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert (trained / "model" / "checkpoints" / "step_00000003" / "manifest.json").is_file()
+
+
+def test_eval_generate_convert(trained, tmp_path, capsys):
+    model_dir = str(trained / "model" / "model")
+    assert main(["eval", "--model", model_dir, "--seq-len", "32", "--max-sequences", "4", "--teacher", model_dir]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["eval_tokens"] == 4 * 31 and row["top1_agreement"] == 1.0 and row["perplexity"] > 1
+    assert main(["generate", "--model", model_dir, "--prompt", "The ", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.startswith("The ")
+    assert main(["generate", "--model", model_dir, "--prompt", "x", "--max-new-tokens", "4", "--speculative"]) == 0
+    hf = tmp_path / "hf"
+    assert main(["convert", model_dir, str(hf), "--to", "hf"]) == 0
+    assert json.loads((hf / "config.json").read_text())["model_type"] == "deepseek_v3"
+    assert (hf / "tokenizer.json").is_file()
+    back = tmp_path / "back"
+    assert main(["convert", str(hf), str(back), "--to", "kdarch"]) == 0
+    from kdarch.pretrained import from_pretrained
+    a, b = from_pretrained(model_dir), from_pretrained(back)
+    ids = torch.randint(0, 256, (1, 8))
+    torch.testing.assert_close(a(ids).logits, b(ids).logits)
+
+
+def test_cache_teacher_then_distill_from_the_cache(trained, tmp_path, capsys):
+    teacher = str(trained / "model" / "model")
+    cache = tmp_path / "cache"
+    data = ["--data.tokenizer", "bytes", "--data.seq_len", "32", *FAST[-2:]]
+    assert main(["cache-teacher", "--teacher", teacher, "--out", str(cache), "--k", "8", "--shard-size", "4096",
+                 "--batch-size", "64", *data]) == 0
+    info = json.loads(capsys.readouterr().out.split("\ndistill from it")[0])
+    assert info["k"] == 8 and 0 < info["bytes_per_token"] < 100
+    out = tmp_path / "student"
+    assert main(["distill", "--out", str(out), "--distill.teacher", str(cache), "--train.steps", "2", *FAST]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["teacher"]["name"].startswith("CausalLM@")  # the id recorded in the cache's manifest
+    # A cache covers the training sequences only: no held-out evaluation or agreement for it.
+    assert "eval_loss" not in report["teacher"] and "top1_agreement" not in report["student"]
+    assert MODEL_FIELDS - {"top1_agreement"} <= set(report["student"]) & set(report["scratch"])
+    # The cache refuses data it was not computed on.
+    assert main(["distill", "--out", str(tmp_path / "other"), "--distill.teacher", str(cache), "--train.steps", "1",
+                 *FAST, "--data.seq_len", "16"]) == 2
+    assert "was computed on other data (1252 sequences x 32 tokens)" in capsys.readouterr().err
+
+
+def test_distill_chain_report(tmp_path, capsys):
+    cfg = tmp_path / "chain.toml"
+    cfg.write_text(CHAIN)
+    out = tmp_path / "run"
+    assert main(["distill", "--config", str(cfg), "--out", str(out), *FAST[-2:]]) == 0
+    printed = capsys.readouterr().out
+    assert f"report: {out / 'report.json'}" in printed
+    report = json.loads((out / "report.json").read_text())
+    for key in ("teacher", "student", "scratch"):
+        assert MODEL_FIELDS <= set(report[key]), key
+    assert report["teacher"]["top1_agreement"] == 1.0
+    assert [r["name"] for r in report["chain"]] == ["student", "student2"]
+    assert report["chain"][1]["teacher"] == "student"
+    s, b, t = (report[k]["eval_loss"] for k in ("student", "scratch", "teacher"))
+    assert report["gap_closed"] == pytest.approx((b - s) / (b - t))
+    assert report["student"]["params_total"] == report["scratch"]["params_total"]
+    assert report["student"]["train_tokens"] == report["scratch"]["train_tokens"]
+    assert (out / "report.md").read_text().startswith("# kdarch distillation report")
+    assert (out / "config.toml").is_file()
+    rows = [json.loads(x) for x in (out / "student" / "metrics.jsonl").read_text().splitlines()]
+    assert {"kd_loss", "soft", "alpha", "temperature", "feature_loss", "relation_loss", "mtp_kd_loss"} <= set(rows[0])
+    assert rows[0]["temperature"] == 2.0 and rows[-1]["temperature"] < 2.0
+    # Finished stages are not retrained on --resume; a non-empty run directory needs it.
+    assert main(["distill", "--config", str(cfg), "--out", str(out), *FAST[-2:]]) == 2
+    assert "pass --resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["train", "--data.dataset", "/no/such/file.txt"], "does not exist"),
+    (["train", "--data.seq_len", "4096"], "exceeds the model's context"),
+    (["train", "--train.lr", "-1"], "train.lr: expected > 0"),
+    (["distill", "--distill.teacher", "/no/such/dir"], "is not a teacher"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, capsys, args, needle):
+    assert main([*args[:1], "--out", str(tmp_path / "o"), *FAST, *args[1:]]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def test_tiny_dataset_and_vocab_mismatch(trained, tmp_path, capsys):
+    small = tmp_path / "small.txt"
+    small.write_text("too short")
+    assert main(["train", "--out", str(tmp_path / "a"), *FAST, "--data.dataset", str(small)]) == 2
+    assert "but one sequence needs seq_len = 32" in capsys.readouterr().err
+    # The teacher was trained on bytes; a student with a BPE vocabulary speaks another tokenizer.
+    from kdarch.train.data import embedded_corpus
+    from kdarch.train.tokenizer import BPETokenizer
+    BPETokenizer.train(embedded_corpus()[:5], 400).save(tmp_path / "bpe")
+    assert main(["distill", "--out", str(tmp_path / "b"), *FAST, "--data.tokenizer", str(tmp_path / "bpe"),
+                 "--distill.teacher", str(trained / "model" / "model")]) == 2
+    err = capsys.readouterr().err
+    assert "fingerprint" in err and "Traceback" not in err
+
+
+def _run(args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "kdarch", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_resume_after_sigkill_reproduces_the_losses(tmp_path):
+    args = ["train", *FAST, "--train.steps", "40", "--train.checkpoint_every", "5", "--train.keep_last", "2"]
+    straight = _run([*args, "--out", str(tmp_path / "a")])
+    killed = _run([*args, "--out", str(tmp_path / "b")])
+    ckpts = tmp_path / "b" / "model" / "checkpoints"
+    deadline = time.time() + 240
+    while not (ckpts / "step_00000010").is_dir():
+        assert killed.poll() is None and time.time() < deadline, killed.stderr.read() if killed.poll() else "timeout"
+        time.sleep(0.01)
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert not (ckpts / "step_00000040").exists(), "the run finished before it could be killed"
+    resumed = _run([*args, "--out", str(tmp_path / "b"), "--resume"])
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    assert straight.wait(timeout=300) == 0, straight.stderr.read()
+    assert "resumed from" in resumed.stderr.read()
+
+    def losses(run):
+        return [(r["step"], r["loss"], r["grad_norm"])
+                for r in map(json.loads, (tmp_path / run / "model" / "metrics.jsonl").read_text().splitlines())]
+    assert losses("b") == losses("a")
+    assert [s for s, _, _ in losses("a")] == list(range(1, 41))

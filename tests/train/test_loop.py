@@ -1,0 +1,98 @@
+import json
+import warnings
+
+import pytest
+import torch
+
+from kdarch import CausalLM, get_preset
+from kdarch.train.config import TrainSection
+from kdarch.train.loop import LMObjective, StepLoss, TrainingError, build_optimizer, train
+
+
+def data(n=64, t=32, v=256, seed=0):
+    # A learnable stream: repeated byte patterns, so the loss must fall within a few steps.
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randint(0, v, (8, t), generator=g)
+    return base[torch.randint(0, 8, (n,), generator=g)]
+
+
+def model(seed=0):
+    torch.manual_seed(seed)
+    return CausalLM(get_preset("debug"))
+
+
+def cfg(**kw):
+    return TrainSection(**{"steps": 6, "batch_size": 4, "lr": 3e-3, "warmup_steps": 1, "log_every": 1,
+                           "checkpoint_every": 0, "progress": False, **kw})
+
+
+def test_loss_falls_and_metrics_are_written(tmp_path):
+    res = train(model(), cfg(steps=12), data(), tmp_path)
+    losses = [r["loss"] for r in res.rows]
+    assert losses[-1] < losses[0] - 0.5
+    assert res.tokens == 12 * 4 * 32 and res.bad_steps == 0
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 13)) and rows == res.rows
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"step", "loss", "lm_loss", "mtp_loss", "lr", "grad_norm", "tokens_per_s",
+            "expert_load_max_over_mean"} <= set(header)
+    assert res.checkpoint is not None and res.checkpoint.name == "step_00000012"
+
+
+def test_warmup_cosine_schedule():
+    opt, sched = build_optimizer(list(model().named_parameters()), cfg(steps=10, warmup_steps=2, min_lr_ratio=0.1))
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(1.5e-3) and lrs[1] == pytest.approx(3e-3)
+    assert lrs[2:] == sorted(lrs[2:], reverse=True) and lrs[-1] > 3e-4
+    assert opt.param_groups[1]["weight_decay"] == 0.0  # norms and embeddings are not decayed
+    assert all(p.dim() == 1 or p.dim() >= 2 for p in opt.param_groups[1]["params"])
+
+
+def test_grad_accumulation_equals_the_big_batch(tmp_path):
+    """grad_accum=2 x batch 2 sees the same 4 sequences as batch 4 (same permutation) and normalises over
+    all their tokens: the step's (clipped) gradients agree. (Not the weights: Adam's first update is
+    lr * g / (|g| + eps), which turns rounding noise on near-zero gradients into +-lr.)"""
+    a, b = model(), model()
+    ra = train(a, cfg(steps=1, batch_size=4), data(), tmp_path / "a")
+    rb = train(b, cfg(steps=1, batch_size=2, grad_accum=2), data(), tmp_path / "b")
+    assert ra.rows[0]["loss"] == pytest.approx(rb.rows[0]["loss"], rel=1e-6)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+class FlakyObjective(LMObjective):
+    """The LM loss, but NaN on chosen calls."""
+
+    def __init__(self, bad_calls):
+        self.bad, self.calls = set(bad_calls), 0
+
+    def __call__(self, m, idx, ids, progress):
+        self.calls += 1
+        res = super().__call__(m, idx, ids, progress)
+        return StepLoss(res.loss * float("nan"), res.metrics) if self.calls in self.bad else res
+
+
+def test_non_finite_steps_are_skipped_then_stop(tmp_path):
+    m = model()
+    with pytest.warns(UserWarning, match="step 2 skipped \\(non-finite loss"):
+        res = train(m, cfg(steps=5), data(), tmp_path / "a", objective=FlakyObjective({2}))
+    assert res.bad_steps == 1 and all(torch.isfinite(p).all() for p in m.parameters())
+    assert [r["skipped_steps"] for r in res.rows] == [0, 1, 1, 1]  # step 2 was not logged
+    with warnings.catch_warnings(), pytest.raises(TrainingError, match=r"3 steps skipped .*max_bad_steps=2"):
+        warnings.simplefilter("ignore")
+        train(model(), cfg(steps=6, max_bad_steps=2), data(), tmp_path / "b", objective=FlakyObjective({1, 2, 3}))
+
+
+def test_resume_in_process_reproduces_the_losses(tmp_path):
+    straight = train(model(), cfg(steps=8), data(), tmp_path / "a")
+    first = train(model(), cfg(steps=8, checkpoint_every=3), data(), tmp_path / "b")
+    # Throw away everything after step 6's checkpoint, as if the run had died there.
+    import shutil
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step_00000008")
+    resumed = train(model(seed=1), cfg(steps=8, checkpoint_every=3), data(), tmp_path / "b", resume=True)
+    assert [r["loss"] for r in resumed.rows] == [r["loss"] for r in straight.rows] == [r["loss"] for r in first.rows]
+    assert [r["step"] for r in resumed.rows] == list(range(1, 9))

@@ -1,0 +1,66 @@
+"""The arithmetic (sequence-level) distillation run, with tiny stages and the teacher's writing simulated."""
+import json
+
+import pytest
+
+from kdarch.train import arithmetic as ar
+from kdarch.train import reasoning
+from kdarch.train.config import ModelSection, RunConfig, Stage, TrainSection
+from kdarch.train.tokenizer import ByteTokenizer
+
+
+class ScriptedModel:
+    """Stands in for a model in `solve`: 'generates' the reference solution of each prompt."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def eval(self):
+        return self
+
+    def generate(self, prompts, max_new_tokens, eos_token_id):
+        out = []
+        for ids in prompts:
+            expr = self.tok.decode(ids)[len("Q: "):].strip()
+            new = self.tok.encode(ar.solution(ar.Problem.from_expression(expr)))
+            assert new[-1] == eos_token_id and len(new) <= max_new_tokens
+            out.append(new)
+        return out
+
+
+def test_solve_encodes_prompts_and_decodes_completions():
+    tok = ByteTokenizer()
+    problems = ar.generate_problems(7, seed=5)
+    assert reasoning.solve(ScriptedModel(tok), problems, tok, batch=3) == [ar.solution(p) for p in problems]
+
+
+def test_arithmetic_run_reports_exact_match(tmp_path, monkeypatch):
+    def half_right(model, problems, tok, batch=100):
+        # Even problems solved correctly, odd ones with a wrong final answer: curation keeps half.
+        return [ar.solution(p) if i % 2 == 0 else ar.solution(p).replace("A: ", "A: 1") for i, p in enumerate(problems)]
+
+    monkeypatch.setattr(reasoning, "solve", half_right)
+    monkeypatch.setattr(reasoning, "N_CURATE", 40)
+    train = TrainSection(steps=2, batch_size=4, log_every=1, eval_sequences=4, progress=False, warmup_steps=1)
+    run = RunConfig(train=train, teacher=Stage("teacher", ModelSection("debug", {"hidden_size": 96, "n_heads": 6}),
+                                               train),
+                    students=(Stage("student", ModelSection("debug"), train),))
+    report = reasoning.run_arithmetic(run, tmp_path, log=lambda *_: None)
+    assert report["arithmetic"]["curation"] == {"total": 40, "correct": 20, "valid_steps": 20, "kept": 20}
+    for key in ("teacher", "student", "scratch"):
+        assert report["arithmetic"][key]["exact_match"] == 0.5
+        assert {"eval_loss", "top1_agreement", "params_total"} <= set(report[key])
+    assert report["student"]["train_tokens"] == report["scratch"]["train_tokens"]
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert on_disk["arithmetic"]["curation"]["kept"] == 20
+    assert "Reasoning distillation (arithmetic)" in (tmp_path / "report.md").read_text()
+
+
+def test_a_teacher_that_solves_nothing_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(reasoning, "solve", lambda model, problems, tok, batch=100: ["A: ?$"] * len(problems))
+    monkeypatch.setattr(reasoning, "N_CURATE", 10)
+    train = TrainSection(steps=1, batch_size=4, progress=False)
+    run = RunConfig(train=train, teacher=Stage("teacher", ModelSection("debug"), train),
+                    students=(Stage("student", ModelSection("debug"), train),))
+    with pytest.raises(RuntimeError, match="solved none of the curation problems"):
+        reasoning.run_arithmetic(run, tmp_path, log=lambda *_: None)
