@@ -14,13 +14,17 @@ import dataclasses
 import functools
 import inspect
 import json
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kdarch.config import PRESETS, ConfigError, ModelConfig, get_preset
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 DTYPES = ("float32", "bfloat16")
 

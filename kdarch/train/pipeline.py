@@ -31,11 +31,12 @@ from kdarch.train.objective import DistillObjective
 from kdarch.train.report import write_report
 from kdarch.train.tokenizer import BPETokenizer, Tokenizer, load_tokenizer
 
-DEFAULT_TEACHER = Stage("teacher", ModelSection("tiny", {"hidden_size": 384, "n_layers": 6, "n_heads": 6,
-                                                         "q_lora_rank": 128, "intermediate_size": 1024,
-                                                         "moe_intermediate_size": 192}),
-                        TrainSection(steps=100))
-"""The embedded default's teacher: the tiny preset widened to 384 and deepened to 6 layers (3x the parameters)."""
+DEFAULT_TEACHER = Stage("teacher", ModelSection("tiny", {"n_layers": 6, "n_routed_experts": 32}),
+                        TrainSection(steps=180))
+"""The embedded default's teacher: the tiny preset deepened to 6 layers with 32 routed experts (2.5x the
+student's parameters, 1.4x its active parameters), trained on 1.8x the student's tokens. On two CPU cores a
+wider dense teacher learns less per second: what makes the teacher better than the student is its capacity
+and its longer training within the same minutes."""
 DEFAULT_STUDENT = Stage("student", ModelSection("tiny"), TrainSection(steps=100))
 """The embedded default's student: the tiny preset (MLA + 16-expert MoE + 1 MTP module)."""
 
