@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -252,9 +252,15 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _check(ok: bool, name: str, expected: str) -> None:
+def require(ok: bool, name: str, expected: str) -> None:
+    """Raise ConfigError("<name>: expected <expected>") unless ok: the one way every kdarch config reports a bad
+    value (ModelConfig, the train script's sections, ArithmeticConfig)."""
     if not ok:
-        raise ConfigError(f"ModelConfig.{name}: expected {expected}")
+        raise ConfigError(f"{name}: expected {expected}")
+
+
+def _check(ok: bool, name: str, expected: str) -> None:
+    require(ok, f"ModelConfig.{name}", expected)
 
 
 # --- presets ------------------------------------------------------------------------------------

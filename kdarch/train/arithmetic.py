@@ -42,7 +42,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable, NamedTuple, Sequence
 
-from kdarch.config import ConfigError
+from kdarch.config import require
 
 OPERATORS = "+-*"
 """Every operator the task knows (ASCII: '-' is minus, '*' is times)."""
@@ -96,8 +96,7 @@ class ArithmeticConfig:
 
 
 def _check(ok: bool, name: str, expected: str) -> None:
-    if not ok:
-        raise ConfigError(f"ArithmeticConfig.{name}: expected {expected}")
+    require(ok, f"ArithmeticConfig.{name}", expected)
 
 
 class Step(NamedTuple):

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdarch.config import PRESETS, ConfigError, ModelConfig, get_preset
+from kdarch.config import PRESETS, ConfigError, ModelConfig, get_preset, require
 
 try:
     import tomllib
@@ -27,11 +27,6 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 DTYPES = ("float32", "bfloat16")
-
-
-def _require(ok: bool, name: str, expected: str) -> None:
-    if not ok:
-        raise ConfigError(f"{name}: expected {expected}")
 
 
 @dataclass(frozen=True)
@@ -43,10 +38,10 @@ class ModelSection:
     """ModelConfig fields replacing the preset's (in TOML: keys of [model] other than preset)."""
 
     def __post_init__(self):
-        _require(self.preset in PRESETS, "model.preset", f"one of {sorted(PRESETS)}, got {self.preset!r}")
+        require(self.preset in PRESETS, "model.preset", f"one of {sorted(PRESETS)}, got {self.preset!r}")
         known = {f.name for f in dataclasses.fields(ModelConfig)}
         unknown = sorted(set(self.overrides) - known)
-        _require(not unknown, "model", f"ModelConfig fields, got unknown {unknown}")
+        require(not unknown, "model", f"ModelConfig fields, got unknown {unknown}")
 
     def check_context(self, seq_len: int) -> None:
         """Training sequences of seq_len tokens must fit the model's context (checked before any work)."""
@@ -86,9 +81,9 @@ class DataSection:
     """Seed of the train / held-out document split."""
 
     def __post_init__(self):
-        _require(self.vocab_size >= 300, "data.vocab_size", f"an int >= 300, got {self.vocab_size}")
-        _require(self.seq_len >= 8, "data.seq_len", f"an int >= 8, got {self.seq_len}")
-        _require(0 < self.heldout_fraction < 0.5, "data.heldout_fraction", f"a float in (0, 0.5), got "
+        require(self.vocab_size >= 300, "data.vocab_size", f"an int >= 300, got {self.vocab_size}")
+        require(self.seq_len >= 8, "data.seq_len", f"an int >= 8, got {self.seq_len}")
+        require(0 < self.heldout_fraction < 0.5, "data.heldout_fraction", f"a float in (0, 0.5), got "
                  f"{self.heldout_fraction}")
 
 
@@ -141,14 +136,14 @@ class TrainSection:
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "log_every", "keep_last", "max_bad_steps"):
-            _require(getattr(self, name) >= 1, f"train.{name}", f"an int >= 1, got {getattr(self, name)}")
+            require(getattr(self, name) >= 1, f"train.{name}", f"an int >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "eval_every", "eval_sequences", "checkpoint_every", "threads", "weight_decay",
                      "grad_clip"):
-            _require(getattr(self, name) >= 0, f"train.{name}", f"a value >= 0, got {getattr(self, name)}")
-        _require(self.lr > 0, "train.lr", f"> 0, got {self.lr}")
-        _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", f"a value in [0, 1], got {self.min_lr_ratio}")
-        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1/beta2", "values in [0, 1)")
-        _require(self.dtype in DTYPES, "train.dtype", f"one of {DTYPES}, got {self.dtype!r}")
+            require(getattr(self, name) >= 0, f"train.{name}", f"a value >= 0, got {getattr(self, name)}")
+        require(self.lr > 0, "train.lr", f"> 0, got {self.lr}")
+        require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", f"a value in [0, 1], got {self.min_lr_ratio}")
+        require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1/beta2", "values in [0, 1)")
+        require(self.dtype in DTYPES, "train.dtype", f"one of {DTYPES}, got {self.dtype!r}")
 
 
 @dataclass(frozen=True)
@@ -186,15 +181,15 @@ class DistillSection:
     """Relations among the tokens of each sequence ("tokens") or among the sequences of a batch ("samples")."""
 
     def __post_init__(self):
-        _require(self.teacher_dtype in DTYPES, "distill.teacher_dtype", f"one of {DTYPES}")
-        _require(self.top_k >= 0, "distill.top_k", f"an int >= 0, got {self.top_k}")
-        _require(self.feature_weight >= 0 and self.relation_weight >= 0, "distill.feature_weight/relation_weight",
+        require(self.teacher_dtype in DTYPES, "distill.teacher_dtype", f"one of {DTYPES}")
+        require(self.top_k >= 0, "distill.top_k", f"an int >= 0, got {self.top_k}")
+        require(self.feature_weight >= 0 and self.relation_weight >= 0, "distill.feature_weight/relation_weight",
                  "weights >= 0")
-        _require(self.feature_loss in ("mse", "cosine"), "distill.feature_loss", '"mse" or "cosine"')
-        _require(self.relation_over in ("tokens", "samples"), "distill.relation_over", '"tokens" or "samples"')
-        _require(self.relation_kind in ("rkd_distance", "rkd_angle", "similarity"), "distill.relation_kind",
+        require(self.feature_loss in ("mse", "cosine"), "distill.feature_loss", '"mse" or "cosine"')
+        require(self.relation_over in ("tokens", "samples"), "distill.relation_over", '"tokens" or "samples"')
+        require(self.relation_kind in ("rkd_distance", "rkd_angle", "similarity"), "distill.relation_kind",
                  '"rkd_distance", "rkd_angle" or "similarity"')
-        _require(all(isinstance(w, (int, float)) and w >= 0 for w in self.mtp_depth_weights),
+        require(all(isinstance(w, (int, float)) and w >= 0 for w in self.mtp_depth_weights),
                  "distill.mtp_depth_weights", "a list of numbers >= 0")
 
 
@@ -317,7 +312,7 @@ def load_run_config(path: str | Path | None = None, overrides: dict[str, Any] | 
     chain = tuple(_stage(s, f"students[{i}]", sections["train"], f"student{i + 1}" if i else "student")
                   for i, s in enumerate(students))
     scratch = raw.get("scratch", True)
-    _require(isinstance(scratch, bool), "scratch", "true or false")
+    require(isinstance(scratch, bool), "scratch", "true or false")
     return RunConfig(**sections, teacher=teacher, students=chain, scratch=scratch)
 
 
@@ -359,7 +354,7 @@ def add_config_flags(parser, sections: tuple[str, ...] = tuple(SECTIONS)) -> Non
         if name == "model":
             group.add_argument("--model.preset", dest="cfg:model.preset", metavar="NAME",
                                help=f"{field_docs(ModelSection)['preset']} One of {sorted(PRESETS)}.")
-            cls, skip = ModelConfig, {"vocab_size"}
+            cls, skip = ModelConfig, {"vocab_size", "bos_token_id", "eos_token_id"}  # set from the tokenizer
         else:
             cls, skip = SECTIONS[name], set()
         hints = typing.get_type_hints(cls)

@@ -42,9 +42,10 @@ def _logits(model, ids_BT: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_lm(model, heldout_NT: torch.Tensor, *, batch_size: int = 16, max_sequences: int = 0,
-                teacher_top1: TopOneFn | None = None) -> dict[str, float]:
+                teacher_top1: TopOneFn | None = None, pad_id: int | None = None) -> dict[str, float]:
     """eval_loss (mean next-token CE over held-out tokens), perplexity and, with a teacher, top1_agreement.
-    `model`: a kdarch model, or a `kdarch.distill` teacher giving dense logits (e.g. a Hugging Face model)."""
+    `model`: a kdarch model, or a `kdarch.distill` teacher giving dense logits (e.g. a Hugging Face model).
+    `pad_id`: padding of one-document-per-row data, never a target."""
     if heldout_NT.dim() != 2 or heldout_NT.shape[0] == 0 or heldout_NT.shape[1] < 2:
         raise ValueError(f"evaluate_lm: expected held-out sequences [N >= 1, T >= 2], got {tuple(heldout_NT.shape)}")
     module = model if isinstance(model, torch.nn.Module) else None
@@ -54,10 +55,12 @@ def evaluate_lm(model, heldout_NT: torch.Tensor, *, batch_size: int = 16, max_se
     nll, count, agree = 0.0, 0, 0
     for idx, ids in _batches(heldout_NT, batch_size, max_sequences):
         logits = _logits(model, ids)[:, :-1].float()
-        nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
-        count += ids[:, 1:].numel()
+        target = ids[:, 1:] if pad_id is None else ids[:, 1:].masked_fill(ids[:, 1:] == pad_id, -100)
+        nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum").item()
+        valid = target != -100
+        count += int(valid.sum())
         if teacher_top1 is not None:
-            agree += (logits.argmax(-1) == teacher_top1(idx, ids)[:, :-1]).sum().item()
+            agree += ((logits.argmax(-1) == teacher_top1(idx, ids)[:, :-1]) & valid).sum().item()
     if module is not None:
         module.train(was_training)
     loss = nll / count

@@ -65,19 +65,33 @@ class Objective(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
+def labels_for(ids_BT: torch.Tensor, pad_id: int | None) -> torch.Tensor:
+    """The labels of a batch (HF convention: the ids, shifted inside the model), padding ignored (-100)."""
+    return ids_BT if pad_id is None else ids_BT.masked_fill(ids_BT == pad_id, -100)
+
+
+def count_targets(ids_BT: torch.Tensor, pad_id: int | None) -> int:
+    """Next-token targets of a batch: every position but the first, minus padding."""
+    return int((labels_for(ids_BT, pad_id)[:, 1:] != -100).sum())
+
+
 class LMObjective:
-    """Next-token cross-entropy + the model's MTP and balance losses (training a teacher or a scratch student)."""
+    """Next-token cross-entropy + the model's MTP and balance losses (training a teacher or a scratch student).
+    pad_id: a token id that only pads rows (one document per row) and is never a target."""
     modules: dict[str, nn.Module] = {}
 
+    def __init__(self, pad_id: int | None = None):
+        self.pad_id = pad_id
+
     def __call__(self, model, indices_B, ids_BT, progress):
-        out = model(ids_BT, labels=ids_BT, return_logits=False)
+        out = model(ids_BT, labels=labels_for(ids_BT, self.pad_id), return_logits=False)
         metrics = {"lm_loss": out.lm_loss.item()}
         if out.mtp_loss is not None:
             metrics["mtp_loss"] = out.mtp_loss.item()
         return StepLoss(out.loss, metrics)
 
     def target_tokens(self, ids_BT):
-        return ids_BT.shape[0] * (ids_BT.shape[1] - 1)
+        return count_targets(ids_BT, self.pad_id)
 
     def state_dict(self):
         return {}

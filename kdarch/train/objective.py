@@ -19,7 +19,7 @@ from kdarch.distill.schedules import KDSchedule
 from kdarch.distill.teacher_signal import TopKTeacher
 from kdarch.distill.teachers import ModelTeacher, Teacher
 from kdarch.train.config import DistillSection
-from kdarch.train.loop import NonFiniteError, StepLoss
+from kdarch.train.loop import NonFiniteError, StepLoss, count_targets, labels_for
 
 RELATION_KINDS = {"rkd_distance": "distance", "rkd_angle": "angle", "similarity": "sp"}
 
@@ -33,8 +33,9 @@ def _finite(signal) -> bool:
 class DistillObjective:
     """Loss of a student against `teacher` (a kdarch.distill Teacher, aligned to the student's vocabulary)."""
 
-    def __init__(self, teacher: Teacher, student: nn.Module, cfg: DistillSection, total_steps: int):
-        self.teacher, self.cfg, self.total_steps = teacher, cfg, total_steps
+    def __init__(self, teacher: Teacher, student: nn.Module, cfg: DistillSection, total_steps: int, *,
+                 pad_id: int | None = None):
+        self.teacher, self.cfg, self.total_steps, self.pad_id = teacher, cfg, total_steps, pad_id
         self.schedule = KDSchedule(alpha=cfg.alpha, temperature=cfg.temperature)
         scfg = student.config
         self.modules: dict[str, nn.Module] = {}
@@ -56,7 +57,7 @@ class DistillObjective:
                              f"got {len(self.depth_weights)}")
 
     def target_tokens(self, ids_BT: torch.Tensor) -> int:
-        return ids_BT.shape[0] * (ids_BT.shape[1] - 1)
+        return count_targets(ids_BT, self.pad_id)
 
     def __call__(self, model, indices_B, ids_BT, progress: float) -> StepLoss:
         cfg = self.cfg
@@ -71,7 +72,7 @@ class DistillObjective:
         alpha, temperature = self.schedule.at(step, self.total_steps)
         out = model(ids_BT, output_hidden_states=need_hidden, output_mtp_hidden_states=cfg.mtp, return_logits=False)
         res = multi_token_kd_loss(out.last_hidden_state, (out.mtp_hidden_states or []) if cfg.mtp else [],
-                                  model.head.weight, ids_BT, signal, depth_weights=self.depth_weights,
+                                  model.head.weight, labels_for(ids_BT, self.pad_id), signal, depth_weights=self.depth_weights,
                                   mtp_weight=self.mtp_weight, kind=cfg.kind, temperature=temperature, alpha=alpha,
                                   beta=cfg.beta)
         loss = res.total

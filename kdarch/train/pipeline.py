@@ -47,6 +47,8 @@ class Data:
     train_NT: torch.Tensor
     heldout_NT: torch.Tensor
     seq_len: int
+    pad_id: int | None = None
+    """Set when rows hold one document each, padded: padding is then never a target."""
 
 
 def prepare_data(run: RunConfig, run_dir: Path, tokenizer_dir: Path | None = None, log=print) -> Data:
@@ -119,7 +121,8 @@ def measure(run: StageRun, data: Data, *, eval_sequences: int, teacher_top1_NT: 
     """The report row of one model."""
     cfg = run.model.config
     lookup = (lambda idx, ids: teacher_top1_NT[idx]) if teacher_top1_NT is not None else None
-    row = evaluate_lm(run.model, data.heldout_NT, max_sequences=eval_sequences, teacher_top1=lookup)
+    row = evaluate_lm(run.model, data.heldout_NT, max_sequences=eval_sequences, teacher_top1=lookup,
+                      pad_id=data.pad_id)
     prompts = [data.heldout_NT[i, :16].tolist() for i in range(min(4, data.heldout_NT.shape[0]))]
     row.update(generation_speed(run.model, prompts, new_tokens=48))
     row.update(params_total=cfg.num_params(), params_active=cfg.num_active_params(),

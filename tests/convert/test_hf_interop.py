@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import AutoModelForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
 
 import kdarch  # noqa: E402
-from kdarch import ConfigError, ModelConfig, get_preset  # noqa: E402
+from kdarch import ConfigError, get_preset  # noqa: E402
 from kdarch.convert.hf import hf_config_to_kdarch, kdarch_config_to_hf, to_hf_model  # noqa: E402
 
 ATOL = RTOL = 1e-5

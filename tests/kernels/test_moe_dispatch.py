@@ -18,7 +18,6 @@ from kdarch.kernels.moe_ref import moe_ffn_ref, routing_metadata_ref
 from kdarch.kernels.testing import (MOE_CASE_IDS, MOE_CASES, MOE_GRAD_NAMES, fwd_bwd, make_ids, make_inputs,
                                     moe_ffn_lowp)
 from kdarch.kernels.testing import max_rel_err as rel_err
-from kdarch.ops import backend as ops_backend
 from kdarch.ops import moe_triton as mt
 from kdarch.ops.moe import moe_ffn_torch
 

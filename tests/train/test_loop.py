@@ -96,3 +96,14 @@ def test_resume_in_process_reproduces_the_losses(tmp_path):
     resumed = train(model(seed=1), cfg(steps=8, checkpoint_every=3), data(), tmp_path / "b", resume=True)
     assert [r["loss"] for r in resumed.rows] == [r["loss"] for r in straight.rows] == [r["loss"] for r in first.rows]
     assert [r["step"] for r in resumed.rows] == list(range(1, 9))
+
+
+def test_padding_is_never_a_target():
+    m, pad = model(), 255
+    ids = data(n=3, t=10)
+    ids[0, 6:] = pad
+    ids[2, 3:] = pad
+    obj = LMObjective(pad_id=pad)
+    assert obj.target_tokens(ids) == 5 + 9 + 2 and LMObjective().target_tokens(ids) == 27
+    manual = ids.masked_fill(ids == pad, -100)
+    torch.testing.assert_close(obj(m, None, ids, 0.0).loss, m(ids, labels=manual).loss)
