@@ -68,6 +68,7 @@ class FlakyObjective(LMObjective):
     """The LM loss, but NaN on chosen calls."""
 
     def __init__(self, bad_calls):
+        super().__init__()
         self.bad, self.calls = set(bad_calls), 0
 
     def __call__(self, m, idx, ids, progress):
