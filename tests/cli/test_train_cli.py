@@ -197,3 +197,13 @@ def test_resume_after_sigkill_reproduces_the_losses(tmp_path):
                 for r in map(json.loads, (tmp_path / run / "model" / "metrics.jsonl").read_text().splitlines())]
     assert losses("b") == losses("a")
     assert [s for s, _, _ in losses("a")] == list(range(1, 41))
+
+
+@pytest.mark.parametrize("precision", [["--train.dtype", "bfloat16"], ["--model.fp8", "true"]])
+def test_train_in_bf16_and_fp8(tmp_path, precision):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--train.steps", "3", *FAST, *precision]) == 0
+    rows = [json.loads(x) for x in (out / "model" / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows) and rows[-1]["skipped_steps"] == 0
+    from kdarch.pretrained import from_pretrained
+    assert from_pretrained(out / "model" / "model").config.fp8 == ("--model.fp8" in precision)
