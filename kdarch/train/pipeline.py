@@ -168,8 +168,7 @@ def stages_of(run: RunConfig) -> tuple[Stage, list[Stage]]:
     Stage train settings not given in the config come from [train] (then the defaults' step counts)."""
     base = run.train
     teacher = run.teacher or dataclasses.replace(DEFAULT_TEACHER, train=_with_steps(base, DEFAULT_TEACHER.train))
-    students = list(run.students) or [dataclasses.replace(DEFAULT_STUDENT, model=run.model if run.model != ModelSection()
-                                                          else DEFAULT_STUDENT.model,
+    students = list(run.students) or [dataclasses.replace(DEFAULT_STUDENT, model=run.model,  # [model]: tiny by default
                                                           train=_with_steps(base, DEFAULT_STUDENT.train))]
     return teacher, students
 
