@@ -85,9 +85,12 @@ def run_arithmetic(run: RunConfig, out: Path, *, resume: bool = False, log=print
     student_stage = _stage(run.students, DEFAULT_STUDENT, run.train)
     cfg, tok = TASK, ByteTokenizer()
     tok.save(out / "tokenizer")
+    # Test and curation problems are drawn before the teacher's (unique) training problems, which exhaust the
+    # small space of two-operation problems: drawn after them, the curation set would hold almost only
+    # three-operation problems and the student would never see a two-step solution.
     test = ar.generate_problems(N_TEST, cfg, seed=1)
-    learn = ar.generate_problems(N_TEACHER, cfg, seed=2, exclude=test)
-    fresh = ar.generate_problems(N_CURATE, cfg, seed=3, exclude=test + learn)
+    fresh = ar.generate_problems(N_CURATE, cfg, seed=3, exclude=test)
+    learn = ar.generate_problems(N_TEACHER, cfg, seed=2, exclude=test + fresh)
     heldout_NT = rows([ar.sample_text(p) for p in test], tok)
     teacher_data = Data(tok, rows([ar.sample_text(p) for p in learn], tok), heldout_NT, SEQ_LEN, tok.pad_id)
     lm = lambda model: LMObjective(pad_id=tok.pad_id)  # noqa: E731 (one objective per stage)
