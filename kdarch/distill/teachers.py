@@ -16,6 +16,7 @@ Shape legend: B batch, T sequence length, V vocabulary (after alignment), K top-
 """
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 import os
@@ -42,7 +43,7 @@ class TeacherOutput:
     them (a transformers model applies its final norm to the last entry, a kdarch model does not)."""
 
 
-class Teacher:
+class Teacher(abc.ABC):
     """The interface. Subclasses call `__init__` with their identity and implement `_run`."""
 
     def __init__(self, name: str, fingerprint: str | None, native_vocab_size: int):
@@ -83,8 +84,9 @@ class Teacher:
             signal, hidden = self._run(input_ids_BT, indices_B, hidden_states)
         return TeacherOutput(self.alignment.apply(signal), hidden)
 
+    @abc.abstractmethod
     def _run(self, input_ids_BT: torch.Tensor, indices_B, hidden_states: bool):
-        raise NotImplementedError
+        """(signal [B, T, V_native] or TopKTeacher, hidden-state tuple or None) for a checked batch."""
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(name={self.name!r}, vocab_size={self.vocab_size}, "

@@ -265,13 +265,16 @@ def _make(cls, table: dict, where: str):
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {unknown}; known fields are {sorted(known)}")
     for k, v in table.items():
-        want = hints[k]
-        ok = (isinstance(v, bool) if want is bool else isinstance(v, (int, float)) and not isinstance(v, bool)
-              if want is float else isinstance(v, int) and not isinstance(v, bool) if want is int
-              else isinstance(v, want))
-        if not ok:
-            raise ConfigError(f"{where}.{k}: expected {getattr(want, '__name__', want)}, got {v!r}")
+        if not _has_type(v, hints[k]):
+            raise ConfigError(f"{where}.{k}: expected {getattr(hints[k], '__name__', hints[k])}, got {v!r}")
     return cls(**table)
+
+
+def _has_type(value, want) -> bool:
+    """TOML-aware isinstance: bool is not a number, an int is a valid float."""
+    if isinstance(value, bool) and want is not bool:
+        return False
+    return isinstance(value, (int, float) if want is float else want)
 
 
 def _stage(table: dict, where: str, base_train: TrainSection, default_name: str) -> Stage:

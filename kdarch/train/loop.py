@@ -272,19 +272,19 @@ def train(model: nn.Module, cfg: TrainSection, train_NT: torch.Tensor, run_dir: 
         opt.step()
         loads = model.update_router_biases() if hasattr(model, "update_router_biases") else {}
         sched.step()
-        if step % cfg.log_every == 0 or step == cfg.steps or step == start + 1:
-            elapsed = time.perf_counter() - t0
+        rate = (tokens - tokens_at_t0) / max(time.perf_counter() - t0, 1e-9)
+        eval_now = evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0
+        if step % cfg.log_every == 0 or step == cfg.steps or step == start + 1 or eval_now:
             row = {"step": step, "loss": loss_value, **sums, "lr": opt.param_groups[0]["lr"],
-                   "grad_norm": float(grad_norm), "tokens": tokens,
-                   "tokens_per_s": (tokens - tokens_at_t0) / max(elapsed, 1e-9), "skipped_steps": bad_steps}
+                   "grad_norm": float(grad_norm), "tokens": tokens, "tokens_per_s": rate, "skipped_steps": bad_steps}
             imbalance = expert_imbalance(loads)
             if imbalance is not None:
                 row["expert_load_max_over_mean"] = imbalance
-            if evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0:
+            if eval_now:
                 row.update(evaluate())
                 model.train()
             log.write(row)
-        progress.update(step, f"loss {loss_value:.3f} {(tokens - tokens_at_t0) / max(time.perf_counter() - t0, 1e-9):.0f} tok/s")
+        progress.update(step, f"loss {loss_value:.3f} {rate:.0f} tok/s")
         if step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
             state = {"data": batches.state_dict(), "objective": objective.state_dict(), "bad_steps": bad_steps,
                      "tokens": tokens}
