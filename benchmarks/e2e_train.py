@@ -77,8 +77,8 @@ def main() -> None:
     torch.manual_seed(0)
     model = kdarch.CausalLM(cfg)
     with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(Path(tmp) / "kdarch")
-        model.save_pretrained(Path(tmp) / "hf", format="hf")
+        kdarch.save_pretrained(model, Path(tmp) / "kdarch")
+        kdarch.save_pretrained(model, Path(tmp) / "hf", format="hf")
         save_file({"ids": torch.randint(0, cfg.vocab_size, (args.batch, args.seq))}, str(Path(tmp) / "batch.safetensors"))
         del model
         results = {}

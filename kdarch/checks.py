@@ -41,7 +41,8 @@ class ConfigError(ValueError):
 def describe(value: Any) -> str:
     """How a given value is shown in a message: tensors by dtype and shape, the rest by repr (shortened)."""
     if isinstance(value, torch.Tensor):
-        return f"a {str(value.dtype).removeprefix('torch.')} tensor of shape {tuple(value.shape)}"
+        dtype = str(value.dtype).removeprefix("torch.")
+        return f"{'an' if dtype[0] in 'aeiou' else 'a'} {dtype} tensor of shape {tuple(value.shape)}"
     text = repr(value)
     return text if len(text) <= 200 else text[:197] + "..."
 

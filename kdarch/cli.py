@@ -140,7 +140,7 @@ def _load_model_and_tokenizer(path):
 
 
 def cmd_eval(args) -> int:
-    from kdarch.distill.teachers import load_teacher
+    from kdarch.distill.loading import load_teacher
     from kdarch.train.data import load_documents, pack, split_documents
     from kdarch.train.evaluate import evaluate_lm
     from kdarch.train.pipeline import teacher_top1
@@ -202,8 +202,8 @@ def cmd_convert(args) -> int:
 def cmd_cache_teacher(args) -> int:
     from pathlib import Path
 
+    from kdarch.distill.loading import load_teacher
     from kdarch.distill.logit_cache import LogitCache, write_logit_cache
-    from kdarch.distill.teachers import load_teacher
     from kdarch.train.pipeline import log_to_stderr, prepare_data
     import tempfile
     run = _run_config(args)

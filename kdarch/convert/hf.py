@@ -14,21 +14,21 @@ different model is worse than no model. Weights are read from safetensors only, 
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
+from kdarch.checks import optional_import
 from kdarch.config import ConfigError, ModelConfig
+from kdarch.io import read_json, read_safetensors, write_json, write_safetensors
 from kdarch.model import CausalLM
-from kdarch.pretrained import atomic_write, check_state_dict, load_state_dict_into, read_safetensors
+from kdarch.model.state import check_state_dict, model_from_state_dict
 
-__all__ = ["hf_config_to_kdarch", "kdarch_config_to_hf", "hf_state_dict", "load_hf_state_dict", "load_hf",
-           "save_hf", "to_hf_model"]
+__all__ = ["HF_MODEL_TYPE", "hf_config_to_kdarch", "hf_state_dict", "hf_to_kdarch_state_dict", "kdarch_config_to_hf",
+           "load_hf", "save_hf", "to_hf_model"]
 
 log = logging.getLogger(__name__)
 
@@ -349,13 +349,16 @@ def _unfuse(sd: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]
     return out
 
 
-def load_hf_state_dict(model: CausalLM, hf_sd: dict[str, torch.Tensor], source: str = "state dict") -> None:
-    """Copy HF-named weights (per-expert or fused experts) into `model`; refuses missing, unexpected or
-    mis-shaped tensors by their HF names, and MTP embedding/head copies that differ from the main ones."""
-    want = hf_state_dict(model)
-    copies = _mtp_copies(model.config)
+def hf_to_kdarch_state_dict(cfg: ModelConfig, hf_sd: dict[str, torch.Tensor],
+                            source: str = "state dict") -> dict[str, torch.Tensor]:
+    """HF-named weights (per-expert or fused experts) -> kdarch names for a model of `cfg`; refuses missing,
+    unexpected or mis-shaped tensors by their HF names, and MTP embedding/head copies that differ from the
+    main ones."""
+    with torch.device("meta"):  # the HF names and shapes of cfg, without allocating a model
+        want = hf_state_dict(CausalLM(cfg))
+    copies = _mtp_copies(cfg)
     sd = _unfuse(hf_sd, source)
-    if model.config.tie_word_embeddings and "lm_head.weight" in sd:  # a tied head saved anyway must be the embedding
+    if cfg.tie_word_embeddings and "lm_head.weight" in sd:  # a tied head saved anyway must be the embedding
         emb = sd.get("model.embed_tokens.weight")
         if emb is not None and not torch.equal(sd["lm_head.weight"], emb):
             raise ValueError(f"{source}: tie_word_embeddings is set but lm_head.weight differs from the embedding")
@@ -365,7 +368,7 @@ def load_hf_state_dict(model: CausalLM, hf_sd: dict[str, torch.Tensor], source: 
         if k in sd and not torch.equal(sd[k], sd[src]):
             raise ValueError(f"{source}: MTP tensor {k} differs from {src}; kdarch shares embedding and head with MTP")
     kd = {}
-    for name, kind, hks in _plan(model.config):
+    for name, kind, hks in _plan(cfg):
         ts = [sd[h] for h in hks]
         if kind == "copy":
             kd[name] = ts[0]
@@ -375,14 +378,14 @@ def load_hf_state_dict(model: CausalLM, hf_sd: dict[str, torch.Tensor], source: 
             kd[name] = torch.stack([torch.cat(ts[i:i + 2], dim=0) for i in range(0, len(ts), 2)])
         else:
             kd[name] = torch.stack(ts)
-    load_state_dict_into(model, kd, source)
+    return kd
 
 
 # --- directories ----------------------------------------------------------------------------------
 def _weight_files(path: Path) -> tuple[list[Path], set[str] | None]:
     index = path / HF_INDEX
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        weight_map = read_json(index).get("weight_map", {})
         files = [path / f for f in sorted(set(weight_map.values()))]
         for f in files:
             if not f.is_file():
@@ -404,7 +407,7 @@ def load_hf(path: str | os.PathLike) -> CausalLM:
     """Load a Hugging Face DeepseekV3 directory (config.json + safetensors, sharded or not) as a CausalLM (fp32).
     MTP layers are loaded when the checkpoint has their weights (HF's own saves declare one but store none)."""
     path = Path(path)
-    raw = json.loads((path / "config.json").read_text())
+    raw = read_json(path / "config.json")
     files, listed = _weight_files(path)
     hf_sd: dict[str, torch.Tensor] = {}
     for f in files:
@@ -423,14 +426,7 @@ def load_hf(path: str | os.PathLike) -> CausalLM:
         log.info("%s: config declares %d MTP layer(s), weights hold %d; loading %d", path, declared, present, present)
         raw = {**{k: v for k, v in raw.items() if k != "num_mtp_layers"}, "num_nextn_predict_layers": present}
     cfg = hf_config_to_kdarch(raw)
-    with torch.device("meta"):
-        model = CausalLM(cfg)
-    model = model.to_empty(device="cpu")
-    model.init_buffers()
-    load_hf_state_dict(model, hf_sd, str(path))
-    if cfg.tie_word_embeddings:
-        model.head.weight = model.embed.weight
-    return model
+    return model_from_state_dict(cfg, hf_to_kdarch_state_dict(cfg, hf_sd, str(path)), str(path))
 
 
 def save_hf(model: CausalLM, path: str | os.PathLike) -> Path:
@@ -440,21 +436,21 @@ def save_hf(model: CausalLM, path: str | os.PathLike) -> Path:
     config = kdarch_config_to_hf(model.config)  # refuse before writing anything
     config["dtype"] = str(model.embed.weight.dtype).removeprefix("torch.")
     sd = {k: v.to("cpu").contiguous().clone() for k, v in hf_state_dict(model).items()}
-    atomic_write(path / HF_WEIGHTS, lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
+    write_safetensors(path / HF_WEIGHTS, sd, metadata={"format": "pt"})
     index = path / HF_INDEX  # a stale shard index would take precedence over the new file
     if index.is_file():
-        for shard in set(json.loads(index.read_text()).get("weight_map", {}).values()) - {HF_WEIGHTS}:
+        for shard in set(read_json(index).get("weight_map", {}).values()) - {HF_WEIGHTS}:
             (path / shard).unlink(missing_ok=True)
         index.unlink()
-    atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    write_json(path / "config.json", config, indent=2)
     return path
 
 
 def to_hf_model(model: CausalLM, attn_implementation: str = "sdpa"):
     """An in-memory `transformers.DeepseekV3ForCausalLM` with the same weights (copies), dtype and device.
     HF has no MTP modules in its main model, so they are left out."""
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
-
+    transformers = optional_import("transformers", extra="hf", purpose="to_hf_model (an in-memory transformers model)")
+    DeepseekV3Config, DeepseekV3ForCausalLM = transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM
     d = {k: v for k, v in kdarch_config_to_hf(model.config).items() if k not in ("model_type", "architectures")}
     hf_cfg = DeepseekV3Config(**d)
     hf_cfg._attn_implementation = attn_implementation

@@ -14,20 +14,22 @@
   states or MLA latents (`capture_mla_latents`), see `relations.py`.
 - `KDSchedule` / `parse_schedule`: α and T over training (constant, linear, cosine) and the adaptive α rule,
   see `schedules.py`.
-- Teachers behind one interface (`ModelTeacher`, `HFTeacher`, `CachedTeacher`, `load_teacher`) with one
-  vocabulary-alignment rule (`align_vocab`: padding rows cut, tokenizer mismatches refused), and the on-disk
-  logit cache (`write_logit_cache`, `LogitCache`), see `teachers.py`, `vocab.py`, `logit_cache.py`.
+- Teachers behind one interface (`ModelTeacher`, `HFTeacher`; `CachedTeacher` over the on-disk logit cache
+  `LogitCache` written by `write_logit_cache`; `load_teacher` for any path) with one vocabulary-alignment rule
+  (`align_vocab`: padding rows cut, tokenizer mismatches refused), see `teachers.py`, `logit_cache.py`,
+  `loading.py`, `vocab.py`.
 """
 from kdarch.distill.features import FeatureDistiller, FeatureKDConfig, uniform_layer_map
 from kdarch.distill.head import DistillationHead, fused_kd_loss
-from kdarch.distill.logit_cache import LogitCache, write_logit_cache
+from kdarch.distill.loading import load_teacher
+from kdarch.distill.logit_cache import CachedTeacher, LogitCache, write_logit_cache
 from kdarch.distill.losses import KINDS, KDLossConfig, KDTerms, kd_loss
 from kdarch.distill.mtp import MultiTokenKD, multi_token_kd_loss
 from kdarch.distill.relations import (RelationDistiller, RelationKDConfig, capture_mla_latents, rkd_angle_loss,
                                       rkd_distance_loss, similarity_preserving_loss)
 from kdarch.distill.schedules import SCHEDULE_KINDS, AdaptiveAlpha, KDSchedule, Schedule, parse_schedule
 from kdarch.distill.teacher_signal import MODES, TopKTeacher
-from kdarch.distill.teachers import CachedTeacher, HFTeacher, ModelTeacher, Teacher, TeacherOutput, load_teacher
+from kdarch.distill.teachers import HFTeacher, ModelTeacher, Teacher, TeacherOutput
 from kdarch.distill.vocab import (VocabAlignment, VocabMismatchError, align_vocab, tokenizer_fingerprint,
                                   vocab_fingerprint)
 

@@ -6,13 +6,15 @@ holds nearly all of a trained model's mass, for ~260 bytes a token instead of 4Â
 about as much as training the student alone.
 
 A cache directory:
-  manifest.json            format and version, identity (teacher id, tokenizer fingerprint, vocab size, k, value
-                           dtype, seq_len, number of sequences, shard size, sha256 of the whole input-ids array)
-                           and per shard: file, first sequence index, count, bytes, sha256
+  manifest.json            `kdarch.io`'s manifest format (shared with training checkpoints): format and version,
+                           identity (teacher id, tokenizer fingerprint, vocab size, k, value dtype, seq_len, number
+                           of sequences, shard size, sha256 of the whole input-ids array), the finished shards
+                           (file, first sequence index, count) and per file its size and sha256
   shard_00000.safetensors  input_ids [n, T] int32 (what the rows were computed on, checked by CachedTeacher),
                            topk_ids [n, T, K] uint16 when V <= 65536 else int32, topk_logprobs [n, T, K] in the
                            value dtype, tail_mass [n, T] float32
 Row t of a sequence is the teacher's distribution of token t + 1. Sequence i lives in shard i // shard_size.
+`CachedTeacher` serves the rows to a trainer through the same interface as a live teacher.
 
 Crash safety and resume: every shard and the manifest are written to a temp file and renamed. The manifest is
 written before the first shard and rewritten after each one, listing only finished shards with their checksums.
@@ -24,7 +26,6 @@ Shape legend: N sequences, T sequence length, K top-k, B looked-up sequences, n 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 from collections import OrderedDict
@@ -32,18 +33,23 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import save_file
 
-from kdarch.distill.teacher_signal import TopKTeacher
+from kdarch.checks import check, check_index_range, choice_arg, fail, int_arg, is_int, tensor_arg
+from kdarch.distill.teacher_signal import MODES, TopKTeacher
+from kdarch.distill.teachers import Teacher
 from kdarch.distill.vocab import VocabMismatchError
-from kdarch.pretrained import atomic_write, read_safetensors
+from kdarch.io import MANIFEST, file_record, read_manifest, read_safetensors, remove_temp_files, verify_files, \
+    write_manifest, write_safetensors
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "VALUE_DTYPES", "LogitCache", "write_logit_cache"]
+__all__ = ["DEFAULT_SHARD_SIZE", "FORMAT", "FORMAT_VERSION", "MANIFEST", "VALUE_DTYPES", "CachedTeacher", "LogitCache",
+           "write_logit_cache"]
 
-FORMAT, FORMAT_VERSION, MANIFEST = "kdarch-logit-cache", 1, "manifest.json"
+FORMAT, FORMAT_VERSION = "kdarch-logit-cache", 2
 VALUE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-IDENTITY = ("format", "format_version", "teacher_id", "fingerprint", "vocab_size", "k", "dtype", "ids_dtype",
-            "seq_len", "num_sequences", "shard_size", "input_ids_sha256")
+DEFAULT_SHARD_SIZE = 256
+"""Sequences per shard file (write_logit_cache and kdarch cache-teacher): about 8.6 MB at T = 128, k = 64, bf16."""
+IDENTITY = ("teacher_id", "fingerprint", "vocab_size", "k", "dtype", "ids_dtype", "seq_len", "num_sequences",
+            "shard_size", "input_ids_sha256")
 """Manifest fields that must match for a rerun to resume into an existing cache."""
 
 
@@ -56,14 +62,6 @@ def shard_name(i: int) -> str:
     return f"shard_{i:05d}.safetensors"
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def input_ids_sha256(input_ids_NT: torch.Tensor) -> str:
     """sha256 of the [N, T] ids as little-endian int32 together with their shape."""
     ids = input_ids_NT.to("cpu", torch.int32).contiguous()
@@ -73,122 +71,93 @@ def input_ids_sha256(input_ids_NT: torch.Tensor) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- manifest
-def _is_int(v, lo: int = 1) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
-
-
 _FIELDS = {  # name -> (check, what is allowed)
-    "format": (lambda v: v == FORMAT, repr(FORMAT)),
-    "format_version": (lambda v: v == FORMAT_VERSION, str(FORMAT_VERSION)),
     "teacher_id": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
     "fingerprint": (lambda v: v is None or isinstance(v, str), "a string or null"),
-    "vocab_size": (_is_int, "a positive int"),
-    "k": (_is_int, "a positive int"),
-    "dtype": (lambda v: v in VALUE_DTYPES, f"one of {sorted(VALUE_DTYPES)}"),
+    "vocab_size": (lambda v: is_int(v) and v >= 1, "an int >= 1"),
+    "k": (lambda v: is_int(v) and v >= 1, "an int >= 1"),
+    "dtype": (lambda v: v in VALUE_DTYPES, "one of " + ", ".join(map(repr, VALUE_DTYPES))),
     "ids_dtype": (lambda v: v in ("uint16", "int32"), "'uint16' or 'int32'"),
-    "seq_len": (_is_int, "a positive int"),
-    "num_sequences": (_is_int, "a positive int"),
-    "shard_size": (_is_int, "a positive int"),
+    "seq_len": (lambda v: is_int(v) and v >= 1, "an int >= 1"),
+    "num_sequences": (lambda v: is_int(v) and v >= 1, "an int >= 1"),
+    "shard_size": (lambda v: is_int(v) and v >= 1, "an int >= 1"),
     "input_ids_sha256": (lambda v: isinstance(v, str) and v.startswith("sha256:"), "'sha256:<hex>'"),
     "shards": (lambda v: isinstance(v, list), "a list"),
 }
 
 
-def check_manifest(m, where: Path, *, complete: bool) -> dict:
-    """Validate a manifest's fields and shard list (all shards present when `complete`); errors name the field."""
-    if not isinstance(m, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(m).__name__}")
+def check_manifest(m: dict, where: Path, *, complete: bool) -> dict:
+    """Validate a manifest's identity fields and shard list against its file records (all shards present when
+    `complete`); errors name the manifest and the field."""
     for name, (ok, allowed) in _FIELDS.items():
-        if name not in m:
-            raise ValueError(f"{where}: missing field {name!r}")
-        if not ok(m[name]):
-            raise ValueError(f"{where}: field {name!r} must be {allowed}, got {m[name]!r}")
-    if m["k"] > m["vocab_size"]:
-        raise ValueError(f"{where}: field 'k' must be <= vocab_size={m['vocab_size']}, got {m['k']}")
-    if m["ids_dtype"] != ids_dtype_for(m["vocab_size"]):
-        raise ValueError(f"{where}: field 'ids_dtype' must be {ids_dtype_for(m['vocab_size'])!r} for "
-                         f"vocab_size={m['vocab_size']}, got {m['ids_dtype']!r}")
+        check(name in m and ok(m[name]), f"{where}: {name}", allowed, m.get(name, "nothing"))
+    check(m["k"] <= m["vocab_size"], f"{where}: k", f"an int <= vocab_size={m['vocab_size']}", m["k"])
+    check(m["ids_dtype"] == ids_dtype_for(m["vocab_size"]), f"{where}: ids_dtype",
+          f"{ids_dtype_for(m['vocab_size'])!r} for vocab_size={m['vocab_size']}", m["ids_dtype"])
     N, S = m["num_sequences"], m["shard_size"]
     n_shards, last = math.ceil(N / S), -1
     for j, e in enumerate(m["shards"]):
         at = f"{where}: shards[{j}]"
-        if not isinstance(e, dict) or not _is_int(e.get("start"), 0) or e["start"] % S or e["start"] >= N:
-            raise ValueError(f"{at}: field 'start' must be a multiple of shard_size={S} below {N}, got "
-                             f"{e.get('start') if isinstance(e, dict) else e!r}")
-        i = e["start"] // S
-        want = {"file": shard_name(i), "count": min(S, N - e["start"])}
-        for name, v in want.items():
-            if e.get(name) != v:
-                raise ValueError(f"{at}: field {name!r} must be {v!r}, got {e.get(name)!r}")
-        if not _is_int(e.get("bytes")):
-            raise ValueError(f"{at}: field 'bytes' must be a positive int, got {e.get('bytes')!r}")
-        sha = e.get("sha256")
-        if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
-            raise ValueError(f"{at}: field 'sha256' must be 64 lowercase hex digits, got {sha!r}")
+        start = e.get("start") if isinstance(e, dict) else None
+        check(is_int(start) and 0 <= start < N and start % S == 0, f"{at}.start",
+              f"a multiple of shard_size={S} below {N}", start if isinstance(e, dict) else e)
+        i = start // S
+        for name, want in (("file", shard_name(i)), ("count", min(S, N - start))):
+            check(e.get(name) == want, f"{at}.{name}", repr(want), e.get(name))
+        check(e["file"] in m["files"], f"{at}.file", f"a file listed under 'files' with its size and sha256",
+              e["file"])
         if i <= last:
-            raise ValueError(f"{at}: shards must be listed once each, in order of 'start'; {shard_name(i)} comes "
-                             f"after {shard_name(last)}")
+            fail(f"{at}", f"shards listed once each, in order of start; {shard_name(i)} comes after "
+                          f"{shard_name(last)}")
         last = i
+    extra = sorted(set(m["files"]) - {e["file"] for e in m["shards"]})
+    check(not extra, f"{where}: files", "only the listed shards", extra)
     if complete and len(m["shards"]) != n_shards:
-        raise ValueError(f"{where}: lists {len(m['shards'])} of {n_shards} shards; the write was interrupted, rerun "
-                         f"write_logit_cache with the same arguments to finish it")
+        fail(f"{where}: shards", f"all {n_shards} shards; it lists {len(m['shards'])}: the write was interrupted, "
+                                 f"rerun write_logit_cache with the same arguments to finish it")
     return m
 
 
-def read_manifest(path: Path, *, complete: bool) -> dict:
-    file = path / MANIFEST
-    try:
-        m = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
-    return check_manifest(m, file, complete=complete)
+def _read_cache_manifest(path: Path, *, complete: bool) -> dict:
+    return check_manifest(read_manifest(path, FORMAT, FORMAT_VERSION), path / MANIFEST, complete=complete)
 
 
 # ---------------------------------------------------------------------------------------------------- writing
-def write_logit_cache(teacher, input_ids_NT: torch.Tensor, out_dir: str | os.PathLike, *, k: int = 64,
-                      dtype: str = "bfloat16", shard_size: int = 1024, batch_size: int = 8,
+def write_logit_cache(teacher: Teacher, input_ids_NT: torch.Tensor, out_dir: str | os.PathLike, *, k: int = 64,
+                      dtype: str = "bfloat16", shard_size: int = DEFAULT_SHARD_SIZE, batch_size: int = 8,
                       teacher_id: str | None = None, fingerprint: str | None = None,
                       progress: Callable[[int, int], None] | None = None) -> Path:
-    """Run `teacher` (a dense-logit teacher, or a torch module wrapped as a `ModelTeacher`) over the packed
+    """Run `teacher` (a kdarch.distill Teacher giving dense logits: ModelTeacher, HFTeacher) over the packed
     dataset `input_ids_NT` in batches and write its top-k log-probs and tail mass to `out_dir`, resuming an
     interrupted write (see the module docstring). `teacher_id` / `fingerprint` default to the teacher's name
     and tokenizer fingerprint. `progress(done, total)` is called with sequence counts. Returns `out_dir`."""
-    if isinstance(teacher, torch.nn.Module):
-        from kdarch.distill.teachers import ModelTeacher
-        teacher = ModelTeacher(teacher)
-    if not callable(teacher) or not _is_int(getattr(teacher, "vocab_size", None)):
-        raise ValueError(f"write_logit_cache: expected a kdarch.distill teacher (ModelTeacher, HFTeacher) or a "
-                         f"torch module, got {type(teacher).__name__}")
-    if not isinstance(input_ids_NT, torch.Tensor) or input_ids_NT.dim() != 2 or input_ids_NT.numel() == 0 or \
-            input_ids_NT.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        got = f"{input_ids_NT.dtype} tensor of shape {tuple(input_ids_NT.shape)}" \
-            if isinstance(input_ids_NT, torch.Tensor) else type(input_ids_NT).__name__
-        raise ValueError(f"write_logit_cache: input_ids must be a non-empty int tensor [N, T], got {got}")
+    check(isinstance(teacher, Teacher), "write_logit_cache: teacher",
+          "a kdarch.distill Teacher (ModelTeacher(model), HFTeacher(path), load_teacher(path))", teacher,
+          error=TypeError)
+    tensor_arg("write_logit_cache: input_ids", input_ids_NT, dim=2, nonempty=True,
+               dtypes=(torch.int64, torch.int32, torch.int16, torch.uint8), what="a non-empty int tensor [N, T]")
     V = teacher.vocab_size
-    for name, v, lo, hi in (("k", k, 1, V), ("shard_size", shard_size, 1, None), ("batch_size", batch_size, 1, None)):
-        if not _is_int(v, lo) or (hi is not None and v > hi):
-            raise ValueError(f"write_logit_cache: {name} must be an int in [{lo}, {hi if hi else 'inf'}], got {v!r}")
-    if dtype not in VALUE_DTYPES:
-        raise ValueError(f"write_logit_cache: dtype must be one of {sorted(VALUE_DTYPES)}, got {dtype!r}")
-    lo, hi = torch.aminmax(input_ids_NT)
-    if lo < 0 or hi >= V:
-        raise ValueError(f"write_logit_cache: token ids must lie in [0, {V}), got values in [{int(lo)}, {int(hi)}]")
+    int_arg("write_logit_cache: k", k, min=1, max=V)
+    int_arg("write_logit_cache: shard_size", shard_size, min=1)
+    int_arg("write_logit_cache: batch_size", batch_size, min=1)
+    choice_arg("write_logit_cache: dtype", dtype, VALUE_DTYPES)
+    check_index_range("write_logit_cache: input_ids", input_ids_NT, V, what="token ids")
     ids_NT = input_ids_NT.to("cpu", torch.int32).contiguous()
     N, T = ids_NT.shape
     out = Path(out_dir)
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION,
-                "teacher_id": teacher_id if teacher_id is not None else teacher.name,
-                "fingerprint": fingerprint if fingerprint is not None else getattr(teacher, "fingerprint", None),
+    manifest = {"teacher_id": teacher_id if teacher_id is not None else teacher.name,
+                "fingerprint": fingerprint if fingerprint is not None else teacher.fingerprint,
                 "vocab_size": V, "k": k, "dtype": dtype, "ids_dtype": ids_dtype_for(V), "seq_len": T,
                 "num_sequences": N, "shard_size": shard_size, "input_ids_sha256": input_ids_sha256(ids_NT),
-                "shards": []}
+                "shards": [], "files": {}}
     check_manifest(manifest, out / MANIFEST, complete=False)  # e.g. an empty teacher_id
     done = _resumable_shards(out, manifest)
 
     def save_manifest():
-        manifest["shards"] = [done[i] for i in sorted(done)]
-        text = json.dumps(manifest, indent=1) + "\n"
-        atomic_write(out / MANIFEST, lambda tmp: Path(tmp).write_text(text))
+        shards = [done[i] for i in sorted(done)]
+        manifest["shards"] = [{k: e[k] for k in ("file", "start", "count")} for e in shards]
+        write_manifest(out, FORMAT, FORMAT_VERSION, {k: v for k, v in manifest.items() if k != "files"},
+                       files={e["file"]: e["record"] for e in shards})
 
     save_manifest()
     n_done = sum(e["count"] for e in done.values())
@@ -203,9 +172,8 @@ def write_logit_cache(teacher, input_ids_NT: torch.Tensor, out_dir: str | os.Pat
             rows_BT = ids_NT[b:min(b + batch_size, start + count)]
             signal = teacher(rows_BT.long(), torch.arange(b, b + rows_BT.shape[0])).signal
             if not isinstance(signal, torch.Tensor) or tuple(signal.shape) != (*rows_BT.shape, V):
-                got = tuple(signal.shape) if isinstance(signal, torch.Tensor) else type(signal).__name__
-                raise ValueError(f"write_logit_cache: the teacher must return dense logits {(*rows_BT.shape, V)}, "
-                                 f"got {got}")
+                fail("write_logit_cache: the teacher's signal", f"dense logits of shape {(*rows_BT.shape, V)}",
+                     signal if isinstance(signal, torch.Tensor) else type(signal).__name__)
             tk = TopKTeacher.from_logits(signal, k)
             parts.append((tk.ids.to("cpu", getattr(torch, manifest["ids_dtype"])),
                           tk.values.to("cpu", VALUE_DTYPES[dtype]), tk.tail_mass.to("cpu", torch.float32)))
@@ -215,39 +183,37 @@ def write_logit_cache(teacher, input_ids_NT: torch.Tensor, out_dir: str | os.Pat
         tensors = {"input_ids": ids_NT[start:start + count].clone(),
                    "topk_ids": torch.cat([p[0] for p in parts]), "topk_logprobs": torch.cat([p[1] for p in parts]),
                    "tail_mass": torch.cat([p[2] for p in parts])}
-        file = out / shard_name(i)
-        atomic_write(file, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
-        done[i] = {"file": file.name, "start": start, "count": count, "bytes": file.stat().st_size,
-                   "sha256": sha256_file(file)}
+        file = write_safetensors(out / shard_name(i), tensors, metadata={"format": FORMAT})
+        done[i] = {"file": file.name, "start": start, "count": count, "record": file_record(file)}
         save_manifest()
     return out
 
 
 def _resumable_shards(out: Path, manifest: dict) -> dict[int, dict]:
-    """Shards of an earlier write into `out` that can stay (listed, checksum intact), after refusing a cache
-    with another identity or a foreign non-empty directory, and removing temp files of killed writes."""
+    """Shards of an earlier write into `out` that can stay (listed, size and checksum intact), after refusing a
+    cache with another identity or a foreign non-empty directory, and removing temp files of killed writes."""
     if not out.exists():
         return {}
     if not out.is_dir():
         raise ValueError(f"write_logit_cache: {out} exists and is not a directory")
-    for f in out.iterdir():  # ours: ".<name>.<random>.tmp" from atomic_write
-        if f.name.startswith((".shard_", f".{MANIFEST}.")) and f.name.endswith(".tmp"):
-            f.unlink(missing_ok=True)
+    remove_temp_files(out)
     if not (out / MANIFEST).is_file():
         if any(out.iterdir()):
             raise ValueError(f"write_logit_cache: {out} is not empty and holds no {MANIFEST}; refusing to write a "
                              f"logit cache into it")
         return {}
-    old = read_manifest(out, complete=False)
+    old = _read_cache_manifest(out, complete=False)
     for name in IDENTITY:
         if old[name] != manifest[name]:
             raise ValueError(f"write_logit_cache: {out} holds a logit cache with {name}={old[name]!r}, this call "
                              f"has {name}={manifest[name]!r}; write to another directory or delete that one")
     kept = {}
     for e in old["shards"]:
-        f = out / e["file"]
-        if f.is_file() and f.stat().st_size == e["bytes"] and sha256_file(f) == e["sha256"]:
-            kept[e["start"] // manifest["shard_size"]] = e
+        try:
+            verify_files(out, old, [e["file"]])
+        except (OSError, ValueError):
+            continue  # lost or corrupt: recomputed
+        kept[e["start"] // manifest["shard_size"]] = {**e, "record": old["files"][e["file"]]}
     return kept
 
 
@@ -261,20 +227,16 @@ class LogitCache:
                  expect_fingerprint: str | None = None, verify: bool = True, max_loaded_shards: int = 4):
         self.path = Path(path)
         if not (self.path / MANIFEST).is_file():
-            raise FileNotFoundError(f"LogitCache: {self.path} has no {MANIFEST} (not a logit cache directory)")
-        self.manifest = m = read_manifest(self.path, complete=True)
+            raise FileNotFoundError(f"LogitCache: {self.path}: expected a logit cache directory (with {MANIFEST}), "
+                                    f"got a path without one")
+        self.manifest = m = _read_cache_manifest(self.path, complete=True)
         if expect_vocab_size is not None and expect_vocab_size != m["vocab_size"]:
             raise VocabMismatchError(f"LogitCache {self.path}: cached vocab size {m['vocab_size']} (fingerprint "
                                      f"{m['fingerprint']}), expected {expect_vocab_size}")
         if expect_fingerprint is not None and m["fingerprint"] is not None and expect_fingerprint != m["fingerprint"]:
             raise VocabMismatchError(f"LogitCache {self.path}: cached with tokenizer fingerprint {m['fingerprint']} "
                                      f"(V={m['vocab_size']}), expected {expect_fingerprint}")
-        for e in m["shards"]:
-            f = self.path / e["file"]
-            if not f.is_file():
-                raise FileNotFoundError(f"LogitCache: shard {f} is missing")
-            if f.stat().st_size != e["bytes"] or (verify and sha256_file(f) != e["sha256"]):
-                raise ValueError(f"LogitCache: shard {f} is corrupt (its size or sha256 differs from {MANIFEST})")
+        verify_files(self.path, m, hash=verify)
         self.max_loaded_shards = max(1, max_loaded_shards)
         self._loaded: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
 
@@ -291,7 +253,7 @@ class LogitCache:
     @property
     def bytes_per_token(self) -> float:
         """On-disk bytes (manifest + shards) per cached token."""
-        total = (self.path / MANIFEST).stat().st_size + sum(e["bytes"] for e in self.manifest["shards"])
+        total = (self.path / MANIFEST).stat().st_size + sum(r["bytes"] for r in self.manifest["files"].values())
         return total / (len(self) * self.seq_len)
 
     def get(self, indices_B) -> tuple[torch.Tensor, TopKTeacher]:
@@ -299,13 +261,12 @@ class LogitCache:
         sequence indices (a 1-D int tensor or a sequence of ints)."""
         idx_B = torch.as_tensor(indices_B)
         if idx_B.dim() != 1 or idx_B.numel() == 0 or idx_B.is_floating_point() or idx_B.dtype == torch.bool:
-            raise ValueError(f"LogitCache.get: expected a non-empty 1-D list or tensor of sequence indices, got "
-                             f"{indices_B!r}")
+            fail("LogitCache.get: indices", "a non-empty 1-D list or tensor of sequence indices", indices_B)
         idx_B = idx_B.cpu().long()
-        lo, hi = torch.aminmax(idx_B)
+        lo, hi = torch.aminmax(idx_B)  # the indices pick files to read: always checked
         if lo < 0 or hi >= len(self):
-            raise IndexError(f"LogitCache.get: sequence indices must lie in [0, {len(self)}), got values in "
-                             f"[{int(lo)}, {int(hi)}]")
+            fail("LogitCache.get: indices", f"sequence indices in [0, {len(self)})", int(lo) if lo < 0 else int(hi),
+                 error=IndexError)
         B, T, K = idx_B.numel(), self.seq_len, self.k
         ids_BT, tids_BTK = torch.empty(B, T, dtype=torch.long), torch.empty(B, T, K, dtype=torch.long)
         vals_BTK, tail_BT = torch.empty(B, T, K), torch.empty(B, T)
@@ -330,13 +291,48 @@ class LogitCache:
         want = {"input_ids": ((n, T), torch.int32), "topk_ids": ((n, T, K), getattr(torch, m["ids_dtype"])),
                 "topk_logprobs": ((n, T, K), VALUE_DTYPES[m["dtype"]]), "tail_mass": ((n, T), torch.float32)}
         sh = read_safetensors(file)
-        if sh.keys() != want.keys():
-            raise ValueError(f"LogitCache: shard {file} holds tensors {sorted(sh)}, expected {sorted(want)}")
+        check(sh.keys() == want.keys(), f"LogitCache: {file}", f"the tensors {sorted(want)}", sorted(sh))
         for name, (shape, dt) in want.items():
-            if tuple(sh[name].shape) != shape or sh[name].dtype != dt:
-                raise ValueError(f"LogitCache: shard {file}: {name} is {sh[name].dtype} {tuple(sh[name].shape)}, "
-                                 f"the manifest implies {dt} {shape}")
+            tensor_arg(f"LogitCache: {file}: {name}", sh[name], dtypes=(dt,), shape=shape,
+                       what=f"{dt} {shape} (from the manifest)")
         self._loaded[i] = sh
         if len(self._loaded) > self.max_loaded_shards:
             self._loaded.popitem(last=False)
         return sh
+
+
+class CachedTeacher(Teacher):
+    """Rows of a `LogitCache`, looked up by dataset sequence index. The batch's token ids must equal the ids the
+    cache was computed on (a prefix of each cached sequence is fine: causal rows do not see later tokens);
+    anything else means a cache made for other data or another tokenizer, and is refused."""
+
+    def __init__(self, cache: LogitCache | str | os.PathLike, *, mode: str = "tail"):
+        choice_arg("CachedTeacher: mode", mode, MODES)
+        self.cache = cache if isinstance(cache, LogitCache) else LogitCache(cache)
+        self.mode = mode
+        super().__init__(self.cache.teacher_id, self.cache.fingerprint, self.cache.vocab_size)
+
+    def _run(self, input_ids_BT, indices_B, hidden_states):
+        if hidden_states:
+            raise ValueError("CachedTeacher: a logit cache holds no hidden states; use a model teacher for "
+                             "feature distillation")
+        if indices_B is None:
+            raise ValueError("CachedTeacher: indices_B: expected the dataset sequence index of every batch row, "
+                             "got None")
+        B, T = input_ids_BT.shape
+        cached_BS, tk = self.cache.get(indices_B)
+        check(cached_BS.shape[0] == B, "CachedTeacher: indices_B", f"one index per batch row ({B})",
+              cached_BS.shape[0])
+        check(T <= self.cache.seq_len, "CachedTeacher: input_ids",
+              f"at most the cache's {self.cache.seq_len} tokens per sequence", T)
+        bad_B = (cached_BS[:, :T] != input_ids_BT.cpu().long()).any(1)  # host data either way: the cache is on disk
+        if bad_B.any():
+            b = int(bad_B.nonzero()[0])
+            idx = int(torch.as_tensor(indices_B).reshape(-1)[b])
+            t = int((cached_BS[b, :T] != input_ids_BT[b].cpu()).nonzero()[0])
+            raise ValueError(f"CachedTeacher: the batch's tokens differ from the cache's at sequence index {idx} "
+                             f"(token {t}: {int(input_ids_BT[b, t])} vs cached {int(cached_BS[b, t])}); the cache "
+                             f"{self.cache.path} was computed on other data or with another tokenizer")
+        dev = input_ids_BT.device
+        return TopKTeacher(tk.ids[:, :T].to(dev), tk.values[:, :T].to(dev), "logprobs", tk.tail_mass[:, :T].to(dev),
+                           self.mode), None

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from kdarch.checks import int_arg
 from kdarch.distill.teacher_signal import TopKTeacher
 
 
@@ -94,10 +95,10 @@ def align_vocab(teacher_vocab_size: int, student_vocab_size: int | None = None, 
     tokenizer by giving `n_real_tokens` (the real ids are 0 .. n_real_tokens - 1); the real ids must fit in
     both tables (n_real_tokens <= min(V_t, V_s)).
     """
-    Vt = _positive_int("teacher_vocab_size", teacher_vocab_size)
-    Vs = Vt if student_vocab_size is None else _positive_int("student_vocab_size", student_vocab_size)
+    Vt = int_arg("teacher_vocab_size", teacher_vocab_size, min=1)
+    Vs = Vt if student_vocab_size is None else int_arg("student_vocab_size", student_vocab_size, min=1)
     if n_real_tokens is not None:
-        _positive_int("n_real_tokens", n_real_tokens)
+        int_arg("n_real_tokens", n_real_tokens, min=1)
     ft, fs = teacher_fingerprint, student_fingerprint
     if ft is not None and fs is not None and ft != fs:
         raise VocabMismatchError(f"teacher and student tokenizers differ: teacher V={Vt} fingerprint {ft}, student "
@@ -110,12 +111,6 @@ def align_vocab(teacher_vocab_size: int, student_vocab_size: int | None = None, 
                                  f"a tokenizer fingerprint is unknown: pass n_real_tokens (how many real tokens the "
                                  f"shared tokenizer has) to treat the difference as padding rows")
     return VocabAlignment(Vt, Vs)
-
-
-def _positive_int(name: str, v) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{name} must be a positive int, got {v!r}")
-    return v
 
 
 def _drop_ids_from(tk: TopKTeacher, V: int) -> TopKTeacher:

@@ -1,6 +1,6 @@
 """kdarch.model: the student architecture (MLA attention, DeepSeekMoE, MTP) and its latent-KV generation."""
 from kdarch.model.cache import LatentKVCache
-from kdarch.model.generate import generate, sample_next
+from kdarch.model.generation import generate, sample_next
 from kdarch.model.speculative import SpeculativeStats, generate_speculative
 from kdarch.model.transformer import Block, CausalLM, CausalLMOutput, MTPModule
 

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kdarch.checks import check_index_range, fail, tensor_arg
 from kdarch.config import ModelConfig
 from kdarch.model.attention import MLA
 from kdarch.model.cache import LatentKVCache
+from kdarch.model.generation import generate
 from kdarch.model.layers import MLP, RMSNorm, linear, rope_table
 from kdarch.model.moe import MoE
 from kdarch.ops.linear_ce import linear_cross_entropy
@@ -113,14 +115,8 @@ class CausalLM(nn.Module):
             moe.gate.bias.zero_()
         self.init_buffers()
 
-    def save_pretrained(self, path, format: str = "kdarch"):
-        """Write a kdarch ("kdarch") or Hugging Face DeepseekV3 ("hf") model directory."""
-        from kdarch.pretrained import save_pretrained
-        return save_pretrained(self, path, format=format)
-
     def generate(self, prompts, max_new_tokens: int, **sampling) -> list[list[int]]:
-        """See `kdarch.model.generate.generate`."""
-        from kdarch.model.generate import generate
+        """See `kdarch.model.generation.generate`."""
         return generate(self, prompts, max_new_tokens, **sampling)
 
     # --- MoE helpers ----------------------------------------------------------------------------
@@ -141,17 +137,12 @@ class CausalLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def _check_ids(self, name: str, ids: torch.Tensor, allow_ignore: bool = False) -> None:
-        V = self.config.vocab_size
-        if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32) or ids.dim() != 2:
-            got = f"{ids.dtype} tensor of shape {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids)
-            raise ValueError(f"{name}: expected an int64/int32 tensor [batch, seq_len], got {got}")
+        """Shape and dtype always; the id range only where value checks are on (kdarch.checks)."""
+        tensor_arg(name, ids, dim=2, dtypes=(torch.int64, torch.int32), what="an int64/int32 tensor [batch, seq_len]")
         if ids.numel() == 0:
-            raise ValueError(f"{name}: expected at least one token, got shape {tuple(ids.shape)}")
-        valid = ids[ids != -100] if allow_ignore else ids
-        if valid.numel() and (valid.min() < 0 or valid.max() >= V):
-            bad = valid[(valid < 0) | (valid >= V)][0].item()
-            extra = " (or -100 to ignore)" if allow_ignore else ""
-            raise ValueError(f"{name}: token id {bad} out of range; expected ids in [0, {V}){extra}")
+            fail(name, "at least one token", ids)
+        check_index_range(name, ids, self.config.vocab_size, ignore=-100 if allow_ignore else None,
+                          what="token ids")
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
                 output_hidden_states: bool = False, output_mtp_logits: bool = False,

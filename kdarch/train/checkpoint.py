@@ -14,40 +14,41 @@ update depends on it:
 - `rng.json` + `rng.safetensors`: the torch CPU (and CUDA, when initialised), Python `random` and NumPy
   generator states, so the batches drawn after a resume are the ones the uninterrupted run drew.
 - `state.json` (+ `state.safetensors`): the caller's own state (data position, counters, metrics).
-- `manifest.json`: step, model config, format version and the sha256 of every other file. It is written
-  last and checked on load, so a corrupt or truncated file is named instead of being trained on.
+- `manifest.json` (`kdarch.io`'s manifest format, shared with the logit cache): step, model config, format
+  version and the size and sha256 of every other file. It is written last and checked on load, so a corrupt
+  or truncated file is named instead of being trained on.
 
-The set is written into a hidden temp directory beside the final one, fsynced and renamed into place: a crash
-leaves either the previous checkpoints or the new complete one, never a half one with the final name. One
-process writes a run directory (rank 0); leftover temp directories from a killed save are removed by the
-next save. No pickle anywhere: tensors go to safetensors, the rest to JSON; tuples, non-string dict keys and
-tensors inside state dicts are encoded explicitly, so they come back with the same types.
+The set is written into a hidden temp directory beside the final one, fsynced and renamed into place
+(`kdarch.io.atomic_directory`): a crash leaves either the previous checkpoints or the new complete one, never
+a half one with the final name. One process writes a run directory (rank 0); leftover temp directories from a
+killed save are removed by the next save. No pickle anywhere: tensors go to safetensors, the rest to JSON;
+tuples, non-string dict keys and tensors inside state dicts are encoded explicitly, so they come back with the
+same types.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
 import re
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
+from kdarch.checks import int_arg
 from kdarch.config import ModelConfig
-from kdarch.pretrained import WEIGHTS_NAME, check_state_dict, kdarch_state_dict, load_state_dict_into, \
-    read_safetensors, save_pretrained
+from kdarch.io import (MANIFEST, atomic_directory, discard_directory, file_record, read_json, read_manifest,
+                       read_safetensors, remove_temp_files, verify_files, write_json, write_manifest,
+                       write_safetensors)
+from kdarch.model.state import check_state_dict, kdarch_state_dict, load_state_dict_into
+from kdarch.pretrained import WEIGHTS_NAME, save_pretrained
 
-FORMAT, FORMAT_VERSION = "kdarch-checkpoint", 1
-CHECKPOINTS, MANIFEST = "checkpoints", "manifest.json"
+FORMAT, FORMAT_VERSION = "kdarch-checkpoint", 2
+CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"step_(\d{8,})")
-_TEMP_DIR = re.compile(r"\.step_\d{8,}\..+\.tmp")
 _TENSOR, _TUPLE, _ITEMS = "__tensor__", "__tuple__", "__items__"
 _MARKERS = {_TENSOR, _TUPLE, _ITEMS}
 
@@ -103,20 +104,13 @@ def _write_part(directory: Path, name: str, obj: Any) -> None:
             ptr = (t.device, t.untyped_storage().data_ptr())
             unique[k] = t.clone() if ptr in seen else t
             seen.add(ptr)
-        save_file(unique, str(directory / f"{name}.safetensors"))
-    (directory / f"{name}.json").write_text(json.dumps(doc) + "\n")
+        write_safetensors(directory / f"{name}.safetensors", unique)
+    write_json(directory / f"{name}.json", doc, indent=None)
 
 
-def _read_json(file: Path) -> Any:
-    try:
-        return json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{file}: not a readable JSON file ({e})") from None
-
-
-def _read_part(directory: Path, name: str, files: dict[str, str]) -> Any:
+def _read_part(directory: Path, name: str, files: dict[str, Any]) -> Any:
     tensors = read_safetensors(directory / f"{name}.safetensors") if f"{name}.safetensors" in files else {}
-    return _decode(_read_json(directory / f"{name}.json"), tensors)
+    return _decode(read_json(directory / f"{name}.json"), tensors)
 
 
 # --- RNG ------------------------------------------------------------------------------------------
@@ -149,37 +143,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 # --- files ----------------------------------------------------------------------------------------
-def _sha256(file: Path, sync: bool = False) -> str:
-    """Hash of `file`; with sync, also flush it to disk."""
-    h = hashlib.sha256()
-    with open(file, "r+b" if sync else "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-        if sync:
-            os.fsync(f.fileno())
-    return h.hexdigest()
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # platforms that cannot open directories (Windows)
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _discard(directory: Path) -> None:
-    """Rename a checkpoint out of sight (atomic), then delete it: a crash never leaves a half one visible."""
-    trash = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
-    os.replace(directory, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
 def _checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     """(step, path) of the complete checkpoints, by step."""
     root = Path(run_dir) / CHECKPOINTS
@@ -189,7 +152,7 @@ def _checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
         if m is None or not (d / MANIFEST).is_file():
             continue
         try:
-            manifest = json.loads((d / MANIFEST).read_text())
+            manifest = read_json(d / MANIFEST)
             complete = manifest["step"] == int(m[1]) and all((d / f).is_file() for f in manifest["files"])
         except (OSError, ValueError, KeyError, TypeError):
             complete = False
@@ -231,10 +194,9 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: nn.Module, 
     newest `keep_last` (None keeps all; the one just written always stays). `state` holds the caller's JSON
     values (tuples and tensors allowed too). Returns the checkpoint's path."""
     cfg = _check_model(model)
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step: expected an int >= 0, got {step!r}")
-    if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
-        raise ValueError(f"keep_last: expected an int >= 1 or None (keep all), got {keep_last!r}")
+    int_arg("step", step, min=0)
+    if keep_last is not None:
+        int_arg("keep_last", keep_last, min=1)
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
     _check_modules(modules)
@@ -242,10 +204,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: nn.Module, 
         raise TypeError(f"state: expected a dict, got {type(state).__name__}")
 
     root = Path(run_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.", suffix=".tmp"))
-    try:
+    with atomic_directory(final) as tmp:
         save_pretrained(model, tmp)
         _write_part(tmp, "modules", {name: m.state_dict() for name, m in modules.items()})
         _write_part(tmp, "optimizer", optimizer.state_dict())
@@ -253,43 +213,17 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: nn.Module, 
             _write_part(tmp, "scheduler", scheduler.state_dict())
         _write_part(tmp, "rng", _rng_state())
         _write_part(tmp, "state", state or {})
-        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step, "model_config": cfg.to_dict(),
-                    "optimizer": {"class": type(optimizer).__name__, "param_shapes": _param_shapes(optimizer)},
-                    "scheduler": type(scheduler).__name__ if scheduler is not None else None,
-                    "modules": sorted(modules),
-                    "files": {f.name: _sha256(f, sync=True) for f in sorted(tmp.iterdir())}}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        _sha256(tmp / MANIFEST, sync=True)
-        _fsync_dir(tmp)
-        if final.exists():
-            _discard(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-    for d in root.iterdir():  # temp directories left by killed saves
-        if _TEMP_DIR.fullmatch(d.name):
-            shutil.rmtree(d, ignore_errors=True)
+        write_manifest(tmp, FORMAT, FORMAT_VERSION, {
+            "step": step, "model_config": cfg.to_dict(),
+            "optimizer": {"class": type(optimizer).__name__, "param_shapes": _param_shapes(optimizer)},
+            "scheduler": type(scheduler).__name__ if scheduler is not None else None, "modules": sorted(modules)},
+            files={f.name: file_record(f) for f in sorted(tmp.iterdir())})
+    remove_temp_files(root)  # left by killed saves
     if keep_last is not None:
         older = [d for _, d in _checkpoints(run_dir) if d != final]
         for d in older[:max(0, len(older) - (keep_last - 1))]:
-            _discard(d)
+            discard_directory(d)
     return final
-
-
-def _read_manifest(path: Path) -> dict[str, Any]:
-    if not (path / MANIFEST).is_file():
-        raise FileNotFoundError(f"load_checkpoint: {path} has no {MANIFEST} (not a checkpoint, or an incomplete one)")
-    manifest = _read_json(path / MANIFEST)
-    keys = {"format", "format_version", "step", "model_config", "optimizer", "scheduler", "modules", "files"}
-    if not isinstance(manifest, dict) or not keys <= manifest.keys() or manifest["format"] != FORMAT:
-        raise ValueError(f"{path / MANIFEST}: not a {FORMAT} manifest (expected the keys {sorted(keys)})")
-    if manifest["format_version"] != FORMAT_VERSION:
-        raise ValueError(f"{path / MANIFEST}: format_version {manifest['format_version']!r}; this kdarch reads "
-                         f"version {FORMAT_VERSION}")
-    return manifest
 
 
 def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -301,7 +235,8 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: tor
     path = Path(path)
     cfg = _check_model(model)
     _check_modules(modules)
-    manifest = _read_manifest(path)
+    manifest = read_manifest(path, FORMAT, FORMAT_VERSION,
+                             required=("step", "model_config", "optimizer", "scheduler", "modules"))
     files = manifest["files"]
 
     saved_cfg, model_cfg = manifest["model_config"], json.loads(json.dumps(cfg.to_dict()))
@@ -329,14 +264,8 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: tor
                          f"{type(scheduler).__name__}")
 
     required = ["config.json", WEIGHTS_NAME, "modules.json", "optimizer.json", "rng.json", "state.json"]
-    missing = [f for f in required + ["scheduler.json"] * (manifest["scheduler"] is not None) if f not in files]
-    if missing:
-        raise ValueError(f"{path / MANIFEST}: lists no {missing}; the checkpoint is incomplete")
-    for name in files:
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"load_checkpoint: {path / name} is missing")
-        if _sha256(path / name) != files[name]:
-            raise ValueError(f"load_checkpoint: {path / name} is corrupt (sha256 differs from the manifest)")
+    verify_files(path, manifest, required + ["scheduler.json"] * (manifest["scheduler"] is not None))
+    verify_files(path, manifest)
 
     model_sd = read_safetensors(path / WEIGHTS_NAME)
     check_state_dict(model_sd, kdarch_state_dict(model), str(path / WEIGHTS_NAME))

@@ -18,9 +18,10 @@ from typing import Callable
 
 import torch
 
-from kdarch.distill.logit_cache import LogitCache, input_ids_sha256
+from kdarch.distill.loading import load_teacher
+from kdarch.distill.logit_cache import CachedTeacher, LogitCache, input_ids_sha256
 from kdarch.distill.teacher_signal import TopKTeacher
-from kdarch.distill.teachers import CachedTeacher, ModelTeacher, Teacher, load_teacher
+from kdarch.distill.teachers import ModelTeacher, Teacher
 from kdarch.model import CausalLM
 from kdarch.pretrained import save_pretrained
 from kdarch.train.config import ModelSection, RunConfig, Stage, TrainSection

@@ -8,11 +8,10 @@ kdarch[bench]`); without it the report says so and the JSON / Markdown are writt
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
-from kdarch.pretrained import atomic_write
+from kdarch.io import write_json, write_text
 
 MODEL_KEYS = ("teacher", "student", "scratch")
 COLUMNS = (("eval_loss", "held-out loss", "{:.4f}"), ("perplexity", "perplexity", "{:.2f}"),
@@ -110,7 +109,7 @@ def write_report(out: Path, report: dict, curves: dict[str, list[dict]], run=Non
     except ImportError:
         report["plots"], report["plots_note"] = [], "matplotlib is not installed: pip install kdarch[bench]"
     if run is not None:
-        atomic_write(out / "config.toml", lambda p: Path(p).write_text(run.to_toml()))
-    atomic_write(out / "report.md", lambda p: Path(p).write_text(markdown(report)))
-    atomic_write(out / "report.json", lambda p: Path(p).write_text(json.dumps(report, indent=2) + "\n"))
+        write_text(out / "config.toml", run.to_toml())
+    write_text(out / "report.md", markdown(report))
+    write_json(out / "report.json", report, indent=2)
     return out / "report.json"

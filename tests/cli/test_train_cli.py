@@ -147,7 +147,7 @@ def test_distill_chain_report(tmp_path, capsys):
     (["train", "--data.dataset", "/no/such/file.txt"], "does not exist"),
     (["train", "--data.seq_len", "4096"], "exceeds the model's context"),
     (["train", "--train.lr", "-1"], "train.lr: expected > 0"),
-    (["distill", "--distill.teacher", "/no/such/dir"], "is not a teacher"),
+    (["distill", "--distill.teacher", "/no/such/dir"], "expected a directory holding a logit cache"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, capsys, args, needle):
     assert main([*args[:1], "--out", str(tmp_path / "o"), *FAST, *args[1:]]) == 2

@@ -123,7 +123,7 @@ def _kd_model(seed=0, **overrides):
 @pytest.mark.parametrize("case", KD_CASES)
 def test_kdarch_saves_hf_dir_transformers_loads_same_logits(tmp_path, case):
     km = _kd_model(**KD_CASES[case])
-    km.save_pretrained(tmp_path, format="hf")
+    kdarch.save_pretrained(km, tmp_path, format="hf")
     hf = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(hf).__name__ == "DeepseekV3ForCausalLM"
     _assert_same_logits(hf, km, _ids(vocab=256, T=60))
@@ -141,7 +141,7 @@ def test_to_hf_model_in_memory(tmp_path):
 
 def test_mtp_layer_round_trip(tmp_path):
     km = _kd_model(seed=5)
-    km.save_pretrained(tmp_path, format="hf")
+    kdarch.save_pretrained(km, tmp_path, format="hf")
     n = km.config.n_layers
     disk = load_file(tmp_path / "model.safetensors")
     for key in ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight", "shared_head.head.weight",
@@ -217,7 +217,7 @@ def test_unsupported_hf_fields_are_refused(field, value, match):
 def test_softmax_router_export_refused(tmp_path):
     km = kdarch.CausalLM(get_preset("debug", score_func="softmax"))
     with pytest.raises(ConfigError, match="score_func='softmax'"):
-        km.save_pretrained(tmp_path, format="hf")
+        kdarch.save_pretrained(km, tmp_path, format="hf")
     assert not any(tmp_path.iterdir())  # nothing written
 
 
@@ -251,7 +251,7 @@ def test_missing_and_unexpected_tensors_refused(hf_dir):
         kdarch.from_pretrained(hf_dir)
     save_file({**sd, "model.norm.weight": sd["model.norm.weight"][:-1].clone()}, hf_dir / "model.safetensors",
               metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"model.norm.weight has shape \(63,\)"):
+    with pytest.raises(ValueError, match=r"model.norm.weight: expected shape \(64,\), got \(63,\)"):
         kdarch.from_pretrained(hf_dir)
 
 
@@ -265,7 +265,7 @@ def test_corrupt_safetensors_refused(hf_dir):
 def test_save_hf_replaces_a_stale_sharded_checkpoint(hf_dir):
     _hf_model(seed=8).save_pretrained(hf_dir, max_shard_size="100KB")
     km = _kd_model(seed=9)
-    km.save_pretrained(hf_dir, format="hf")
+    kdarch.save_pretrained(km, hf_dir, format="hf")
     assert not (hf_dir / "model.safetensors.index.json").exists()
     assert sorted(p.name for p in hf_dir.glob("*.safetensors")) == ["model.safetensors"]
     _assert_same_logits(AutoModelForCausalLM.from_pretrained(hf_dir), km, _ids(vocab=256))

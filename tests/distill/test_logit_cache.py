@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 from kdarch import CausalLM, get_preset
 from kdarch.distill import TopKTeacher, kd_loss
 from kdarch.distill.logit_cache import MANIFEST, LogitCache, ids_dtype_for, write_logit_cache
-from kdarch.distill.teachers import CachedTeacher, ModelTeacher
+from kdarch.distill.logit_cache import CachedTeacher
+from kdarch.distill.teachers import ModelTeacher
 from kdarch.distill.vocab import VocabMismatchError, vocab_fingerprint
 
 FP = vocab_fingerprint({f"t{i}": i for i in range(256)})
@@ -98,9 +99,9 @@ def test_layout_sizes_and_manifest(cache_dir, data):
 
 def test_get_bad_indices(cache_dir):
     cache = LogitCache(cache_dir)
-    with pytest.raises(IndexError, match=r"must lie in \[0, 10\)"):
+    with pytest.raises(IndexError, match=r"indices: expected sequence indices in \[0, 10\), got 10"):
         cache.get([3, 10])
-    with pytest.raises(IndexError, match=r"must lie in \[0, 10\)"):
+    with pytest.raises(IndexError, match=r"indices: expected sequence indices in \[0, 10\), got -1"):
         cache.get([-1])
     for bad in ([], [[1, 2]], [1.0], torch.tensor([True])):
         with pytest.raises(ValueError, match="1-D list or tensor of sequence indices"):
@@ -121,7 +122,7 @@ def test_corrupt_shard_is_refused_naming_it(cache_dir, tmp_path):
     raw = bytearray(f.read_bytes())
     raw[len(raw) // 2] ^= 0x01  # one bit in the tensor data: same size, other checksum
     f.write_bytes(bytes(raw))
-    with pytest.raises(ValueError, match="shard .*shard_00001.safetensors is corrupt"):
+    with pytest.raises(ValueError, match=r"shard_00001.safetensors: corrupt \(its size or sha256 differs"):
         LogitCache(c)
     LogitCache(c, verify=False)  # same size: only the checksum could tell
     raw[:8] = (10 ** 9).to_bytes(8, "little")  # a header length far past the end of the file
@@ -130,10 +131,10 @@ def test_corrupt_shard_is_refused_naming_it(cache_dir, tmp_path):
     with pytest.raises(ValueError, match="shard_00001.safetensors: not a readable safetensors file"):
         cache.get([5])
     f.write_bytes(bytes(raw[:-10]))
-    with pytest.raises(ValueError, match="shard_00001.safetensors is corrupt"):
+    with pytest.raises(ValueError, match="shard_00001.safetensors: corrupt"):
         LogitCache(c, verify=False)
     f.unlink()
-    with pytest.raises(FileNotFoundError, match="shard_00001.safetensors is missing"):
+    with pytest.raises(FileNotFoundError, match=r"shard_00001.safetensors: missing \(listed in manifest.json\)"):
         LogitCache(c)
 
 
@@ -153,20 +154,29 @@ def tamper(m, how):
     elif how == "count":
         m["shards"][2]["count"] = 4
     elif how == "sha":
-        m["shards"][0]["sha256"] = "xyz"
+        m["files"]["shard_00000.safetensors"]["sha256"] = "xyz"
+    elif how == "unlisted_file":
+        del m["files"]["shard_00001.safetensors"]
+    elif how == "version":
+        m["format_version"] = 1
     elif how == "duplicate":
         m["shards"].insert(1, m["shards"][0])
-    elif how == "incomplete":
-        m["shards"].pop()
+    elif how == "incomplete":  # what an interrupted write leaves: the last shard neither listed nor recorded
+        del m["files"][m["shards"].pop()["file"]]
     return m
 
 
 @pytest.mark.parametrize("how, match", [
-    ("missing_k", "missing field 'k'"), ("k_string", "field 'k' must be a positive int, got '8'"),
-    ("k_too_big", "field 'k' must be <= vocab_size=256"), ("dtype", "field 'dtype' must be one of"),
-    ("format", "field 'format' must be 'kdarch-logit-cache'"), ("start", r"shards\[1\]: field 'start'"),
-    ("count", r"shards\[2\]: field 'count' must be 2"), ("sha", r"shards\[0\]: field 'sha256'"),
-    ("duplicate", "listed once each"), ("incomplete", "lists 2 of 3 shards; the write was interrupted")])
+    ("missing_k", "manifest.json: k: expected an int >= 1, got 'nothing'"),
+    ("k_string", "manifest.json: k: expected an int >= 1, got '8'"),
+    ("k_too_big", "manifest.json: k: expected an int <= vocab_size=256, got 300"),
+    ("dtype", "manifest.json: dtype: expected one of"),
+    ("format", "manifest.json: format: expected 'kdarch-logit-cache', got 'something-else'"),
+    ("version", "manifest.json: format_version: expected 2"),
+    ("start", r"shards\[1\].start: expected a multiple of shard_size=4"),
+    ("count", r"shards\[2\].count: expected 2, got 4"), ("sha", "files: expected a map of file name"),
+    ("unlisted_file", r"shards\[1\].file: expected a file listed under 'files'"),
+    ("duplicate", "listed once each"), ("incomplete", "expected all 3 shards; it lists 2: the write was interrupted")])
 def test_tampered_manifest_is_refused_naming_the_field(cache_dir, tmp_path, how, match):
     c = copy(cache_dir, tmp_path / "c")
     (c / MANIFEST).write_text(json.dumps(tamper(json.loads((c / MANIFEST).read_text()), how)))
@@ -178,13 +188,13 @@ def test_manifest_lying_about_shapes_or_json(cache_dir, tmp_path):
     c = copy(cache_dir, tmp_path / "c")
     m = json.loads((c / MANIFEST).read_text())
     (c / MANIFEST).write_text(json.dumps({**m, "seq_len": T - 1}))  # valid on its own, wrong for the shards
-    with pytest.raises(ValueError, match=r"shard_00000.safetensors: input_ids is torch.int32 \(4, 12\), the manifest "
-                                         r"implies torch.int32 \(4, 11\)"):
+    with pytest.raises(ValueError, match=r"shard_00000.safetensors: input_ids: expected torch.int32 \(4, 11\) "
+                                         r"\(from the manifest\), got an int32 tensor of shape \(4, 12\)"):
         LogitCache(c).get([0])
     (c / MANIFEST).write_text("{not json")
-    with pytest.raises(ValueError, match="manifest.json: not valid JSON"):
+    with pytest.raises(ValueError, match="manifest.json: not a readable JSON file"):
         LogitCache(c)
-    with pytest.raises(FileNotFoundError, match="not a logit cache directory"):
+    with pytest.raises(FileNotFoundError, match="expected a logit cache directory"):
         LogitCache(tmp_path)
 
 
@@ -217,15 +227,15 @@ def test_cached_teacher_serves_rows_and_refuses_other_data(cache_dir, data):
         t(wrong, idx)
     with pytest.raises(ValueError, match="at sequence index 8"):
         t(data[[2, 8]], [8, 2])  # the right rows under the wrong indices
-    with pytest.raises(ValueError, match="pass indices_B"):
+    with pytest.raises(ValueError, match="indices_B: expected the dataset sequence index of every batch row, got None"):
         t(data[idx])
     with pytest.raises(ValueError, match="holds no hidden states"):
         t(data[idx], idx, hidden_states=True)
-    with pytest.raises(ValueError, match="3 indices for a batch of 2"):
+    with pytest.raises(ValueError, match=r"indices_B: expected one index per batch row \(2\), got 3"):
         t(data[idx], [8, 2, 1])
-    with pytest.raises(ValueError, match="sequences of 13 tokens, the cache holds 12"):
+    with pytest.raises(ValueError, match="input_ids: expected at most the cache's 12 tokens per sequence, got 13"):
         t(torch.cat([data[idx], data[idx, :1]], 1), idx)
-    with pytest.raises(ValueError, match="mode must be one of"):
+    with pytest.raises(ValueError, match="mode: expected one of 'tail', 'renormalise', got 'dense'"):
         CachedTeacher(cache_dir, mode="dense")
 
 
@@ -252,7 +262,7 @@ def test_resume_after_a_lost_shard_recomputes_only_it(cache_dir, tmp_path, teach
     c = copy(cache_dir, tmp_path / "c")
     before = files(cache_dir)
     m = json.loads((c / MANIFEST).read_text())
-    m["shards"].pop()
+    del m["files"][m["shards"].pop()["file"]]
     (c / MANIFEST).write_text(json.dumps(m))
     (c / "shard_00002.safetensors").unlink()
     seen = []
@@ -303,20 +313,23 @@ def test_other_arguments_on_an_existing_cache_are_refused(cache_dir, tmp_path, t
 
 def test_write_bad_arguments(tmp_path, teacher_model, data, cache_dir):
     t = ModelTeacher(teacher_model)
-    for kw, match in ((dict(k=0), r"k must be an int in \[1, 256\]"), (dict(k=257), r"k must be an int in \[1, 256\]"),
-                      (dict(shard_size=0), "shard_size must be"), (dict(batch_size=1.5), "batch_size must be"),
-                      (dict(dtype="int8"), "dtype must be one of"), (dict(teacher_id=""), "field 'teacher_id'")):
+    for kw, match in ((dict(k=0), r"k: expected an int in \[1, 256\], got 0"),
+                      (dict(k=257), r"k: expected an int in \[1, 256\], got 257"),
+                      (dict(shard_size=0), "shard_size: expected an int >= 1"),
+                      (dict(batch_size=1.5), "batch_size: expected an int >= 1, got 1.5"),
+                      (dict(dtype="int8"), "dtype: expected one of"), (dict(teacher_id=""), "teacher_id: expected a non-empty")):
         with pytest.raises(ValueError, match=match):
             write_logit_cache(t, data, tmp_path / "x", **kw)
     for bad in (data[0], data.float(), data[:0]):
-        with pytest.raises(ValueError, match=r"non-empty int tensor \[N, T\]"):
+        with pytest.raises(ValueError, match=r"input_ids: expected a non-empty int tensor \[N, T\]"):
             write_logit_cache(t, bad, tmp_path / "x")
-    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 256\)"):
+    with pytest.raises(ValueError, match=r"input_ids: expected token ids in \[0, 256\), got 505"):
         write_logit_cache(t, data + 250, tmp_path / "x")
-    with pytest.raises(ValueError, match="expected a kdarch.distill teacher"):
+    with pytest.raises(TypeError, match="teacher: expected a kdarch.distill Teacher"):
         write_logit_cache("teacher", data, tmp_path / "x")
+    with pytest.raises(TypeError, match="teacher: expected a kdarch.distill Teacher"):
+        write_logit_cache(teacher_model, data, tmp_path / "x")  # a bare module: wrap it, ModelTeacher(module)
     assert not (tmp_path / "x").exists()  # refused before anything was written
-    with pytest.raises(ValueError, match="must return dense logits"):
+    with pytest.raises(ValueError, match="the teacher's signal: expected dense logits"):
         write_logit_cache(CachedTeacher(cache_dir), data, tmp_path / "y")
-    write_logit_cache(teacher_model, data[:2], tmp_path / "module", k=2)  # a bare module becomes a ModelTeacher
-    assert LogitCache(tmp_path / "module").teacher_id == t.name and len(LogitCache(tmp_path / "module")) == 2
+

@@ -113,8 +113,8 @@ def test_loss_goes_down():
 @pytest.mark.parametrize("bad, match", [
     (torch.zeros(2, 4), "int64/int32"),
     (torch.zeros(8, dtype=torch.long), r"\[batch, seq_len\]"),
-    (torch.full((1, 4), 256), r"token id 256 out of range; expected ids in \[0, 256\)"),
-    (torch.full((1, 4), -1), "token id -1 out of range"),
+    (torch.full((1, 4), 256), r"input_ids: expected token ids in \[0, 256\), got 256"),
+    (torch.full((1, 4), -1), r"input_ids: expected token ids in \[0, 256\), got -1"),
     (torch.zeros(1, 129, dtype=torch.long), "max_seq_len=128"),
 ])
 def test_bad_inputs(bad, match):
@@ -127,8 +127,25 @@ def test_bad_labels():
     x = ids()
     with pytest.raises(ValueError, match="labels: expected shape"):
         model(x, labels=x[:, :-1])
-    with pytest.raises(ValueError, match=r"labels: token id 300.*-100 to ignore"):
+    with pytest.raises(ValueError, match=r"labels: expected token ids in \[0, 256\) \(or -100 to ignore\), got 300"):
         model(x, labels=torch.full_like(x, 300))
+
+
+def test_value_checks_switch():
+    """Token-id ranges are value checks (a host sync): on under KDARCH_CHECKS=1, skipped when switched off,
+    while the free dtype check stays on."""
+    from kdarch.checks import set_value_checks
+    model, bad = make(), torch.full((1, 4), 256)
+    try:
+        set_value_checks(False)
+        with pytest.raises(IndexError):  # the embedding's own error: kdarch did not read the values
+            model(bad)
+        with pytest.raises(ValueError, match="int64/int32"):
+            model(bad.float())
+    finally:
+        set_value_checks(None)
+    with pytest.raises(ValueError, match="expected token ids"):
+        model(bad)
 
 
 # --- router and balancing -----------------------------------------------------------------------
