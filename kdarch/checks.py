@@ -20,6 +20,7 @@ and never while `torch.compile` traces.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 import os
@@ -27,7 +28,7 @@ from typing import Any, NoReturn
 
 import torch
 
-__all__ = ["ConfigError", "bool_arg", "check", "check_index_range", "choice_arg", "describe", "fail", "int_arg",
+__all__ = ["ConfigError", "bool_arg", "check", "check_field_types", "check_index_range", "choice_arg", "describe", "fail", "int_arg",
            "is_int", "is_number", "number_arg", "optional_import", "set_value_checks", "tensor_arg",
            "value_checks_on"]
 
@@ -108,6 +109,26 @@ def choice_arg(name: str, v: Any, choices, *, error: type[Exception] = ValueErro
     """v if it is one of `choices`; the message lists them."""
     check(v in tuple(choices), name, "one of " + ", ".join(repr(c) for c in choices), v, error=error)
     return v
+
+
+_FIELD_TYPES = {
+    "int": (is_int, "an int"), "float": (is_number, "a finite number"), "bool": (lambda v: isinstance(v, bool),
+                                                                              "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"), "list": (lambda v: isinstance(v, (list, tuple)), "a list"),
+    "dict": (lambda v: isinstance(v, dict), "a table"), "int | None": (lambda v: v is None or is_int(v),
+                                                                      "an int or None"),
+}
+
+
+def check_field_types(obj, prefix: str, *, error: type[Exception] = ConfigError) -> None:
+    """Each field of the dataclass `obj` holds a value of its annotated type ("int", "float", "bool", "str",
+    "list", "dict", "int | None"; other annotations are not checked): run before any comparison, so that a
+    string where a number belongs is named ("<prefix>.<field>: expected an int, got 'two'") rather than
+    compared."""
+    for f in dataclasses.fields(obj):
+        if f.type in _FIELD_TYPES:
+            ok, what = _FIELD_TYPES[f.type]
+            check(ok(getattr(obj, f.name)), f"{prefix}.{f.name}", what, getattr(obj, f.name), error=error)
 
 
 # --- tensors --------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@
     kdarch train --config F.toml       train one model (e.g. a teacher) on a dataset
     kdarch eval --model DIR            held-out loss / perplexity (and agreement with --teacher)
     kdarch generate --model DIR        continue a prompt (sampling, or greedy with MTP drafting)
-    kdarch convert SRC DST --to hf     kdarch <-> Hugging Face DeepseekV3 directories
+    kdarch convert SRC DST --format hf kdarch <-> Hugging Face DeepseekV3 directories
     kdarch cache-teacher --teacher DIR --out CACHE   top-k teacher logits for a dataset, sharded on disk
     kdarch info [--preset NAME]        sizes of a preset: parameters, active parameters, KV-cache bytes/token
     kdarch demo                        a one-minute tour: the tiny student trained briefly, generation
@@ -20,19 +20,11 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-from kdarch.config import PRESETS, ModelConfig, get_preset
-
-
-def describe(cfg: ModelConfig) -> dict[str, float]:
-    return {
-        "params_total": cfg.num_params(),
-        "params_active_per_token": cfg.num_active_params(),
-        "kv_cache_bytes_per_token_latent_bf16": cfg.kv_cache_bytes_per_token(latent=True),
-        "kv_cache_bytes_per_token_full_heads_bf16": cfg.kv_cache_bytes_per_token(latent=False),
-    }
+from kdarch.config import PRESETS, get_preset
 
 
 def embedded_text() -> bytes:
@@ -43,7 +35,7 @@ def embedded_text() -> bytes:
 
 def cmd_info(args) -> int:
     cfg = get_preset(args.preset)
-    print(json.dumps({"preset": args.preset, **describe(cfg)}, indent=2))
+    print(json.dumps({"preset": args.preset, **cfg.figures()}, indent=2))
     return 0
 
 
@@ -55,12 +47,11 @@ def cmd_demo(args) -> int:
     model = CausalLM(cfg)
     print(f"kdarch demo: preset 'tiny' (MLA + {cfg.n_routed_experts}-expert top-{cfg.num_experts_per_tok} MoE "
           f"+ {cfg.n_mtp_modules} MTP module)")
-    fig = describe(cfg)
-    print(f"  parameters: {fig['params_total'] / 1e6:.2f}M total, {fig['params_active_per_token'] / 1e6:.2f}M active/token"
+    fig = cfg.figures()
+    print(f"  parameters: {fig['params_total'] / 1e6:.2f}M total, {fig['params_active'] / 1e6:.2f}M active/token"
           f" (counted in the model: {model.num_params() / 1e6:.2f}M)")
-    print(f"  KV cache per token (bf16): {fig['kv_cache_bytes_per_token_latent_bf16']} B latent vs "
-          f"{fig['kv_cache_bytes_per_token_full_heads_bf16']} B full-head "
-          f"({fig['kv_cache_bytes_per_token_full_heads_bf16'] / fig['kv_cache_bytes_per_token_latent_bf16']:.1f}x smaller)")
+    latent, full = fig["kv_cache_bytes_per_token"], fig["kv_cache_bytes_per_token_full_heads"]
+    print(f"  KV cache per token (bf16): {latent} B latent vs {full} B full-head ({full / latent:.1f}x smaller)")
 
     data = torch.tensor(list(embedded_text()), dtype=torch.long)  # byte-level tokens (ids < 256)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
@@ -110,7 +101,7 @@ def cmd_train(args) -> int:
     out = prepare_run_dir(args.out, args.resume, "train")
     row = run_train(run, out, resume=args.resume, log=log_to_stderr)
     print(json.dumps(row, indent=2))
-    print(f"model: {out / 'model' / 'model'}")
+    print(f"model: {out / 'model'}")
     return 0
 
 
@@ -139,27 +130,44 @@ def _load_model_and_tokenizer(path):
     return model, tok
 
 
+def run_config_of(model_dir: Path) -> Path | None:
+    """The config.toml of the run that trained the model in `model_dir`: beside it, or in the stage, run or
+    checkpoint directories above it (model/, <stage>/model/, <stage>/checkpoints/step_N/)."""
+    for d in [model_dir, *list(model_dir.resolve().parents)[:3]]:
+        if (d / "config.toml").is_file():
+            return d / "config.toml"
+    return None
+
+
 def cmd_eval(args) -> int:
+
     from kdarch.distill.loading import load_teacher
+    from kdarch.train.config import load_run_config, overrides_from_args
     from kdarch.train.data import load_documents, pack, split_documents
     from kdarch.train.evaluate import evaluate_lm
     from kdarch.train.pipeline import teacher_top1
+    config = args.config or run_config_of(Path(args.model))
+    run = load_run_config(config, overrides_from_args(args))
+    print(f"kdarch eval: {'data settings from ' + str(config) if config else 'default data settings'}",
+          file=sys.stderr)
     model, tok = _load_model_and_tokenizer(args.model)
     if tok is None:
         raise SystemExit(f"kdarch eval: {args.model} has no tokenizer.json; kdarch models saved by the train script "
                          "carry theirs")
-    docs = load_documents(args.data, field=args.text_field)
+    docs = load_documents(run.data.dataset, field=run.data.text_field)
     if args.split == "heldout":
-        docs = split_documents(docs, args.heldout_fraction, args.split_seed)[1]
-    ids_NT = pack(docs, tok, args.seq_len)
+        docs = split_documents(docs, run.data.heldout_fraction, run.data.split_seed)[1]
+    ids_NT = pack(docs, tok, run.data.seq_len)
+    n = run.train.eval_sequences
     top1 = None
     if args.teacher:
         teacher = load_teacher(args.teacher, student_vocab_size=model.config.vocab_size,
                                student_fingerprint=tok.fingerprint)
-        table = teacher_top1(teacher, ids_NT, args.max_sequences)
+        table = teacher_top1(teacher, ids_NT, n)
         top1 = lambda idx, ids: table[idx]  # noqa: E731
-    row = evaluate_lm(model, ids_NT, max_sequences=args.max_sequences, teacher_top1=top1)
-    print(json.dumps({"model": str(args.model), "data": args.data, "split": args.split, **row}, indent=2))
+    row = evaluate_lm(model, ids_NT, max_sequences=n, teacher_top1=top1)
+    print(json.dumps({"model": str(args.model), "config": str(config) if config else None, "data": run.data.dataset,
+                      "split": args.split, **row}, indent=2))
     return 0
 
 
@@ -187,20 +195,18 @@ def cmd_generate(args) -> int:
 
 def cmd_convert(args) -> int:
     import shutil
-    from pathlib import Path
 
     from kdarch.pretrained import from_pretrained, save_pretrained
     model = from_pretrained(args.src)
-    dst = save_pretrained(model, args.dst, format="hf" if args.to == "hf" else "kdarch")
+    dst = save_pretrained(model, args.dst, format=args.format)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         if (Path(args.src) / name).is_file():
             shutil.copy2(Path(args.src) / name, Path(dst) / name)
-    print(f"{args.src} -> {dst} ({args.to} format)")
+    print(f"{args.src} -> {dst} ({args.format} format)")
     return 0
 
 
 def cmd_cache_teacher(args) -> int:
-    from pathlib import Path
 
     from kdarch.distill.loading import load_teacher
     from kdarch.distill.logit_cache import LogitCache, write_logit_cache
@@ -227,6 +233,8 @@ def cmd_cache_teacher(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from kdarch.distill.logit_cache import DEFAULT_SHARD_SIZE
+    from kdarch.pretrained import FORMATS
     from kdarch.train.config import add_config_flags
     p = argparse.ArgumentParser(prog="kdarch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -251,17 +259,17 @@ def build_parser() -> argparse.ArgumentParser:
                          "distillation on generated multi-step arithmetic")
     di.set_defaults(fn=cmd_distill)
 
-    ev = sub.add_parser("eval", help="held-out loss, perplexity and top-1 agreement with a teacher")
+    ev = sub.add_parser("eval", help="held-out loss, perplexity and top-1 agreement with a teacher",
+                        description="Evaluate a model on the held-out split of its run's data: the [data] settings "
+                        "(dataset, held-out fraction, split seed, sequence length) come from --config, else from "
+                        "the config.toml its run wrote (found beside or above --model), else the defaults; "
+                        "--data.* flags override them.")
     ev.add_argument("--model", required=True, metavar="DIR", help="a kdarch model directory (with tokenizer.json)")
-    ev.add_argument("--data", default="embedded", help="dataset: embedded, a .txt file / directory, or .jsonl")
-    ev.add_argument("--text-field", default="text", help="JSONL text field")
+    ev.add_argument("--config", metavar="FILE.toml", help="run configuration (default: the run's config.toml)")
     ev.add_argument("--split", choices=("heldout", "all"), default="heldout",
                     help="evaluate the held-out split the train script made (same fraction and seed), or everything")
-    ev.add_argument("--heldout-fraction", type=float, default=0.1, help="held-out fraction used in training")
-    ev.add_argument("--split-seed", type=int, default=0, help="split seed used in training")
-    ev.add_argument("--seq-len", type=int, default=128, help="tokens per evaluated sequence")
-    ev.add_argument("--max-sequences", type=int, default=0, help="evaluate at most this many sequences (0: all)")
     ev.add_argument("--teacher", metavar="DIR", help="teacher directory for top-1 agreement")
+    add_config_flags(ev, ("data", "train.eval_sequences"))
     ev.set_defaults(fn=cmd_eval)
 
     ge = sub.add_parser("generate", help="continue a prompt with a trained model")
@@ -278,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     co = sub.add_parser("convert", help="convert a model directory between kdarch and Hugging Face DeepseekV3")
     co.add_argument("src", help="kdarch or Hugging Face DeepseekV3 directory")
     co.add_argument("dst", help="output directory")
-    co.add_argument("--to", choices=("hf", "kdarch"), required=True, help="output format")
+    co.add_argument("--format", choices=FORMATS, required=True,
+                    help="output format: kdarch, or hf (Hugging Face DeepseekV3, loads in transformers)")
     co.set_defaults(fn=cmd_convert)
 
     ca = sub.add_parser("cache-teacher", help="write a teacher's top-k log-probs + tail mass for the training data "
@@ -288,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--out", required=True, metavar="DIR", help="cache directory (an interrupted write resumes)")
     ca.add_argument("--k", type=int, default=64, help="top-k entries kept per token")
     ca.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16", help="stored log-prob dtype")
-    ca.add_argument("--shard-size", type=int, default=256, help="sequences per shard file")
+    ca.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="sequences per shard file")
     ca.add_argument("--batch-size", type=int, default=8, help="teacher batch size")
     add_config_flags(ca, ("data", "distill"))
     ca.set_defaults(fn=cmd_cache_teacher)

@@ -14,9 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-
-class ConfigError(ValueError):
-    """A ModelConfig field has a value kdarch cannot build."""
+from kdarch.checks import ConfigError, check, check_field_types, is_int
 
 
 @dataclass(frozen=True)
@@ -115,46 +113,46 @@ class ModelConfig:
 
     # ------------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
-        positive = ["vocab_size", "hidden_size", "n_layers", "n_heads", "max_seq_len", "kv_lora_rank",
-                    "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "intermediate_size",
-                    "rope_original_max_seq_len"]
-        for name in positive:
-            _check(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name,
-                   f"a positive int, got {getattr(self, name)!r}")
-        non_negative = ["q_lora_rank", "n_dense_layers", "n_routed_experts", "n_shared_experts", "n_mtp_modules"]
-        for name in non_negative:
-            _check(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name,
-                   f"an int >= 0, got {getattr(self, name)!r}")
-        _check(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim",
-               f"an even number (rope rotates pairs), got {self.qk_rope_head_dim}")
-        _check(self.rope_theta > 0, "rope_theta", f"> 0, got {self.rope_theta}")
-        _check(self.rope_factor >= 1.0, "rope_factor", f">= 1.0 (1.0 disables YaRN), got {self.rope_factor}")
-        _check(self.rms_norm_eps > 0, "rms_norm_eps", f"> 0, got {self.rms_norm_eps}")
-        _check(self.init_std > 0, "init_std", f"> 0, got {self.init_std}")
-        _check(self.mtp_loss_weight >= 0, "mtp_loss_weight", f">= 0, got {self.mtp_loss_weight}")
-        _check(self.n_dense_layers <= self.n_layers, "n_dense_layers",
-               f"<= n_layers ({self.n_layers}), got {self.n_dense_layers}")
+        check_field_types(self, "ModelConfig")  # types first: "two" layers is named, not compared with 0
+        for name in ("vocab_size", "hidden_size", "n_layers", "n_heads", "max_seq_len", "kv_lora_rank",
+                     "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "intermediate_size",
+                     "rope_original_max_seq_len"):
+            self._at_least(name, 1)
+        for name in ("q_lora_rank", "n_dense_layers", "n_routed_experts", "n_shared_experts", "n_mtp_modules",
+                     "mtp_loss_weight"):
+            self._at_least(name, 0)
+        _check(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "an even number (rope rotates pairs)",
+               self.qk_rope_head_dim)
+        for name in ("rope_theta", "rms_norm_eps", "init_std"):
+            _check(getattr(self, name) > 0, name, "a number > 0", getattr(self, name))
+        self._at_least("rope_factor", 1, "(1.0 disables YaRN)")
+        _check(self.n_dense_layers <= self.n_layers, "n_dense_layers", f"<= n_layers={self.n_layers}",
+               self.n_dense_layers)
         for name in ("bos_token_id", "eos_token_id"):
             tok = getattr(self, name)
-            _check(tok is None or (isinstance(tok, int) and 0 <= tok < self.vocab_size), name,
-                   f"None or a token id in [0, {self.vocab_size}), got {tok!r}")
+            _check(tok is None or 0 <= tok < self.vocab_size, name, f"None or a token id in [0, {self.vocab_size})",
+                   tok)
         if self.has_moe:
-            _check(self.moe_intermediate_size > 0, "moe_intermediate_size",
-                   f"a positive int, got {self.moe_intermediate_size}")
-            _check(self.score_func in ("sigmoid", "softmax"), "score_func",
-                   f"one of 'sigmoid', 'softmax', got {self.score_func!r}")
+            self._at_least("moe_intermediate_size", 1)
+            _check(self.score_func in ("sigmoid", "softmax"), "score_func", "one of 'sigmoid', 'softmax'",
+                   self.score_func)
             _check(1 <= self.num_experts_per_tok <= self.n_routed_experts, "num_experts_per_tok",
-                   f"in [1, n_routed_experts={self.n_routed_experts}], got {self.num_experts_per_tok}")
+                   f"an int in [1, n_routed_experts={self.n_routed_experts}]", self.num_experts_per_tok)
             _check(self.n_group >= 1 and self.n_routed_experts % self.n_group == 0, "n_group",
-                   f"a divisor of n_routed_experts={self.n_routed_experts}, got {self.n_group}")
-            _check(1 <= self.topk_group <= self.n_group, "topk_group",
-                   f"in [1, n_group={self.n_group}], got {self.topk_group}")
+                   f"a divisor of n_routed_experts={self.n_routed_experts}", self.n_group)
+            _check(1 <= self.topk_group <= self.n_group, "topk_group", f"an int in [1, n_group={self.n_group}]",
+                   self.topk_group)
             _check(self.topk_group * (self.n_routed_experts // self.n_group) >= self.num_experts_per_tok,
                    "topk_group", f"large enough that topk_group*experts_per_group >= num_experts_per_tok="
-                   f"{self.num_experts_per_tok}, got {self.topk_group}")
-            _check(self.routed_scaling_factor > 0, "routed_scaling_factor", f"> 0, got {self.routed_scaling_factor}")
-            _check(self.bias_update_speed >= 0, "bias_update_speed", f">= 0, got {self.bias_update_speed}")
-            _check(self.seq_aux_loss_coef >= 0, "seq_aux_loss_coef", f">= 0, got {self.seq_aux_loss_coef}")
+                   f"{self.num_experts_per_tok}", self.topk_group)
+            _check(self.routed_scaling_factor > 0, "routed_scaling_factor", "a number > 0",
+                   self.routed_scaling_factor)
+            for name in ("bias_update_speed", "seq_aux_loss_coef"):
+                self._at_least(name, 0)
+
+    def _at_least(self, name: str, lo: float, note: str = "") -> None:
+        v = getattr(self, name)
+        _check(v >= lo, name, f"{'an int' if is_int(v) else 'a number'} >= {lo:g}{' ' + note if note else ''}", v)
 
     # --- derived shapes -------------------------------------------------------------------------
     @property
@@ -218,6 +216,12 @@ class ModelConfig:
                      else self.n_heads * (self.qk_head_dim + self.v_head_dim))
         return self.n_layers * per_layer * dtype_bytes
 
+    def figures(self) -> dict[str, int]:
+        """The sizes a report or `kdarch info` shows, under the names they use everywhere."""
+        return {"params_total": self.num_params(), "params_active": self.num_active_params(),
+                "kv_cache_bytes_per_token": self.kv_cache_bytes_per_token(latent=True),
+                "kv_cache_bytes_per_token_full_heads": self.kv_cache_bytes_per_token(latent=False)}
+
     # --- serialisation --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -252,15 +256,8 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-def require(ok: bool, name: str, expected: str) -> None:
-    """Raise ConfigError("<name>: expected <expected>") unless ok: the one way every kdarch config reports a bad
-    value (ModelConfig, the train script's sections, ArithmeticConfig)."""
-    if not ok:
-        raise ConfigError(f"{name}: expected {expected}")
-
-
-def _check(ok: bool, name: str, expected: str) -> None:
-    require(ok, f"ModelConfig.{name}", expected)
+def _check(ok: bool, name: str, expected: str, got: Any) -> None:
+    check(ok, f"ModelConfig.{name}", expected, got, error=ConfigError)
 
 
 # --- presets ------------------------------------------------------------------------------------

@@ -42,7 +42,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable, NamedTuple, Sequence
 
-from kdarch.config import require
+from kdarch.checks import ConfigError, check_field_types, int_arg, is_int
+from kdarch.checks import check as require
 
 OPERATORS = "+-*"
 """Every operator the task knows (ASCII: '-' is minus, '*' is times)."""
@@ -80,23 +81,21 @@ class ArithmeticConfig:
     """Allow negative intermediate results and answers; when False such problems are redrawn."""
 
     def __post_init__(self) -> None:
+        check_field_types(self, "ArithmeticConfig")
         for name in ("min_ops", "max_ops", "min_digits", "max_digits", "mul_max_digits"):
-            value = getattr(self, name)
-            _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,
-                   f"an int >= 1, got {value!r}")
-        _check(self.max_ops >= self.min_ops, "max_ops", f">= min_ops={self.min_ops}, got {self.max_ops}")
-        _check(self.max_digits >= self.min_digits, "max_digits",
-               f">= min_digits={self.min_digits}, got {self.max_digits}")
+            _check(getattr(self, name) >= 1, name, "an int >= 1", getattr(self, name))
+        _check(self.max_ops >= self.min_ops, "max_ops", f"an int >= min_ops={self.min_ops}", self.max_ops)
+        _check(self.max_digits >= self.min_digits, "max_digits", f"an int >= min_digits={self.min_digits}",
+               self.max_digits)
         _check(self.min_digits <= self.mul_max_digits <= self.max_digits, "mul_max_digits",
-               f"in [min_digits={self.min_digits}, max_digits={self.max_digits}], got {self.mul_max_digits}")
+               f"an int in [min_digits={self.min_digits}, max_digits={self.max_digits}]", self.mul_max_digits)
         ops = self.operators
-        _check(isinstance(ops, str) and len(ops) > 0 and set(ops) <= set(OPERATORS) and len(set(ops)) == len(ops),
-               "operators", f"a non-empty string of distinct characters from {OPERATORS!r}, got {ops!r}")
-        _check(isinstance(self.allow_negative, bool), "allow_negative", f"a bool, got {self.allow_negative!r}")
+        _check(len(ops) > 0 and set(ops) <= set(OPERATORS) and len(set(ops)) == len(ops), "operators",
+               f"a non-empty string of distinct characters from {OPERATORS!r}", ops)
 
 
-def _check(ok: bool, name: str, expected: str) -> None:
-    require(ok, f"ArithmeticConfig.{name}", expected)
+def _check(ok: bool, name: str, expected: str, got) -> None:
+    require(ok, f"ArithmeticConfig.{name}", expected, got, error=ConfigError)
 
 
 class Step(NamedTuple):
@@ -128,8 +127,8 @@ class Problem:
 
     def __post_init__(self) -> None:
         operands, operators = tuple(self.operands), tuple(self.operators)
-        if len(operands) < 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in operands):
-            raise ValueError(f"Problem.operands: expected at least two non-negative ints, got {self.operands!r}")
+        require(len(operands) >= 2 and all(is_int(v) and v >= 0 for v in operands), "Problem.operands",
+                "at least two non-negative ints", self.operands)
         if len(operators) != len(operands) - 1 or not all(op in OPERATORS for op in operators):
             raise ValueError(f"Problem.operators: expected {len(operands) - 1} operators from {OPERATORS!r}, "
                              f"got {self.operators!r}")
@@ -181,8 +180,7 @@ def generate_problems(n: int, cfg: ArithmeticConfig = ArithmeticConfig(), seed: 
     and a request for n problems is a prefix of a request for more. `unique` drops repeats; `exclude` (e.g. the
     test problems) are never returned, so held-out problems cannot leak into training data. Raises ValueError
     when the problem space cannot supply n problems (widen the config or ask for fewer)."""
-    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-        raise ValueError(f"n: expected an int >= 0, got {n!r}")
+    int_arg("n", n, min=0)
     if not isinstance(cfg, ArithmeticConfig):
         raise TypeError(f"cfg: expected an ArithmeticConfig, got {type(cfg).__name__}")
     seen = set(exclude)

@@ -19,7 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdarch.config import PRESETS, ConfigError, ModelConfig, get_preset, require
+from kdarch.checks import ConfigError, check, check_field_types, choice_arg, is_number
+from kdarch.config import PRESETS, ModelConfig, get_preset
+from kdarch.distill.losses import KINDS as KD_KINDS
+from kdarch.distill.relations import KINDS as RELATION_KINDS
+from kdarch.distill.relations import OVER as RELATION_OVER
+from kdarch.distill.relations import SOURCES as RELATION_SOURCES
 
 try:
     import tomllib
@@ -27,6 +32,11 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 DTYPES = ("float32", "bfloat16")
+
+
+def require(ok: bool, name: str, expected: str, got: Any) -> None:
+    """A run-config field check: ConfigError("<section.field>: expected <expected>, got <got>") unless ok."""
+    check(ok, name, expected, got, error=ConfigError)
 
 
 @dataclass(frozen=True)
@@ -38,10 +48,11 @@ class ModelSection:
     """ModelConfig fields replacing the preset's (in TOML: keys of [model] other than preset)."""
 
     def __post_init__(self):
-        require(self.preset in PRESETS, "model.preset", f"one of {sorted(PRESETS)}, got {self.preset!r}")
+        check_field_types(self, "model")
+        require(self.preset in PRESETS, "model.preset", f"one of {sorted(PRESETS)}", self.preset)
         known = {f.name for f in dataclasses.fields(ModelConfig)}
         unknown = sorted(set(self.overrides) - known)
-        require(not unknown, "model", f"ModelConfig fields, got unknown {unknown}")
+        require(not unknown, "model", f"ModelConfig fields ({', '.join(sorted(known))})", unknown)
 
     def check_context(self, seq_len: int) -> None:
         """Training sequences of seq_len tokens must fit the model's context (checked before any work)."""
@@ -81,10 +92,11 @@ class DataSection:
     """Seed of the train / held-out document split."""
 
     def __post_init__(self):
-        require(self.vocab_size >= 300, "data.vocab_size", f"an int >= 300, got {self.vocab_size}")
-        require(self.seq_len >= 8, "data.seq_len", f"an int >= 8, got {self.seq_len}")
-        require(0 < self.heldout_fraction < 0.5, "data.heldout_fraction", f"a float in (0, 0.5), got "
-                 f"{self.heldout_fraction}")
+        check_field_types(self, "data")
+        require(self.vocab_size >= 300, "data.vocab_size", "an int >= 300", self.vocab_size)
+        require(self.seq_len >= 8, "data.seq_len", "an int >= 8", self.seq_len)
+        require(0 < self.heldout_fraction < 0.5, "data.heldout_fraction", "a number in (0, 0.5)",
+                self.heldout_fraction)
 
 
 @dataclass(frozen=True)
@@ -135,15 +147,18 @@ class TrainSection:
     """Show a progress line with loss and tokens/s on stderr."""
 
     def __post_init__(self):
+        check_field_types(self, "train")
         for name in ("steps", "batch_size", "grad_accum", "log_every", "keep_last", "max_bad_steps"):
-            require(getattr(self, name) >= 1, f"train.{name}", f"an int >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "eval_sequences", "checkpoint_every", "threads", "weight_decay",
-                     "grad_clip"):
-            require(getattr(self, name) >= 0, f"train.{name}", f"a value >= 0, got {getattr(self, name)}")
-        require(self.lr > 0, "train.lr", f"> 0, got {self.lr}")
-        require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", f"a value in [0, 1], got {self.min_lr_ratio}")
-        require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1/beta2", "values in [0, 1)")
-        require(self.dtype in DTYPES, "train.dtype", f"one of {DTYPES}, got {self.dtype!r}")
+            require(getattr(self, name) >= 1, f"train.{name}", "an int >= 1", getattr(self, name))
+        for name in ("warmup_steps", "eval_every", "eval_sequences", "checkpoint_every", "threads"):
+            require(getattr(self, name) >= 0, f"train.{name}", "an int >= 0", getattr(self, name))
+        for name in ("weight_decay", "grad_clip"):
+            require(getattr(self, name) >= 0, f"train.{name}", "a number >= 0", getattr(self, name))
+        require(self.lr > 0, "train.lr", "a number > 0", self.lr)
+        require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "a number in [0, 1]", self.min_lr_ratio)
+        for name in ("beta1", "beta2"):
+            require(0 <= getattr(self, name) < 1, f"train.{name}", "a number in [0, 1)", getattr(self, name))
+        choice_arg("train.dtype", self.dtype, DTYPES, error=ConfigError)
 
 
 @dataclass(frozen=True)
@@ -175,22 +190,27 @@ class DistillSection:
     """Feature KD distance: "mse" or "cosine"."""
     relation_weight: float = 0.0
     """Weight of relation KD (0: off)."""
-    relation_kind: str = "similarity"
-    """Relation KD loss: "rkd_distance", "rkd_angle" or "similarity"."""
+    relation_kind: str = "similarity_preserving"
+    """Relation KD loss: "rkd_distance", "rkd_angle" or "similarity_preserving" (kdarch.distill.relations)."""
     relation_over: str = "tokens"
     """Relations among the tokens of each sequence ("tokens") or among the sequences of a batch ("samples")."""
+    relation_source: str = "hidden"
+    """What relation KD compares: the last hidden states ("hidden") or the MLA latents the KV cache stores
+    ("mla"; kdarch and Hugging Face DeepseekV3 teachers)."""
 
     def __post_init__(self):
-        require(self.teacher_dtype in DTYPES, "distill.teacher_dtype", f"one of {DTYPES}")
-        require(self.top_k >= 0, "distill.top_k", f"an int >= 0, got {self.top_k}")
-        require(self.feature_weight >= 0 and self.relation_weight >= 0, "distill.feature_weight/relation_weight",
-                 "weights >= 0")
-        require(self.feature_loss in ("mse", "cosine"), "distill.feature_loss", '"mse" or "cosine"')
-        require(self.relation_over in ("tokens", "samples"), "distill.relation_over", '"tokens" or "samples"')
-        require(self.relation_kind in ("rkd_distance", "rkd_angle", "similarity"), "distill.relation_kind",
-                 '"rkd_distance", "rkd_angle" or "similarity"')
-        require(all(isinstance(w, (int, float)) and w >= 0 for w in self.mtp_depth_weights),
-                 "distill.mtp_depth_weights", "a list of numbers >= 0")
+        check_field_types(self, "distill")
+        choice_arg("distill.teacher_dtype", self.teacher_dtype, DTYPES, error=ConfigError)
+        choice_arg("distill.kind", self.kind, KD_KINDS, error=ConfigError)
+        require(self.top_k >= 0, "distill.top_k", "an int >= 0", self.top_k)
+        for name in ("feature_weight", "relation_weight"):
+            require(getattr(self, name) >= 0, f"distill.{name}", "a number >= 0", getattr(self, name))
+        choice_arg("distill.feature_loss", self.feature_loss, ("mse", "cosine"), error=ConfigError)
+        choice_arg("distill.relation_kind", self.relation_kind, RELATION_KINDS, error=ConfigError)
+        choice_arg("distill.relation_over", self.relation_over, RELATION_OVER, error=ConfigError)
+        choice_arg("distill.relation_source", self.relation_source, RELATION_SOURCES, error=ConfigError)
+        require(all(is_number(w) and w >= 0 for w in self.mtp_depth_weights), "distill.mtp_depth_weights",
+                "a list of numbers >= 0", self.mtp_depth_weights)
 
 
 @dataclass(frozen=True)
@@ -255,26 +275,21 @@ def _inline(table: dict) -> str:
 
 
 def _make(cls, table: dict, where: str):
+    """cls(**table) from a TOML table; errors name `where` (e.g. "students[0].train") instead of the section."""
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: expected a table, got {type(table).__name__}")
-    if cls is ModelSection:
-        return ModelSection.from_table(table)
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(table) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {unknown}; known fields are {sorted(known)}")
-    for k, v in table.items():
-        if not _has_type(v, hints[k]):
-            raise ConfigError(f"{where}.{k}: expected {getattr(hints[k], '__name__', hints[k])}, got {v!r}")
-    return cls(**table)
-
-
-def _has_type(value, want) -> bool:
-    """TOML-aware isinstance: bool is not a number, an int is a valid float."""
-    if isinstance(value, bool) and want is not bool:
-        return False
-    return isinstance(value, (int, float) if want is float else want)
+    prefix = next(name for name, c in SECTIONS.items() if c is cls)
+    try:
+        if cls is ModelSection:
+            return ModelSection.from_table(table)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(table) - known)
+        if unknown:
+            raise ConfigError(f"{prefix}: unknown field(s) {unknown}; known fields are {sorted(known)}")
+        return cls(**table)
+    except ConfigError as e:
+        msg = str(e)
+        raise ConfigError(where + msg[len(prefix):] if msg.startswith(prefix) else msg) from None
 
 
 def _stage(table: dict, where: str, base_train: TrainSection, default_name: str) -> Stage:
@@ -315,7 +330,7 @@ def load_run_config(path: str | Path | None = None, overrides: dict[str, Any] | 
     chain = tuple(_stage(s, f"students[{i}]", sections["train"], f"student{i + 1}" if i else "student")
                   for i, s in enumerate(students))
     scratch = raw.get("scratch", True)
-    require(isinstance(scratch, bool), "scratch", "true or false")
+    require(isinstance(scratch, bool), "scratch", "true or false", scratch)
     return RunConfig(**sections, teacher=teacher, students=chain, scratch=scratch)
 
 
@@ -351,8 +366,10 @@ def _parse_flag_value(text: str, kind):
 
 
 def add_config_flags(parser, sections: tuple[str, ...] = tuple(SECTIONS)) -> None:
-    """One `--section.field` flag per config field (and per ModelConfig field under --model.), documented."""
-    for name in sections:
+    """One `--section.field` flag per config field (and per ModelConfig field under --model.), documented.
+    An entry "section.field" adds that one field's flag only."""
+    for entry in sections:
+        name, _, only = entry.partition(".")
         group = parser.add_argument_group(f"[{name}] config fields (override the --config file)")
         if name == "model":
             group.add_argument("--model.preset", dest="cfg:model.preset", metavar="NAME",
@@ -363,7 +380,7 @@ def add_config_flags(parser, sections: tuple[str, ...] = tuple(SECTIONS)) -> Non
         hints = typing.get_type_hints(cls)
         defaults = cls()
         for f in dataclasses.fields(cls):
-            if f.name in skip or f.name == "overrides":
+            if f.name in skip or f.name == "overrides" or (only and f.name != only):
                 continue
             kind = hints[f.name]
             default = getattr(defaults, f.name) if name != "model" else None

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from kdarch.checks import check, is_int
+
 from kdarch.train.tokenizer import Tokenizer
 
 _BOUNDARIES = (re.compile(r"\n[ \t]*\n\s*"), re.compile(r"\n"))  # paragraph, then line boundaries
@@ -184,10 +186,9 @@ class Batches(Iterator[tuple[torch.Tensor, torch.Tensor]]):
                 raise ValueError(f"Batches.load_state_dict: the state was made for {key} = {state[key]!r}, this "
                                  f"dataset has {key} = {getattr(self, key)!r}")
         epoch, position, seed = state["epoch"], state["position"], state["seed"]
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (epoch, position, seed)) or epoch < 0 \
-                or not 0 <= position < self.steps_per_epoch:
-            raise ValueError(f"Batches.load_state_dict: expected ints epoch >= 0, 0 <= position < "
-                             f"{self.steps_per_epoch} and seed, got {state!r}")
+        check(all(is_int(v) for v in (epoch, position, seed)) and epoch >= 0
+              and 0 <= position < self.steps_per_epoch, "Batches.load_state_dict: state",
+              f"ints epoch >= 0, 0 <= position < {self.steps_per_epoch} and seed", state)
         self.epoch, self.position, self.seed, self._order = epoch, position, seed, None
 
 

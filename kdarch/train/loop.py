@@ -30,6 +30,7 @@ from typing import Callable, Protocol
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from kdarch.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from kdarch.train.config import TrainSection
@@ -163,21 +164,20 @@ class MetricsLog:
 
 
 class Progress:
-    """One status line on stderr: rewritten in place on a terminal, printed every `every` steps otherwise."""
+    """The stage's progress bar on stderr (tqdm): step, loss and tokens/s. On a terminal it redraws in place;
+    in a log file (not a TTY) it writes a line at most every `log_interval` seconds."""
 
-    def __init__(self, name: str, total: int, enabled: bool, every: int):
-        self.name, self.total, self.enabled, self.every = name, total, enabled, every
-        self.tty = sys.stderr.isatty()
+    def __init__(self, name: str, total: int, enabled: bool, start: int = 0, log_interval: float = 10.0):
+        tty = sys.stderr.isatty()
+        self.bar = tqdm(total=total, initial=start, desc=name, unit="step", file=sys.stderr, disable=not enabled,
+                        dynamic_ncols=tty, mininterval=0.1 if tty else log_interval, ascii=not tty)
 
-    def update(self, step: int, text: str) -> None:
-        if not self.enabled:
-            return
-        bar = "#" * int(20 * step / self.total)
-        line = f"{self.name} [{bar:<20}] {step}/{self.total} {text}"
-        if self.tty:
-            print("\r" + line, end="\n" if step == self.total else "", file=sys.stderr, flush=True)
-        elif step % self.every == 0 or step == self.total:
-            print(line, file=sys.stderr, flush=True)
+    def update(self, loss: float, tokens_per_s: float) -> None:
+        self.bar.set_postfix_str(f"loss {loss:.3f}, {tokens_per_s:,.0f} tok/s", refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 @dataclass
@@ -226,7 +226,7 @@ def train(model: nn.Module, cfg: TrainSection, train_NT: torch.Tensor, run_dir: 
         bad_steps, tokens = state["bad_steps"], state["tokens"]
         print(f"{name}: resumed from {ckpt} (step {start})", file=sys.stderr)
     log = MetricsLog(run_dir, start if ckpt is not None else None)
-    progress = Progress(name, cfg.steps, cfg.progress, cfg.log_every)
+    progress = Progress(name, cfg.steps, cfg.progress, start)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
     model.train()
     t0, tokens_at_t0, last = time.perf_counter(), tokens, None
@@ -268,6 +268,7 @@ def train(model: nn.Module, cfg: TrainSection, train_NT: torch.Tensor, run_dir: 
                 raise TrainingError(f"{name}: {bad_steps} steps skipped for non-finite values (train.max_bad_steps="
                                     f"{cfg.max_bad_steps}); lower train.lr or check the data / teacher")
             sched.step()
+            progress.update(float("nan"), 0.0)
             continue
         opt.step()
         loads = model.update_router_biases() if hasattr(model, "update_router_biases") else {}
@@ -284,12 +285,13 @@ def train(model: nn.Module, cfg: TrainSection, train_NT: torch.Tensor, run_dir: 
                 row.update(evaluate())
                 model.train()
             log.write(row)
-        progress.update(step, f"loss {loss_value:.3f} {rate:.0f} tok/s")
+        progress.update(loss_value, rate)
         if step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
             state = {"data": batches.state_dict(), "objective": objective.state_dict(), "bad_steps": bad_steps,
                      "tokens": tokens}
             last = save_checkpoint(run_dir, step, model=model, optimizer=opt, scheduler=sched,
                                    modules=objective.modules, state=state, keep_last=cfg.keep_last)
+    progress.close()
     log.close()
     model.eval()
     if last is None:

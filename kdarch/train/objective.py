@@ -4,25 +4,25 @@ Per micro-batch: the teacher's signal for the batch (dense logits, its top-k, or
 student's hidden states only — no [tokens x vocab] student logits — through the fused head for the main
 head and each MTP depth (`multi_token_kd_loss`, α·soft + (1 − α)·hard with α and T from the schedule), plus
 optional feature KD (learned projectors, trained and checkpointed with the student) and relation KD (on the
-last hidden states or on the MLA latents), plus the model's own balance loss. A NaN/inf in the teacher's
+last hidden states or, with `distill.relation_source = "mla"`, on the MLA latents the KV cache stores, captured
+from both models by forward hooks), plus the model's own balance loss. A NaN/inf in the teacher's
 signal raises NonFiniteError, which the loop turns into a skipped step.
 """
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 from torch import nn
 
 from kdarch.distill.features import FeatureDistiller
 from kdarch.distill.mtp import multi_token_kd_loss
-from kdarch.distill.relations import RelationDistiller
+from kdarch.distill.relations import RelationDistiller, capture_mla_latents, mla_latent_norms
 from kdarch.distill.schedules import KDSchedule
 from kdarch.distill.teacher_signal import TopKTeacher
 from kdarch.distill.teachers import ModelTeacher, Teacher
 from kdarch.train.config import DistillSection
 from kdarch.train.loop import NonFiniteError, StepLoss, count_targets, labels_for
-
-RELATION_KINDS = {"rkd_distance": "distance", "rkd_angle": "angle", "similarity": "sp"}
-
 
 def _finite(signal) -> bool:
     if isinstance(signal, TopKTeacher):
@@ -49,7 +49,10 @@ class DistillObjective:
                                                         tcfg.num_hidden_layers if hasattr(tcfg, "num_hidden_layers")
                                                         else tcfg.n_layers, loss=cfg.feature_loss)
         if cfg.relation_weight > 0:
-            self.relation = RelationDistiller(kind=RELATION_KINDS[cfg.relation_kind], over=cfg.relation_over)
+            self.relation = RelationDistiller(kind=cfg.relation_kind, over=cfg.relation_over,
+                                              source=cfg.relation_source)
+            if cfg.relation_source == "mla":  # both must have MLA latents: refused here, not at the first step
+                mla_latent_norms(teacher.model), mla_latent_norms(student)
         self.mtp_weight = scfg.mtp_loss_weight
         self.depth_weights = list(cfg.mtp_depth_weights) or None
         if self.depth_weights is not None and cfg.mtp and len(self.depth_weights) != scfg.n_mtp_modules:
@@ -61,8 +64,10 @@ class DistillObjective:
 
     def __call__(self, model, indices_B, ids_BT, progress: float) -> StepLoss:
         cfg = self.cfg
-        need_hidden = cfg.feature_weight > 0 or cfg.relation_weight > 0
-        t_out = self.teacher(ids_BT, indices_B, hidden_states=need_hidden)
+        latents = cfg.relation_weight > 0 and cfg.relation_source == "mla"
+        need_hidden = cfg.feature_weight > 0 or (cfg.relation_weight > 0 and not latents)
+        with capture_mla_latents(self.teacher.model) if latents else nullcontext() as t_latents:
+            t_out = self.teacher(ids_BT, indices_B, hidden_states=need_hidden)
         signal = t_out.signal
         if not _finite(signal):
             raise NonFiniteError("the teacher's signal has NaN/inf values")
@@ -70,7 +75,9 @@ class DistillObjective:
             signal = TopKTeacher.from_logits(signal, cfg.top_k)
         step = min(self.total_steps, round(progress * self.total_steps))
         alpha, temperature = self.schedule.at(step, self.total_steps)
-        out = model(ids_BT, output_hidden_states=need_hidden, output_mtp_hidden_states=cfg.mtp, return_logits=False)
+        with capture_mla_latents(model) if latents else nullcontext() as s_latents:
+            out = model(ids_BT, output_hidden_states=need_hidden, output_mtp_hidden_states=cfg.mtp,
+                        return_logits=False)
         res = multi_token_kd_loss(out.last_hidden_state, (out.mtp_hidden_states or []) if cfg.mtp else [],
                                   model.head.weight, labels_for(ids_BT, self.pad_id), signal, depth_weights=self.depth_weights,
                                   mtp_weight=self.mtp_weight, kind=cfg.kind, temperature=temperature, alpha=alpha,
@@ -91,7 +98,8 @@ class DistillObjective:
             loss = loss + cfg.feature_weight * feat
             metrics["feature_loss"] = feat.item()
         if cfg.relation_weight > 0:
-            rel = self.relation(out.hidden_states, t_out.hidden_states)
+            rel = (self.relation(s_latents[0], t_latents[0]) if latents
+                   else self.relation(out.hidden_states, t_out.hidden_states))
             loss = loss + cfg.relation_weight * rel
             metrics["relation_loss"] = rel.item()
         return StepLoss(loss, metrics)

@@ -22,8 +22,10 @@ from kdarch.distill.loading import load_teacher
 from kdarch.distill.logit_cache import CachedTeacher, LogitCache, input_ids_sha256
 from kdarch.distill.teacher_signal import TopKTeacher
 from kdarch.distill.teachers import ModelTeacher, Teacher
+from kdarch.io import write_text
 from kdarch.model import CausalLM
 from kdarch.pretrained import save_pretrained
+from kdarch.checks import ConfigError
 from kdarch.train.config import ModelSection, RunConfig, Stage, TrainSection
 from kdarch.train.data import load_documents, pack, split_documents
 from kdarch.train.evaluate import PeakMemory, evaluate_lm, generation_speed
@@ -99,14 +101,15 @@ class StageRun:
 
 
 def run_stage(stage: Stage, data: Data, run_dir: Path, *, objective_for: Callable[[CausalLM], Objective] | None = None,
-              resume: bool = False, teacher: str | None = None, log=print) -> StageRun:
-    """Train one model (LM objective, or the objective `objective_for(model)` builds); save it with its tokenizer."""
+              resume: bool = False, teacher: str | None = None, stage_dir: Path | None = None, log=print) -> StageRun:
+    """Train one model (LM objective, or the objective `objective_for(model)` builds) in `stage_dir` (default
+    run_dir / stage.name): checkpoints/, metrics.jsonl, and the final model/ with its tokenizer."""
     model = build_model(stage.model, data, stage.train.seed)
     objective = objective_for(model) if objective_for is not None else None
     what = f"distilling from {teacher}" if teacher else "language modelling"
     log(f"[{stage.name}] {model.config.num_params() / 1e6:.2f}M parameters "
         f"({model.config.num_active_params() / 1e6:.2f}M active), {stage.train.steps} steps, {what}")
-    stage_dir = run_dir / stage.name
+    stage_dir = stage_dir or run_dir / stage.name
     with PeakMemory() as mem:
         res = train(model, stage.train, data.train_NT, stage_dir, objective=objective, resume=resume, name=stage.name)
     final = stage_dir / "model"
@@ -126,9 +129,8 @@ def measure(run: StageRun, data: Data, *, eval_sequences: int, teacher_top1_NT: 
                       pad_id=data.pad_id)
     prompts = [data.heldout_NT[i, :16].tolist() for i in range(min(4, data.heldout_NT.shape[0]))]
     row.update(generation_speed(run.model, prompts, new_tokens=48))
-    row.update(params_total=cfg.num_params(), params_active=cfg.num_active_params(),
-               kv_cache_bytes_per_token=cfg.kv_cache_bytes_per_token(latent=True),
-               peak_memory_mb=run.peak_memory_mb, train_seconds=run.seconds, train_tokens=run.tokens,
+    row.update(cfg.figures())
+    row.update(peak_memory_mb=run.peak_memory_mb, train_seconds=run.seconds, train_tokens=run.tokens,
                train_steps=len(run.rows) and run.rows[-1]["step"], model_dir=str(run.directory))
     if run.teacher:
         row["teacher"] = run.teacher
@@ -164,27 +166,41 @@ def prepare_run_dir(out: str | Path | None, resume: bool, prefix: str) -> Path:
     return out
 
 
+def stage_train(base: TrainSection, default: TrainSection) -> TrainSection:
+    """A default stage's training settings under [train]: the fields [train] sets (those that differ from
+    TrainSection's defaults) replace the stage's own defaults, e.g. its step count; the rest stay the stage's."""
+    changed = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)
+               if getattr(base, f.name) != getattr(TrainSection(), f.name)}
+    return dataclasses.replace(default, **changed)
+
+
+def student_model(run: RunConfig, default: ModelSection) -> ModelSection:
+    """The default student's architecture under [model]: its fields replace the default's (the default's preset
+    unless model.preset names another, whose own fields then start over)."""
+    if run.model.preset != default.preset:
+        return run.model
+    return ModelSection(default.preset, {**default.overrides, **run.model.overrides})
+
+
 def stages_of(run: RunConfig) -> tuple[Stage, list[Stage]]:
-    """The teacher stage and the chain of students, with the embedded defaults where the config has none.
-    Stage train settings not given in the config come from [train] (then the defaults' step counts)."""
-    base = run.train
-    teacher = run.teacher or dataclasses.replace(DEFAULT_TEACHER, train=_with_steps(base, DEFAULT_TEACHER.train))
-    students = list(run.students) or [dataclasses.replace(DEFAULT_STUDENT, model=run.model,  # [model]: tiny by default
-                                                          train=_with_steps(base, DEFAULT_STUDENT.train))]
+    """The teacher stage and the chain of students, with the embedded defaults where the config has none; [model]
+    is the default student's architecture (refused beside [[students]], which name their own)."""
+    if run.students and run.model != ModelSection():
+        raise ConfigError("model: expected no [model] section beside [[students]] (each student names its model: "
+                          "model = {preset = ..., ...})")
+    teacher = run.teacher or dataclasses.replace(DEFAULT_TEACHER, train=stage_train(run.train, DEFAULT_TEACHER.train))
+    students = list(run.students) or [dataclasses.replace(DEFAULT_STUDENT, model=student_model(run, DEFAULT_STUDENT.model),
+                                                          train=stage_train(run.train, DEFAULT_STUDENT.train))]
     return teacher, students
 
 
-def _with_steps(base: TrainSection, default: TrainSection) -> TrainSection:
-    """[train] as configured, but the default stage's step count when [train].steps was left at its default."""
-    return base if base.steps != TrainSection.steps else dataclasses.replace(base, steps=default.steps)
-
-
 def run_train(run: RunConfig, out: Path, *, resume: bool = False, log=print) -> dict:
-    """`kdarch train`: one model on the data with the LM objective; returns its report row."""
+    """`kdarch train`: one model on the data with the LM objective, in `out` itself (out/model, out/metrics.jsonl,
+    out/checkpoints, out/config.toml: the layout of each stage of `kdarch distill`); returns its report row."""
     run.model.check_context(run.data.seq_len)
     data = prepare_data(run, out, log=log)
-    stage = Stage("model", run.model, run.train)
-    res = run_stage(stage, data, out, resume=resume, log=log)
+    write_text(out / "config.toml", run.to_toml())
+    res = run_stage(Stage("model", run.model, run.train), data, out, resume=resume, stage_dir=out, log=log)
     return measure(res, data, eval_sequences=run.train.eval_sequences, teacher_top1_NT=None)
 
 

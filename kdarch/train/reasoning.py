@@ -22,10 +22,11 @@ import torch
 
 from kdarch.distill.teachers import ModelTeacher
 from kdarch.train import arithmetic as ar
-from kdarch.train.config import ModelSection, RunConfig, Stage, TrainSection
+from kdarch.checks import ConfigError
+from kdarch.train.config import DataSection, ModelSection, RunConfig, Stage, TrainSection
 from kdarch.train.loop import LMObjective
 from kdarch.train.objective import DistillObjective
-from kdarch.train.pipeline import Data, measure, run_stage, teacher_top1
+from kdarch.train.pipeline import Data, measure, run_stage, stage_train, student_model, teacher_top1
 from kdarch.train.report import write_report
 from kdarch.train.tokenizer import ByteTokenizer
 
@@ -72,17 +73,32 @@ def solve(model, problems: list[ar.Problem], tok: ByteTokenizer, batch: int = 10
     return out
 
 
-def _stage(configured: tuple[Stage, ...] | Stage | None, default: Stage, base: TrainSection) -> Stage:
-    if configured:
-        return configured if isinstance(configured, Stage) else configured[0]
-    train = default.train if base == TrainSection() else base
-    return dataclasses.replace(default, train=train)
+def task_stages(run: RunConfig) -> tuple[Stage, Stage]:
+    """The teacher and student stages of the task, every field of the run honoured or refused by name: [teacher]
+    and one [[students]] entry replace the defaults; [model] is the default student's architecture and [train]
+    overrides the default stages' settings (as in `kdarch distill`); [data] and distill.teacher cannot apply (the
+    task makes its own data and teacher)."""
+    for f in dataclasses.fields(DataSection):
+        if getattr(run.data, f.name) != getattr(DataSection(), f.name):
+            raise ConfigError(f"data.{f.name}: expected no [data] settings with --task arithmetic (its problems are "
+                              f"generated, byte-tokenized, {SEQ_LEN} tokens per row), got {getattr(run.data, f.name)!r}")
+    if run.distill.teacher:
+        raise ConfigError(f"distill.teacher: expected none with --task arithmetic (it trains its teacher on the task's "
+                          f"worked solutions), got {run.distill.teacher!r}")
+    if len(run.students) > 1:
+        raise ConfigError(f"students: expected one [[students]] entry with --task arithmetic, got {len(run.students)}")
+    if run.students and run.model != ModelSection():
+        raise ConfigError("model: expected no [model] section beside [[students]] (the student names its model)")
+    teacher = run.teacher or dataclasses.replace(DEFAULT_TEACHER, train=stage_train(run.train, DEFAULT_TEACHER.train))
+    student = run.students[0] if run.students else dataclasses.replace(
+        DEFAULT_STUDENT, model=student_model(run, DEFAULT_STUDENT.model),
+        train=stage_train(run.train, DEFAULT_STUDENT.train))
+    return teacher, student
 
 
 def run_arithmetic(run: RunConfig, out: Path, *, resume: bool = False, log=print) -> dict:
     t_start = time.perf_counter()
-    teacher_stage = _stage(run.teacher, DEFAULT_TEACHER, run.train)
-    student_stage = _stage(run.students, DEFAULT_STUDENT, run.train)
+    teacher_stage, student_stage = task_stages(run)
     cfg, tok = TASK, ByteTokenizer()
     tok.save(out / "tokenizer")
     # Test and curation problems are drawn before the teacher's (unique) training problems, which exhaust the
@@ -116,19 +132,20 @@ def run_arithmetic(run: RunConfig, out: Path, *, resume: bool = False, log=print
     student_run = run_stage(student_stage, student_data, out, resume=resume, teacher=teacher.name, log=log,
                             objective_for=lambda m: DistillObjective(teacher, m, run.distill, student_stage.train.steps,
                                                                      pad_id=tok.pad_id))
-    scratch_run = run_stage(dataclasses.replace(student_stage, name="scratch"), scratch_data, out, objective_for=lm,
-                            resume=resume, log=log)
+    runs = {"teacher": teacher_run, "student": student_run}
+    if run.scratch:
+        runs["scratch"] = run_stage(dataclasses.replace(student_stage, name="scratch"), scratch_data, out,
+                                    objective_for=lm, resume=resume, log=log)
 
     top1_NT = teacher_top1(teacher, heldout_NT, 0)
     report: dict = {"task": "arithmetic", "arithmetic": {"curation": dataclasses.asdict(stats),
                                                          "test_problems": len(test)}}
-    for key, res in (("teacher", teacher_run), ("student", student_run), ("scratch", scratch_run)):
+    for key, res in runs.items():
         report[key] = measure(res, teacher_data, eval_sequences=0, teacher_top1_NT=top1_NT)
         completions = solve(res.model, test, tok)
         report["arithmetic"][key] = {"exact_match": ar.exact_match(test, completions),
                                      "example": ar.prompt(test[0]) + completions[0]}
         log(f"[{key}] exact match on {len(test)} test problems: {report['arithmetic'][key]['exact_match']:.1%}")
     report["wall_seconds"] = time.perf_counter() - t_start
-    write_report(out, report, {"teacher": teacher_run.rows, "student": student_run.rows, "scratch": scratch_run.rows},
-                 run)
+    write_report(out, report, {key: res.rows for key, res in runs.items()}, run)
     return report

@@ -68,27 +68,31 @@ def trained(tmp_path_factory):
 
 
 def test_train_writes_a_model_metrics_and_checkpoint(trained, capsys):
-    model_dir = trained / "model" / "model"
+    """`kdarch train --out DIR` lays DIR out like one stage of `kdarch distill`."""
+    model_dir = trained / "model"
     assert (model_dir / "model.safetensors").is_file() and (model_dir / "tokenizer.json").is_file()
-    rows = [json.loads(x) for x in (trained / "model" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (trained / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
-    assert (trained / "model" / "checkpoints" / "step_00000003" / "manifest.json").is_file()
+    assert (trained / "checkpoints" / "step_00000003" / "manifest.json").is_file()
+    assert (trained / "config.toml").is_file()
 
 
 def test_eval_generate_convert(trained, tmp_path, capsys):
-    model_dir = str(trained / "model" / "model")
-    assert main(["eval", "--model", model_dir, "--seq-len", "32", "--max-sequences", "4", "--teacher", model_dir]) == 0
+    model_dir = str(trained / "model")
+    assert main(["eval", "--model", model_dir, "--data.seq_len", "32", "--train.eval_sequences", "4",
+                 "--teacher", model_dir]) == 0
     row = json.loads(capsys.readouterr().out)
     assert row["eval_tokens"] == 4 * 31 and row["top1_agreement"] == 1.0 and row["perplexity"] > 1
+    assert row["config"] == str(trained / "config.toml") and row["data"] == FAST[-1]  # the run's own data
     assert main(["generate", "--model", model_dir, "--prompt", "The ", "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.startswith("The ")
     assert main(["generate", "--model", model_dir, "--prompt", "x", "--max-new-tokens", "4", "--speculative"]) == 0
     hf = tmp_path / "hf"
-    assert main(["convert", model_dir, str(hf), "--to", "hf"]) == 0
+    assert main(["convert", model_dir, str(hf), "--format", "hf"]) == 0
     assert json.loads((hf / "config.json").read_text())["model_type"] == "deepseek_v3"
     assert (hf / "tokenizer.json").is_file()
     back = tmp_path / "back"
-    assert main(["convert", str(hf), str(back), "--to", "kdarch"]) == 0
+    assert main(["convert", str(hf), str(back), "--format", "kdarch"]) == 0
     from kdarch.pretrained import from_pretrained
     a, b = from_pretrained(model_dir), from_pretrained(back)
     ids = torch.randint(0, 256, (1, 8))
@@ -96,7 +100,7 @@ def test_eval_generate_convert(trained, tmp_path, capsys):
 
 
 def test_cache_teacher_then_distill_from_the_cache(trained, tmp_path, capsys):
-    teacher = str(trained / "model" / "model")
+    teacher = str(trained / "model")
     cache = tmp_path / "cache"
     data = ["--data.tokenizer", "bytes", "--data.seq_len", "32", *FAST[-2:]]
     assert main(["cache-teacher", "--teacher", teacher, "--out", str(cache), "--k", "8", "--shard-size", "4096",
@@ -113,7 +117,7 @@ def test_cache_teacher_then_distill_from_the_cache(trained, tmp_path, capsys):
     # The cache refuses data it was not computed on.
     assert main(["distill", "--out", str(tmp_path / "other"), "--distill.teacher", str(cache), "--train.steps", "1",
                  *FAST, "--data.seq_len", "16"]) == 2
-    assert "was computed on other data (1252 sequences x 32 tokens)" in capsys.readouterr().err
+    assert f"was computed on other data ({info['sequences']} sequences x 32 tokens)" in capsys.readouterr().err
 
 
 def test_distill_chain_report(tmp_path, capsys):
@@ -165,7 +169,7 @@ def test_tiny_dataset_and_vocab_mismatch(trained, tmp_path, capsys):
     from kdarch.train.tokenizer import BPETokenizer
     BPETokenizer.train(embedded_corpus()[:5], 400).save(tmp_path / "bpe")
     assert main(["distill", "--out", str(tmp_path / "b"), *FAST, "--data.tokenizer", str(tmp_path / "bpe"),
-                 "--distill.teacher", str(trained / "model" / "model")]) == 2
+                 "--distill.teacher", str(trained / "model")]) == 2
     err = capsys.readouterr().err
     assert "fingerprint" in err and "Traceback" not in err
 
@@ -206,4 +210,4 @@ def test_train_in_bf16_and_fp8(tmp_path, precision):
     rows = [json.loads(x) for x in (out / "model" / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows) and rows[-1]["skipped_steps"] == 0
     from kdarch.pretrained import from_pretrained
-    assert from_pretrained(out / "model" / "model").config.fp8 == ("--model.fp8" in precision)
+    assert from_pretrained(out / "model").config.fp8 == ("--model.fp8" in precision)

@@ -64,3 +64,36 @@ def test_a_teacher_that_solves_nothing_is_a_clear_error(tmp_path, monkeypatch):
                     students=(Stage("student", ModelSection("debug"), train),))
     with pytest.raises(RuntimeError, match="solved none of the curation problems"):
         reasoning.run_arithmetic(run, tmp_path, log=lambda *_: None)
+
+
+def test_every_field_is_honoured_or_refused():
+    """[model] and [train] shape the default stages (as in `kdarch distill`); [data], distill.teacher, a second
+    student and [model] beside [[students]] cannot apply and are refused by name."""
+    from kdarch.config import ConfigError
+    from kdarch.train.config import DataSection, DistillSection
+    teacher, student = reasoning.task_stages(RunConfig(model=ModelSection("tiny", {"n_layers": 3}),
+                                                       train=TrainSection(lr=1e-3)))
+    assert student.model.overrides["n_layers"] == 3  # on top of the task's own student
+    assert student.model.overrides["hidden_size"] == reasoning.DEFAULT_STUDENT.model.overrides["hidden_size"]
+    assert (teacher.train.lr, student.train.lr) == (1e-3, 1e-3)
+    assert (teacher.train.steps, student.train.steps) == (reasoning.DEFAULT_TEACHER.train.steps,
+                                                          reasoning.DEFAULT_STUDENT.train.steps)
+    assert reasoning.task_stages(RunConfig(model=ModelSection("debug")))[1].model == ModelSection("debug")
+    stage = Stage("s", ModelSection("debug"), TrainSection())
+    for run, field in ((RunConfig(data=DataSection(seq_len=32)), "data.seq_len"),
+                       (RunConfig(data=DataSection(dataset="x.txt")), "data.dataset"),
+                       (RunConfig(distill=DistillSection(teacher="dir")), "distill.teacher"),
+                       (RunConfig(students=(stage, stage)), "students"),
+                       (RunConfig(model=ModelSection("debug"), students=(stage,)), "model")):
+        with pytest.raises(ConfigError, match=f"^{field}: expected"):
+            reasoning.task_stages(run)
+
+
+def test_scratch_false_skips_the_baseline(tmp_path, monkeypatch):
+    monkeypatch.setattr(reasoning, "solve", lambda model, problems, tok, batch=100: [ar.solution(p) for p in problems])
+    monkeypatch.setattr(reasoning, "N_CURATE", 8)
+    train = TrainSection(steps=1, batch_size=4, progress=False, eval_sequences=4)
+    run = RunConfig(train=train, teacher=Stage("teacher", ModelSection("debug"), train),
+                    students=(Stage("student", ModelSection("debug"), train),), scratch=False)
+    report = reasoning.run_arithmetic(run, tmp_path, log=lambda *_: None)
+    assert "scratch" not in report and "scratch" not in report["arithmetic"] and not (tmp_path / "scratch").exists()
