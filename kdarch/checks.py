@@ -28,7 +28,7 @@ from typing import Any, NoReturn
 
 import torch
 
-__all__ = ["ConfigError", "bool_arg", "check", "check_field_types", "check_index_range", "choice_arg", "describe", "fail", "int_arg",
+__all__ = ["ConfigError", "bool_arg", "check", "check_field_types", "check_index_range", "check_type", "choice_arg", "describe", "fail", "int_arg",
            "is_int", "is_number", "number_arg", "optional_import", "set_value_checks", "tensor_arg",
            "value_checks_on"]
 
@@ -126,9 +126,14 @@ def check_field_types(obj, prefix: str, *, error: type[Exception] = ConfigError)
     string where a number belongs is named ("<prefix>.<field>: expected an int, got 'two'") rather than
     compared."""
     for f in dataclasses.fields(obj):
-        if f.type in _FIELD_TYPES:
-            ok, what = _FIELD_TYPES[f.type]
-            check(ok(getattr(obj, f.name)), f"{prefix}.{f.name}", what, getattr(obj, f.name), error=error)
+        check_type(f"{prefix}.{f.name}", getattr(obj, f.name), f.type, error=error)
+
+
+def check_type(name: str, value: Any, annotation: str, *, error: type[Exception] = ConfigError) -> None:
+    """`value` has the type a dataclass field annotation names (see check_field_types); others pass."""
+    if annotation in _FIELD_TYPES:
+        ok, what = _FIELD_TYPES[annotation]
+        check(ok(value), name, what, value, error=error)
 
 
 # --- tensors --------------------------------------------------------------------------------------------------

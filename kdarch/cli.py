@@ -12,12 +12,17 @@
 
 Every run command takes --config FILE.toml and --section.field flags that override it; `kdarch train
 --help` lists each field with its meaning.
+
+Exit status: 0 done; 2 a usage or configuration error (a flag, a field, a path, a vocabulary: one line naming
+it, before any work where it can be known); 1 a failure while running (e.g. training diverged); 130 / 143
+interrupted by Ctrl-C / SIGTERM after writing a checkpoint (continue with --resume).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -85,8 +90,9 @@ def cmd_demo(args) -> int:
 
 
 def _run_config(args):
-    from kdarch.train.config import load_run_config, overrides_from_args
-    return load_run_config(args.config, overrides_from_args(args))
+    from kdarch.train.config import load_run_config
+    from kdarch.train.flags import overrides_from_args
+    return load_run_config(args.config, {**overrides_from_args(args), **args.stage_overrides})
 
 
 def _report_path(out, report: dict) -> None:
@@ -96,9 +102,10 @@ def _report_path(out, report: dict) -> None:
 
 
 def cmd_train(args) -> int:
-    from kdarch.train.pipeline import log_to_stderr, prepare_run_dir, run_train
+    from kdarch.train.pipeline import check_train, log_to_stderr, prepare_run_dir, run_train
     run = _run_config(args)
-    out = prepare_run_dir(args.out, args.resume, "train")
+    check_train(run)  # before the run directory exists
+    out = args.out_dir = prepare_run_dir(args.out, args.resume, "train")
     row = run_train(run, out, resume=args.resume, log=log_to_stderr)
     print(json.dumps(row, indent=2))
     print(f"model: {out / 'model'}")
@@ -106,16 +113,14 @@ def cmd_train(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    from kdarch.train.pipeline import log_to_stderr, prepare_run_dir, run_distill
+    from kdarch.train.pipeline import check_distill, log_to_stderr, prepare_run_dir, run_distill
+    from kdarch.train.reasoning import run_arithmetic, task_stages
     run = _run_config(args)
-    out = prepare_run_dir(args.out, args.resume, f"distill-{args.task}")
+    task_stages(run) if args.task == "arithmetic" else check_distill(run)  # before the run directory exists
+    out = args.out_dir = prepare_run_dir(args.out, args.resume, f"distill-{args.task}")
     log_to_stderr(f"kdarch distill ({args.task}): run directory {out}")
-    if args.task == "arithmetic":
-        from kdarch.train.reasoning import run_arithmetic
-        report = run_arithmetic(run, out, resume=args.resume, log=log_to_stderr)
-    else:
-        report = run_distill(run, out, resume=args.resume, log=log_to_stderr)
-    _report_path(out, report)
+    run_task = run_arithmetic if args.task == "arithmetic" else run_distill
+    _report_path(out, run_task(run, out, resume=args.resume, log=log_to_stderr))
     return 0
 
 
@@ -140,11 +145,11 @@ def run_config_of(model_dir: Path) -> Path | None:
 
 
 def cmd_eval(args) -> int:
-
     from kdarch.distill.loading import load_teacher
-    from kdarch.train.config import load_run_config, overrides_from_args
+    from kdarch.train.config import load_run_config
     from kdarch.train.data import load_documents, pack, split_documents
     from kdarch.train.evaluate import evaluate_lm
+    from kdarch.train.flags import overrides_from_args
     from kdarch.train.pipeline import teacher_top1
     config = args.config or run_config_of(Path(args.model))
     run = load_run_config(config, overrides_from_args(args))
@@ -152,8 +157,8 @@ def cmd_eval(args) -> int:
           file=sys.stderr)
     model, tok = _load_model_and_tokenizer(args.model)
     if tok is None:
-        raise SystemExit(f"kdarch eval: {args.model} has no tokenizer.json; kdarch models saved by the train script "
-                         "carry theirs")
+        raise FileNotFoundError(f"--model: expected a model directory with its tokenizer.json (kdarch models saved "
+                                f"by the train script carry theirs), got {args.model}, which has none")
     docs = load_documents(run.data.dataset, field=run.data.text_field)
     if args.split == "heldout":
         docs = split_documents(docs, run.data.heldout_fraction, run.data.split_seed)[1]
@@ -174,10 +179,11 @@ def cmd_eval(args) -> int:
 def cmd_generate(args) -> int:
     model, tok = _load_model_and_tokenizer(args.model)
     if tok is None:
-        raise SystemExit(f"kdarch generate: {args.model} has no tokenizer.json")
+        raise FileNotFoundError(f"--model: expected a model directory with its tokenizer.json, got {args.model}, "
+                                f"which has none")
     prompt = tok.encode(args.prompt)
     if not prompt:
-        raise SystemExit("kdarch generate: --prompt must not be empty")
+        raise ValueError("--prompt: expected some text, got an empty prompt")
     t0 = time.perf_counter()
     if args.speculative:
         from kdarch.model import generate_speculative
@@ -197,8 +203,12 @@ def cmd_convert(args) -> int:
     import shutil
 
     from kdarch.pretrained import from_pretrained, save_pretrained
+    dst = Path(args.dst)
+    if dst.exists() and any(dst.iterdir()) and not args.force:
+        raise FileExistsError(f"DST: expected a new or empty directory, got {str(dst)!r}, which is not empty; pass "
+                              f"--force to write into it")
     model = from_pretrained(args.src)
-    dst = save_pretrained(model, args.dst, format=args.format)
+    dst = save_pretrained(model, dst, format=args.format)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         if (Path(args.src) / name).is_file():
             shutil.copy2(Path(args.src) / name, Path(dst) / name)
@@ -235,12 +245,14 @@ def cmd_cache_teacher(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from kdarch.distill.logit_cache import DEFAULT_SHARD_SIZE
     from kdarch.pretrained import FORMATS
-    from kdarch.train.config import add_config_flags
-    p = argparse.ArgumentParser(prog="kdarch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from kdarch.train.flags import STAGE_FLAGS_HELP, ArgumentParser, add_config_flags
+    p = ArgumentParser(prog="kdarch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
+    p.commands = sub.choices  # name -> subparser
 
-    def run_parser(name: str, help: str, sections: tuple[str, ...]):
-        sp = sub.add_parser(name, help=help, description=help)
+    def run_parser(name: str, help: str, sections: tuple[str, ...], epilog: str | None = None):
+        sp = sub.add_parser(name, help=help, description=help, epilog=epilog,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
         sp.add_argument("--config", metavar="FILE.toml", help="TOML run configuration; --section.field flags override it")
         sp.add_argument("--out", metavar="DIR", help="run directory (default: a fresh runs/<command>-<time>)")
         sp.add_argument("--resume", action="store_true",
@@ -253,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(fn=cmd_train)
     di = run_parser("distill", "distill a student from a teacher (kdarch or Hugging Face directory, or a logit "
                     "cache); with no teacher, train one on the data first; compare with a scratch student",
-                    ("model", "data", "train", "distill"))
+                    ("model", "data", "train", "distill"), epilog=STAGE_FLAGS_HELP)
     di.add_argument("--task", choices=("lm", "arithmetic"), default="lm",
                     help="lm: logit distillation on text (default); arithmetic: sequence-level reasoning "
                          "distillation on generated multi-step arithmetic")
@@ -288,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("dst", help="output directory")
     co.add_argument("--format", choices=FORMATS, required=True,
                     help="output format: kdarch, or hf (Hugging Face DeepseekV3, loads in transformers)")
+    co.add_argument("--force", action="store_true", help="write into a DST that is not empty")
     co.set_defaults(fn=cmd_convert)
 
     ca = sub.add_parser("cache-teacher", help="write a teacher's top-k log-probs + tail mass for the training data "
@@ -314,17 +327,53 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def resume_command(argv: list[str], out: Path) -> str:
+    """The command line that continues an interrupted run: the same arguments with --resume --out OUT."""
+    kept, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--out":
+            skip = True
+        elif a != "--resume" and not a.startswith("--out="):
+            kept.append(a)
+    return shlex.join(["kdarch", *kept, "--resume", "--out", str(out)])
+
+
 def main(argv: list[str] | None = None) -> int:
-    from kdarch.config import ConfigError
-    args = build_parser().parse_args(argv)
+    from kdarch.train.flags import stage_overrides
+    from kdarch.train.interrupt import Interrupted
+    from kdarch.train.loop import TrainingError
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    sub = parser.commands[args.command]
+    args.stage_overrides = stage_overrides(extra, sub) if extra and args.command == "distill" else {}
+    if extra and args.command != "distill":
+        sub.unknown_flag(extra[0])
     try:
         return args.fn(args)
-    except (ConfigError, FileExistsError, FileNotFoundError, ValueError) as e:
+    except Interrupted as e:
+        if e.checkpoint is None:
+            print(f"kdarch {args.command}: interrupted again: stopped at once (the last complete checkpoint is "
+                  f"kept)", file=sys.stderr)
+        else:
+            print(f"interrupted at step {e.step}; checkpoint written; continue with: "
+                  f"{resume_command(sys.argv[1:] if argv is None else argv, args.out_dir)}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"kdarch {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (FileExistsError, FileNotFoundError, ValueError) as e:  # ConfigError is a ValueError
         # Bad input: one clear line, not a traceback from deep inside (KDARCH_DEBUG=1 shows it).
         if os.environ.get("KDARCH_DEBUG"):
             raise
         print(f"kdarch {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except (TrainingError, ImportError) as e:
+        if os.environ.get("KDARCH_DEBUG"):
+            raise
+        print(f"kdarch {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

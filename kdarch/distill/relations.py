@@ -16,6 +16,9 @@ of a wide teacher directly. Three losses on student points [N, S] vs teacher poi
 
 The cosines come from the Gram matrix of the centred points, (x_i − x_j)·(x_k − x_j) =
 G_ik − G_ij − G_jk + G_jj, so no [N, N, width] tensor of differences is ever built: memory is O(N³ + N·width).
+That sum cancels when two points are close relative to the spread of the set (an outlier token with huge
+activations beside near-duplicates): in fp32 it was off by tens of percent. It is computed in fp64 (exact for
+fp32 inputs up to fp64 rounding, ~1e-16 of the largest Gram entry) and the cosines cast back.
 An angle at a point that coincides with the apex counts as cos = 0 (a zero-length side has no direction).
 
 `RelationDistiller` applies one loss to [B, T, width] states: over="samples" relates the sequences of a
@@ -38,9 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdarch.checks import check, choice_arg, int_arg, is_int
 from kdarch.distill.features import check_mask, check_state_pair, compute_dtype
 
-KINDS = ("distance", "angle", "sp")
+KINDS = ("rkd_distance", "rkd_angle", "similarity_preserving")
 OVER = ("samples", "tokens")
 SOURCES = ("hidden", "mla")
 
@@ -75,8 +79,11 @@ def rkd_distance_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Ten
 
 
 def _triplet_cosines(x_NW: torch.Tensor) -> torch.Tensor:
-    """cos_JIK[j, i, k] = cos∠(x_i − x_j, x_k − x_j), 0 where x_i or x_k coincides with x_j."""
-    x_NW = x_NW - x_NW.mean(0)  # translation-free; keeps the Gram entries small and their differences exact
+    """cos_JIK[j, i, k] = cos∠(x_i − x_j, x_k − x_j), 0 where x_i or x_k coincides with x_j; in x's dtype,
+    computed in fp64 (see the module docstring)."""
+    dtype = x_NW.dtype
+    x_NW = x_NW.double()
+    x_NW = x_NW - x_NW.mean(0)  # translation-free; keeps the Gram entries small
     g_NN = x_NW @ x_NW.T
     sq_N = g_NN.diagonal()
     d2_NN = (sq_N[:, None] + sq_N[None, :] - 2 * g_NN).clamp_min(0)  # ‖x_i − x_j‖², symmetric
@@ -84,14 +91,13 @@ def _triplet_cosines(x_NW: torch.Tensor) -> torch.Tensor:
     len_NN = torch.where(apart_NN, d2_NN, 1.0).sqrt()
     dot_JIK = g_NN[None] - g_NN[:, :, None] - g_NN[:, None, :] + sq_N[:, None, None]
     cos_JIK = dot_JIK / (len_NN[:, :, None] * len_NN[:, None, :])
-    return torch.where(apart_NN[:, :, None] & apart_NN[:, None, :], cos_JIK.clamp(-1, 1), 0.0)
+    return torch.where(apart_NN[:, :, None] & apart_NN[:, None, :], cos_JIK.clamp(-1, 1), 0.0).to(dtype)
 
 
 def rkd_angle_loss(student: torch.Tensor, teacher: torch.Tensor, max_n: int = 128) -> torch.Tensor:
     """RKD-A between student [N, S] and teacher [N, D] points (3 ≤ N ≤ max_n); see the module docstring.
     Builds a few [N, N, N] tensors: N = 128 is ~2M triplets, N = 512 would be ~134M."""
-    if isinstance(max_n, bool) or not isinstance(max_n, int) or max_n < 3:
-        raise ValueError(f"rkd_angle_loss: max_n must be an int >= 3, got {max_n!r}")
+    int_arg("rkd_angle_loss: max_n", max_n, min=3)
     s_NS, t_ND = _points("rkd_angle_loss", student, teacher, 3)
     N = s_NS.shape[0]
     if N > max_n:
@@ -168,9 +174,10 @@ def capture_mla_latents(model: nn.Module) -> Iterator[list[list[torch.Tensor]]]:
 @dataclass(frozen=True)
 class RelationKDConfig:
     """What `RelationDistiller` computes; validated on construction."""
-    kind: str = "distance"
-    """"distance" (RKD-D), "angle" (RKD-A) or "sp" (similarity-preserving): one of KINDS."""
-    over: str = "samples"
+    kind: str = "similarity_preserving"
+    """"rkd_distance" (RKD-D), "rkd_angle" (RKD-A) or "similarity_preserving" (SP): one of KINDS, named after
+    the loss functions."""
+    over: str = "tokens"
     """"samples": relations among the sequences of a batch; "tokens": among the tokens of each sequence."""
     source: str = "hidden"
     """What forward receives: "hidden" (hidden-state tuples, index 0 = embedding output, i = block i) or
@@ -178,29 +185,26 @@ class RelationKDConfig:
     layers: tuple[int, int] = (-1, -1)
     """(student index, teacher index) into those sequences; negative indices count from the end."""
     max_points: int = 128
-    """kind="angle": groups with more points use this many, evenly spaced (deterministic); O(N³) cost."""
+    """kind="rkd_angle": groups with more points use this many, evenly spaced (deterministic); O(N³) cost."""
 
     def __post_init__(self):
         for name, allowed in (("kind", KINDS), ("over", OVER), ("source", SOURCES)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"RelationKDConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+            choice_arg(f"RelationKDConfig.{name}", getattr(self, name), allowed)
         try:
             layers = tuple(self.layers)
         except TypeError:
             layers = ()
-        if len(layers) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
-            raise ValueError(f"RelationKDConfig.layers must be a (student index, teacher index) pair of ints, "
-                             f"got {self.layers!r}")
+        check(len(layers) == 2 and all(is_int(i) for i in layers), "RelationKDConfig.layers",
+              "a (student index, teacher index) pair of ints", self.layers)
         object.__setattr__(self, "layers", layers)
-        if isinstance(self.max_points, bool) or not isinstance(self.max_points, int) or self.max_points < 3:
-            raise ValueError(f"RelationKDConfig.max_points must be an int >= 3, got {self.max_points!r}")
+        int_arg("RelationKDConfig.max_points", self.max_points, min=3)
 
 
 class RelationDistiller(nn.Module):
     """Relation KD on [B, T, width] states; forward returns the scalar loss. No parameters: widths may differ.
     Arguments are the fields of `RelationKDConfig`."""
 
-    def __init__(self, kind: str = "distance", over: str = "samples", source: str = "hidden",
+    def __init__(self, kind: str = "similarity_preserving", over: str = "tokens", source: str = "hidden",
                  layers: tuple[int, int] = (-1, -1), max_points: int = 128):
         super().__init__()
         self.config = RelationKDConfig(kind, over, source, layers, max_points)
@@ -211,19 +215,19 @@ class RelationDistiller(nn.Module):
 
     def _loss(self, s_NS: torch.Tensor, t_ND: torch.Tensor) -> torch.Tensor:
         kind, cap = self.config.kind, self.config.max_points
-        if kind == "angle":
+        if kind == "rkd_angle":
             n = s_NS.shape[0]
             if n > cap:
                 keep = torch.linspace(0, n - 1, cap, device=s_NS.device).round().long()
                 s_NS, t_ND = s_NS[keep], t_ND[keep]
             return rkd_angle_loss(s_NS, t_ND, cap)
-        return rkd_distance_loss(s_NS, t_ND) if kind == "distance" else similarity_preserving_loss(s_NS, t_ND)
+        return rkd_distance_loss(s_NS, t_ND) if kind == "rkd_distance" else similarity_preserving_loss(s_NS, t_ND)
 
     def forward(self, student_states: Sequence[torch.Tensor], teacher_states: Sequence[torch.Tensor],
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         """student_states / teacher_states: per `source`, the hidden-state tuples or one captured pass of MLA
         latents of each model; mask: optional bool [B, T], True = valid token. Returns the scalar loss: 0 if
-        no group has enough valid points (2; 3 for "angle")."""
+        no group has enough valid points (2; 3 for "rkd_angle")."""
         cfg, who = self.config, "RelationDistiller"
         what = "hidden states" if cfg.source == "hidden" else "MLA latents"
         shape = check_state_pair(f"{who} (source={cfg.source!r})", student_states, teacher_states)
@@ -235,7 +239,7 @@ class RelationDistiller(nn.Module):
         mask_BT = check_mask(who, mask, shape, h_s.device)
         if mask_BT is None:
             mask_BT = torch.ones(shape, dtype=torch.bool, device=h_s.device)
-        min_n = 3 if cfg.kind == "angle" else 2
+        min_n = 3 if cfg.kind == "rkd_angle" else 2
         groups = shape[0] if cfg.over == "samples" else shape[1]
         if groups < min_n:
             unit = "sequences per batch (batch size)" if cfg.over == "samples" else "tokens per sequence"

@@ -146,12 +146,14 @@ def rows_into(x_NV: torch.Tensor, rows, out_CV: torch.Tensor) -> torch.Tensor:
 
 def log_softmax_(x_CV: torch.Tensor, p_CV: torch.Tensor, T: float = 1.0) -> torch.Tensor:
     """x <- log_softmax(x / T) in place and p <- softmax(x / T); returns logsumexp(x / T) [C, 1]. One exp pass,
-    no log over [C, V], and the 1/T folded into passes that are needed anyway."""
+    no log over [C, V], and the 1/T folded into passes that are needed anyway. Log-probs are clamped to the
+    dtype's finite range: a -inf logit (a masked entry) has probability 0 and a finite log, so that 0 · log 0
+    terms of the divergences are 0, not NaN, when both sides mask the same entries."""
     m_C1 = x_CV.amax(-1, keepdim=True) / T
     z_C1 = torch.add(-m_C1, x_CV, alpha=1 / T, out=p_CV).exp_().sum(-1, keepdim=True)
     p_CV.div_(z_C1)
     lse_C1 = z_C1.log_().add_(m_C1)
-    torch.add(-lse_C1, x_CV, alpha=1 / T, out=x_CV)
+    torch.add(-lse_C1, x_CV, alpha=1 / T, out=x_CV).clamp_min_(torch.finfo(x_CV.dtype).min)
     return lse_C1
 
 
@@ -162,7 +164,7 @@ def teacher_logprobs(teacher, rows, T: float, vocab_size: int, ws):
         C = ws.rows(rows)
         lt_CV, pt_CV = rows_into(teacher, rows, ws("TT", C, vocab_size)), ws("Q", C, vocab_size)
         log_softmax_(lt_CV, pt_CV, T)
-        return lt_CV.clamp_min_(torch.finfo(lt_CV.dtype).min), pt_CV
+        return lt_CV, pt_CV
     tk = teacher.take(rows)
     v_CK = tk.values.to(ws.dtype)
     if not uses_tail(tk, vocab_size):
@@ -186,7 +188,7 @@ def student_logprobs(s_CV: torch.Tensor, teacher, rows, T: float, ws):
     if isinstance(teacher, TopKTeacher):
         ids_CK = teacher.take(rows).ids.long()
         if not uses_tail(teacher, V):  # renormalise over the k ids
-            ls_CK = (s_CV.gather(1, ids_CK) / T).log_softmax(-1)
+            ls_CK = (s_CV.gather(1, ids_CK) / T).log_softmax(-1).clamp_min_(torch.finfo(s_CV.dtype).min)
             ps_CK = ls_CK.exp()
 
             def back(w_CK):

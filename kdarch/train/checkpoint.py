@@ -53,6 +53,10 @@ _TENSOR, _TUPLE, _ITEMS = "__tensor__", "__tuple__", "__items__"
 _MARKERS = {_TENSOR, _TUPLE, _ITEMS}
 
 
+class CorruptCheckpointError(ValueError):
+    """A checkpoint's files are missing, truncated or altered (its manifest says so): not a usable checkpoint."""
+
+
 # --- state dicts as JSON + safetensors ----------------------------------------------------------
 def _encode(obj: Any, name: str, tensors: dict[str, torch.Tensor]) -> Any:
     """JSON form of `obj`; each tensor moves into `tensors` under its dotted path and leaves a reference."""
@@ -143,7 +147,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 # --- files ----------------------------------------------------------------------------------------
-def _checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+def complete_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     """(step, path) of the complete checkpoints, by step."""
     root = Path(run_dir) / CHECKPOINTS
     found = []
@@ -163,7 +167,7 @@ def _checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The complete checkpoint with the highest step under `run_dir`, or None (temp and incomplete ones ignored)."""
-    found = _checkpoints(run_dir)
+    found = complete_checkpoints(run_dir)
     return found[-1][1] if found else None
 
 
@@ -220,7 +224,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: nn.Module, 
             files={f.name: file_record(f) for f in sorted(tmp.iterdir())})
     remove_temp_files(root)  # left by killed saves
     if keep_last is not None:
-        older = [d for _, d in _checkpoints(run_dir) if d != final]
+        older = [d for _, d in complete_checkpoints(run_dir) if d != final]
         for d in older[:max(0, len(older) - (keep_last - 1))]:
             discard_directory(d)
     return final
@@ -235,8 +239,11 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: tor
     path = Path(path)
     cfg = _check_model(model)
     _check_modules(modules)
-    manifest = read_manifest(path, FORMAT, FORMAT_VERSION,
-                             required=("step", "model_config", "optimizer", "scheduler", "modules"))
+    try:
+        manifest = read_manifest(path, FORMAT, FORMAT_VERSION,
+                                 required=("step", "model_config", "optimizer", "scheduler", "modules"))
+    except ValueError as e:
+        raise CorruptCheckpointError(str(e)) from None
     files = manifest["files"]
 
     saved_cfg, model_cfg = manifest["model_config"], json.loads(json.dumps(cfg.to_dict()))
@@ -264,8 +271,11 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: tor
                          f"{type(scheduler).__name__}")
 
     required = ["config.json", WEIGHTS_NAME, "modules.json", "optimizer.json", "rng.json", "state.json"]
-    verify_files(path, manifest, required + ["scheduler.json"] * (manifest["scheduler"] is not None))
-    verify_files(path, manifest)
+    try:
+        verify_files(path, manifest, required + ["scheduler.json"] * (manifest["scheduler"] is not None))
+        verify_files(path, manifest)
+    except (FileNotFoundError, ValueError) as e:  # a file listed and missing is a corrupt checkpoint too
+        raise CorruptCheckpointError(str(e)) from None
 
     model_sd = read_safetensors(path / WEIGHTS_NAME)
     check_state_dict(model_sd, kdarch_state_dict(model), str(path / WEIGHTS_NAME))

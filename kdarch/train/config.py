@@ -9,20 +9,17 @@ with errors that name `section.field` and what is allowed.
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
-import functools
-import inspect
 import json
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdarch.checks import ConfigError, check, check_field_types, choice_arg, is_number
+from kdarch.checks import ConfigError, check, check_field_types, check_type, choice_arg, is_number
 from kdarch.config import PRESETS, ModelConfig, get_preset
 from kdarch.distill.losses import KINDS as KD_KINDS
 from kdarch.distill.relations import KINDS as RELATION_KINDS
+from kdarch.distill.schedules import KDSchedule
 from kdarch.distill.relations import OVER as RELATION_OVER
 from kdarch.distill.relations import SOURCES as RELATION_SOURCES
 
@@ -53,6 +50,9 @@ class ModelSection:
         known = {f.name for f in dataclasses.fields(ModelConfig)}
         unknown = sorted(set(self.overrides) - known)
         require(not unknown, "model", f"ModelConfig fields ({', '.join(sorted(known))})", unknown)
+        types = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
+        for k, v in self.overrides.items():  # values are checked against ModelConfig when the model is built
+            check_type(f"model.{k}", v, types[k], error=ConfigError)
 
     def check_context(self, seq_len: int) -> None:
         """Training sequences of seq_len tokens must fit the model's context (checked before any work)."""
@@ -137,8 +137,9 @@ class TrainSection:
     """Evaluate on held-out data every N steps (0: only at the end)."""
     eval_sequences: int = 64
     """Held-out sequences used by evaluation (0: all)."""
-    checkpoint_every: int = 100
-    """Write a resumable checkpoint every N steps (0: only at the end)."""
+    checkpoint_every: int = 0
+    """Write a resumable checkpoint every N steps, and always at the end (and on Ctrl-C / SIGTERM); 0: every
+    max(100, steps // 10) steps, so a short run writes only its final one."""
     keep_last: int = 2
     """Checkpoints kept on disk (older ones are deleted)."""
     max_bad_steps: int = 10
@@ -159,6 +160,11 @@ class TrainSection:
         for name in ("beta1", "beta2"):
             require(0 <= getattr(self, name) < 1, f"train.{name}", "a number in [0, 1)", getattr(self, name))
         choice_arg("train.dtype", self.dtype, DTYPES, error=ConfigError)
+
+    @property
+    def checkpoint_interval(self) -> int:
+        """Steps between periodic checkpoints (checkpoint_every, or its automatic value)."""
+        return self.checkpoint_every or max(100, self.steps // 10)
 
 
 @dataclass(frozen=True)
@@ -202,6 +208,11 @@ class DistillSection:
         check_field_types(self, "distill")
         choice_arg("distill.teacher_dtype", self.teacher_dtype, DTYPES, error=ConfigError)
         choice_arg("distill.kind", self.kind, KD_KINDS, error=ConfigError)
+        for name in ("alpha", "temperature"):  # parsed here, so a typo fails before any work
+            try:
+                KDSchedule(**{name: getattr(self, name)})
+            except ValueError as e:
+                raise ConfigError(f"distill.{name}: {e}") from None
         require(self.top_k >= 0, "distill.top_k", "an int >= 0", self.top_k)
         for name in ("feature_weight", "relation_weight"):
             require(getattr(self, name) >= 0, f"distill.{name}", "a number >= 0", getattr(self, name))
@@ -215,40 +226,95 @@ class DistillSection:
 
 @dataclass(frozen=True)
 class Stage:
-    """A model trained by a run: the teacher or one student of the chain ([teacher], [[students]])."""
+    """A model trained by a run, resolved: the teacher or one student of the chain."""
     name: str
     model: ModelSection
     train: TrainSection
 
 
+@dataclass(frozen=True)
+class StageSpec:
+    """A [teacher] or [[students]] table as written (or its --teacher.* / --students.N.* flags): fields laid over
+    the task's default stage by `resolve_stage`, so `train = {steps = 50}` changes the default teacher's step
+    count and nothing else."""
+    name: str | None = None
+    """The stage's name (its directory under the run); default "teacher", "student", "student2", ..."""
+    model: dict = field(default_factory=dict)
+    """[model] fields: a preset other than the default stage's starts over from it; other fields replace the
+    default stage's."""
+    train: dict = field(default_factory=dict)
+    """[train] fields replacing the stage's settings (after [train]'s own)."""
+
+
 SECTIONS = {"model": ModelSection, "data": DataSection, "train": TrainSection, "distill": DistillSection}
+STAGE_KEYS = ("name", "model", "train")
+
+
+def overlay_model(default: ModelSection, table: dict) -> ModelSection:
+    """`table` (a [model] table) over a default stage's model: its preset, when another, starts over; its
+    fields replace the default's."""
+    table = dict(table)
+    preset = table.pop("preset", default.preset)
+    return ModelSection(preset, {**(default.overrides if preset == default.preset else {}), **table})
+
+
+def overlay_train(default: TrainSection, base: TrainSection, table: dict, where: str = "train") -> TrainSection:
+    """A stage's training settings: the stage's defaults, then the [train] fields set in `base` (those that
+    differ from TrainSection's defaults), then the stage's own `table`."""
+    changed = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)
+               if getattr(base, f.name) != getattr(TrainSection(), f.name)}
+    return _make(TrainSection, {**dataclasses.asdict(default), **changed, **table}, where)
+
+
+def resolve_stage(spec: StageSpec | None, default: Stage, base: TrainSection, where: str) -> Stage:
+    """The stage a spec describes over the task's `default` stage (None: the default under [train])."""
+    spec = spec or StageSpec()
+    try:
+        model = overlay_model(default.model, spec.model)
+    except ConfigError as e:
+        raise ConfigError(f"{where}.{e}") from None
+    return Stage(spec.name or default.name, model, overlay_train(default.train, base, spec.train, f"{where}.train"))
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """A whole run. `kdarch train` uses model/data/train; `kdarch distill` adds distill, and without a
-    distill.teacher it trains `teacher` first, then each of `students` from the previous model (a chain:
+    distill.teacher it trains the teacher first, then each student from the previous model (a chain:
     teacher -> student 1 -> student 2 ...), and `scratch` trains the first student's architecture without a
-    teacher on the same token budget as the baseline."""
+    teacher on the same token budget as the baseline. [model] is the default student's architecture (or, for
+    `kdarch train`, the model's); `teacher` / `students` are laid over the task's default stages."""
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     distill: DistillSection = field(default_factory=DistillSection)
-    teacher: Stage | None = None
-    students: tuple[Stage, ...] = ()
+    teacher: StageSpec | None = None
+    students: tuple[StageSpec, ...] = ()
     scratch: bool = True
 
-    def to_toml(self) -> str:
-        """The resolved configuration, as a TOML file that reproduces the run."""
-        lines = []
+    def stages(self, default_teacher: Stage, default_student: Stage) -> tuple[Stage, list[Stage]]:
+        """The teacher and the chain of students resolved over a task's default stages. [model] applies to the
+        default student only: beside [[students]], which name their own models, it is refused."""
+        if self.students and self.model != ModelSection():
+            raise ConfigError("model: expected no [model] section beside [[students]] (give each student's model "
+                              "in its table, model = {...}, or with --students.N.model.FIELD)")
+        teacher = resolve_stage(self.teacher, default_teacher, self.train, "teacher")
+        specs = self.students or (StageSpec(model=_section_table(self.model)),)
+        students = [resolve_stage(s, dataclasses.replace(default_student, name=f"student{i + 1}" if i else "student"),
+                                  self.train, f"students.{i}") for i, s in enumerate(specs)]
+        return teacher, students
+
+    def to_toml(self, teacher: Stage | None = None, students: list[Stage] = ()) -> str:
+        """The configuration as a TOML file; given the resolved stages, the one that ran, stage by stage (so a
+        rerun with it reproduces the run whatever the defaults become)."""
+        lines = [f"scratch = {_toml_value(self.scratch)}", ""]  # top-level keys come before the tables
         for name in SECTIONS:
+            if name == "model" and students:
+                continue  # the students carry their models
             lines += [f"[{name}]", *_toml_items(_section_table(getattr(self, name))), ""]
-        lines += [f"scratch = {_toml_value(self.scratch)}", ""] if not self.scratch else []
-        for key, stage in ([("teacher", self.teacher)] if self.teacher else []) + [("students", s) for s in self.students]:
+        for key, stage in ([("teacher", teacher)] if teacher else []) + [("students", s) for s in students]:
             head = f"[{key}]" if key == "teacher" else f"[[{key}]]"
-            lines += [head, f"name = {_toml_value(stage.name)}",
-                      f"model = {_inline(_section_table(stage.model))}",
-                      f"train = {_inline(_changed(stage.train, self.train))}", ""]
+            lines += [head, f"name = {_toml_value(stage.name)}", f"model = {_inline(_section_table(stage.model))}",
+                      f"train = {_inline(_section_table(stage.train))}", ""]
         return "\n".join(lines)
 
 
@@ -256,10 +322,6 @@ def _section_table(section) -> dict:
     if isinstance(section, ModelSection):
         return {"preset": section.preset, **section.overrides}
     return dataclasses.asdict(section)
-
-
-def _changed(section, base) -> dict:
-    return {k: v for k, v in dataclasses.asdict(section).items() if getattr(base, k) != v}
 
 
 def _toml_value(v) -> str:
@@ -275,7 +337,7 @@ def _inline(table: dict) -> str:
 
 
 def _make(cls, table: dict, where: str):
-    """cls(**table) from a TOML table; errors name `where` (e.g. "students[0].train") instead of the section."""
+    """cls(**table) from a TOML table; errors name `where` (e.g. "students.0.train") instead of the section."""
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: expected a table, got {type(table).__name__}")
     prefix = next(name for name, c in SECTIONS.items() if c is cls)
@@ -292,109 +354,69 @@ def _make(cls, table: dict, where: str):
         raise ConfigError(where + msg[len(prefix):] if msg.startswith(prefix) else msg) from None
 
 
-def _stage(table: dict, where: str, base_train: TrainSection, default_name: str) -> Stage:
-    table = dict(table)
-    unknown = sorted(set(table) - {"name", "model", "train"})
+def _stage_spec(table, where: str) -> StageSpec:
+    """A stage table checked on its own (field names and types) before any default is known."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: expected a table, got {table!r}")
+    unknown = sorted(set(table) - set(STAGE_KEYS))
     if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {unknown}; a stage has name, model and train")
-    train = _make(TrainSection, {**dataclasses.asdict(base_train), **table.get("train", {})}, f"{where}.train")
-    return Stage(str(table.get("name", default_name)), _make(ModelSection, table.get("model", {}), f"{where}.model"),
-                 train)
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; a stage has {', '.join(STAGE_KEYS)}")
+    name = table.get("name")
+    require(name is None or (isinstance(name, str) and name.isidentifier()), f"{where}.name",
+            "a name made of letters, digits and _", name)
+    spec = StageSpec(name, dict(table.get("model", {})), dict(table.get("train", {})))
+    _make(ModelSection, spec.model, f"{where}.model")
+    _make(TrainSection, spec.train, f"{where}.train")
+    return spec
 
 
 def load_run_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """A RunConfig from a TOML file (or defaults) with `section.field` overrides applied on top."""
+    """A RunConfig from a TOML file (or defaults) with overrides applied on top: keys "section.field",
+    "teacher.model.field" / "teacher.train.field" / "teacher.name", "students.N.model.field" (etc.), "scratch"."""
     raw: dict = {}
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
+            raise ConfigError(f"--config: expected a TOML file, got {str(p)!r}, which does not exist")
         try:
             raw = tomllib.loads(p.read_text())
         except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from None
+            raise ConfigError(f"--config: {str(p)!r} is not valid TOML: {e}") from None
     unknown = sorted(set(raw) - set(SECTIONS) - {"teacher", "students", "scratch"})
     if unknown:
         raise ConfigError(f"config file: unknown table(s) {unknown}; known are {sorted(SECTIONS)} + teacher, "
                           "students, scratch")
-    for key, value in (overrides or {}).items():
-        section, _, name = key.partition(".")
-        if section not in SECTIONS or not name:
-            raise ConfigError(f"override {key!r}: expected section.field with section in {sorted(SECTIONS)}")
-        raw.setdefault(section, {})[name] = value
-    sections = {name: _make(cls, raw.get(name, {}), name) for name, cls in SECTIONS.items()}
-    teacher = _stage(raw["teacher"], "teacher", sections["train"], "teacher") if "teacher" in raw else None
-    students = raw.get("students", [])
+    students = raw.setdefault("students", [])
     if not isinstance(students, list):
         raise ConfigError("students: expected an array of tables ([[students]])")
-    chain = tuple(_stage(s, f"students[{i}]", sections["train"], f"student{i + 1}" if i else "student")
-                  for i, s in enumerate(students))
+    for key, value in (overrides or {}).items():
+        parts = key.split(".")
+        if parts == ["scratch"]:
+            raw["scratch"] = value
+        elif parts[0] in SECTIONS and len(parts) == 2:
+            raw.setdefault(parts[0], {})[parts[1]] = value
+        elif parts[0] == "teacher" and len(parts) in (2, 3):
+            _set_stage_field(raw.setdefault("teacher", {}), parts[1:], value)
+        elif parts[0] == "students" and len(parts) in (3, 4) and parts[1].isdigit():
+            while len(students) <= int(parts[1]):
+                students.append({})
+            _set_stage_field(students[int(parts[1])], parts[2:], value)
+        else:
+            raise ConfigError(f"override {key!r}: expected section.field (section one of {sorted(SECTIONS)}), "
+                              f"teacher.model|train.field, teacher.name, students.N.model|train.field, "
+                              f"students.N.name or scratch")
+    sections = {name: _make(cls, raw.get(name, {}), name) for name, cls in SECTIONS.items()}
+    teacher = _stage_spec(raw["teacher"], "teacher") if "teacher" in raw else None
+    chain = tuple(_stage_spec(s, f"students.{i}") for i, s in enumerate(students))
     scratch = raw.get("scratch", True)
     require(isinstance(scratch, bool), "scratch", "true or false", scratch)
     return RunConfig(**sections, teacher=teacher, students=chain, scratch=scratch)
 
 
-# --- command-line flags from the field docstrings ---------------------------------------------------------------
-
-@functools.cache
-def field_docs(cls) -> dict[str, str]:
-    """{field: docstring} read from the class source (the string literal after each field)."""
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body
-    docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
-                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
-
-
-def _parse_flag_value(text: str, kind):
-    if kind is bool:
-        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise ConfigError(f"expected true or false, got {text!r}")
-        return text.lower() in ("true", "1", "yes")
-    if kind in (int, float, str):
-        try:
-            return kind(text)
-        except ValueError:
-            raise ConfigError(f"expected {kind.__name__}, got {text!r}") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def add_config_flags(parser, sections: tuple[str, ...] = tuple(SECTIONS)) -> None:
-    """One `--section.field` flag per config field (and per ModelConfig field under --model.), documented.
-    An entry "section.field" adds that one field's flag only."""
-    for entry in sections:
-        name, _, only = entry.partition(".")
-        group = parser.add_argument_group(f"[{name}] config fields (override the --config file)")
-        if name == "model":
-            group.add_argument("--model.preset", dest="cfg:model.preset", metavar="NAME",
-                               help=f"{field_docs(ModelSection)['preset']} One of {sorted(PRESETS)}.")
-            cls, skip = ModelConfig, {"vocab_size", "bos_token_id", "eos_token_id"}  # set from the tokenizer
-        else:
-            cls, skip = SECTIONS[name], set()
-        hints = typing.get_type_hints(cls)
-        defaults = cls()
-        for f in dataclasses.fields(cls):
-            if f.name in skip or f.name == "overrides" or (only and f.name != only):
-                continue
-            kind = hints[f.name]
-            default = getattr(defaults, f.name) if name != "model" else None
-            shown = f" (default: {default!r})" if default is not None else ""
-            group.add_argument(f"--{name}.{f.name}", dest=f"cfg:{name}.{f.name}", metavar=kind.__name__.upper()
-                               if isinstance(kind, type) else "VALUE",
-                               type=functools.partial(_flag_type, kind=kind),
-                               help=(field_docs(cls).get(f.name, "") + shown).replace("%", "%%"))
-
-
-def _flag_type(text: str, kind):
-    return _parse_flag_value(text, kind if isinstance(kind, type) else None)
-
-
-def overrides_from_args(args) -> dict[str, Any]:
-    """The `--section.field` values given on the command line, for `load_run_config`."""
-    return {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:") and v is not None}
+def _set_stage_field(table: dict, parts: list[str], value) -> None:
+    if parts == ["name"]:
+        table["name"] = value
+    elif len(parts) == 2 and parts[0] in ("model", "train"):
+        table.setdefault(parts[0], {})[parts[1]] = value
+    else:
+        raise ConfigError(f"override {'.'.join(parts)!r}: a stage has name, model.FIELD and train.FIELD")

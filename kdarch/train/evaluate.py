@@ -43,7 +43,8 @@ def _logits(model, ids_BT: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def evaluate_lm(model, heldout_NT: torch.Tensor, *, batch_size: int = 16, max_sequences: int = 0,
                 teacher_top1: TopOneFn | None = None, pad_id: int | None = None) -> dict[str, float]:
-    """eval_loss (mean next-token CE over held-out tokens), perplexity and, with a teacher, top1_agreement.
+    """eval_loss (mean next-token CE over held-out tokens), perplexity and, with a teacher, top1_agreement;
+    per_sequence holds each sequence's summed CE and target count, for the report's intervals.
     `model`: a kdarch model, or a `kdarch.distill` teacher giving dense logits (e.g. a Hugging Face model).
     `pad_id`: padding of one-document-per-row data, never a target."""
     if heldout_NT.dim() != 2 or heldout_NT.shape[0] == 0 or heldout_NT.shape[1] < 2:
@@ -52,19 +53,22 @@ def evaluate_lm(model, heldout_NT: torch.Tensor, *, batch_size: int = 16, max_se
     was_training = module is not None and module.training
     if module is not None:
         module.eval()
-    nll, count, agree = 0.0, 0, 0
+    seq_nll, seq_tokens, agree = [], [], 0
     for idx, ids in _batches(heldout_NT, batch_size, max_sequences):
         logits = _logits(model, ids)[:, :-1].float()
         target = ids[:, 1:] if pad_id is None else ids[:, 1:].masked_fill(ids[:, 1:] == pad_id, -100)
-        nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum").item()
+        nll_BT = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # 0 where ignored
         valid = target != -100
-        count += int(valid.sum())
+        seq_nll += nll_BT.sum(1).double().tolist()
+        seq_tokens += valid.sum(1).tolist()
         if teacher_top1 is not None:
             agree += ((logits.argmax(-1) == teacher_top1(idx, ids)[:, :-1]) & valid).sum().item()
     if module is not None:
         module.train(was_training)
-    loss = nll / count
-    out = {"eval_loss": loss, "perplexity": math.exp(min(loss, 700.0)), "eval_tokens": count}
+    count = sum(seq_tokens)
+    loss = sum(seq_nll) / count
+    out = {"eval_loss": loss, "perplexity": math.exp(min(loss, 700.0)), "eval_tokens": count,
+           "per_sequence": {"nll": seq_nll, "tokens": seq_tokens}}
     if teacher_top1 is not None:
         out["top1_agreement"] = agree / count
     return out

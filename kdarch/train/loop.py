@@ -12,8 +12,10 @@ get the same optimiser, schedule, accumulation, bias update, logging, checkpoint
 - A non-finite loss, gradient norm or teacher signal skips the step (no update, warning, counter); more
   than `max_bad_steps` of them stop the run with an error.
 - Checkpoints (weights, optimiser, scheduler, data position, objective and RNG state) every
-  `checkpoint_every` steps and at the end; `resume=True` continues from the latest one and reproduces the
-  uninterrupted run's losses exactly on the CPU (the metrics file is cut back to the checkpoint's step).
+  `checkpoint_every` steps, at the end (only that one is kept once the stage is done) and on Ctrl-C / SIGTERM
+  (`kdarch.train.interrupt`); `resume=True` continues from the newest intact one (a corrupt newer one is
+  skipped with a warning) and reproduces the uninterrupted run's losses exactly on the CPU (the metrics file is
+  cut back to the checkpoint's step).
 """
 from __future__ import annotations
 
@@ -32,9 +34,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from kdarch.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from kdarch.train.checkpoint import CorruptCheckpointError, complete_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
 from kdarch.train.config import TrainSection
 from kdarch.train.data import Batches
+from kdarch.train.interrupt import Interrupted, stop_on_signal
 
 
 class TrainingError(RuntimeError):
@@ -176,6 +179,11 @@ class Progress:
         self.bar.set_postfix_str(f"loss {loss:.3f}, {tokens_per_s:,.0f} tok/s", refresh=False)
         self.bar.update(1)
 
+    def note(self, text: str) -> bool:
+        """A line of text above the bar (or on stderr when the bar is off); returns True."""
+        self.bar.write(text, file=sys.stderr)
+        return True
+
     def close(self) -> None:
         self.bar.close()
 
@@ -199,6 +207,22 @@ def expert_imbalance(loads: dict[str, torch.Tensor]) -> float | None:
     return max(vals) if vals else None
 
 
+def _newest_intact(run_dir: Path, name: str, **objects):
+    """(path, loaded state) of the newest checkpoint that loads; a corrupt newer one is skipped with a warning
+    naming both (the next save sweeps it away). (None, None) when there is none."""
+    found = [d for _, d in complete_checkpoints(run_dir)][::-1]
+    for i, d in enumerate(found):
+        try:
+            return d, load_checkpoint(d, **objects)
+        except CorruptCheckpointError as e:
+            older = f"resuming from {found[i + 1].name} instead" if i + 1 < len(found) else "no older one is left"
+            warnings.warn(f"{name}: checkpoint {d} is unusable ({e}); {older}", stacklevel=3)
+    if found:
+        raise TrainingError(f"{name}: none of the checkpoints in {run_dir / 'checkpoints'} loads; see the warnings "
+                            f"above")
+    return None, None
+
+
 def train(model: nn.Module, cfg: TrainSection, train_NT: torch.Tensor, run_dir: str | Path, *,
           objective: Objective | None = None, resume: bool = False, name: str = "train",
           evaluate: Callable[[], dict] | None = None) -> StageResult:
@@ -217,9 +241,9 @@ def train(model: nn.Module, cfg: TrainSection, train_NT: torch.Tensor, run_dir: 
     opt, sched = build_optimizer(params, cfg)
     batches = Batches(train_NT, cfg.batch_size, seed=cfg.seed)
     start, state, bad_steps, tokens = 0, {}, 0, 0
-    ckpt = latest_checkpoint(run_dir) if resume else None
+    ckpt, loaded = _newest_intact(run_dir, name, model=model, optimizer=opt, scheduler=sched,
+                                  modules=objective.modules) if resume else (None, None)
     if ckpt is not None:
-        loaded = load_checkpoint(ckpt, model=model, optimizer=opt, scheduler=sched, modules=objective.modules)
         start, state = loaded["step"], loaded["state"]
         batches.load_state_dict(state["data"])
         objective.load_state_dict(state["objective"])
@@ -229,68 +253,78 @@ def train(model: nn.Module, cfg: TrainSection, train_NT: torch.Tensor, run_dir: 
     progress = Progress(name, cfg.steps, cfg.progress, start)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
     model.train()
-    t0, tokens_at_t0, last = time.perf_counter(), tokens, None
-    for step in range(start + 1, cfg.steps + 1):
-        micro = [next(batches) for _ in range(cfg.grad_accum)]
-        counts = [objective.target_tokens(ids) for _, ids in micro]
-        total = sum(counts)
-        if total == 0:
-            raise TrainingError(f"{name}: step {step} has no target tokens (every label is ignored)")
-        opt.zero_grad(set_to_none=True)
-        sums: dict[str, float] = {}
-        loss_value, ok = 0.0, True
-        for (idx, ids), n in zip(micro, counts):
-            try:
-                with autocast:
-                    res = objective(model, idx, ids, (step - 1) / cfg.steps)
-            except NonFiniteError as e:
-                ok, reason = False, str(e)
-                break
-            if not torch.isfinite(res.loss):
-                ok, reason = False, f"non-finite loss {res.loss.item()}"
-                break
-            (res.loss * (n / total)).backward()
-            loss_value += res.loss.item() * n / total
-            for k, v in res.metrics.items():
-                sums[k] = sums.get(k, 0.0) + v * n / total
-            tokens += ids.numel()
-        if ok:
-            grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.grad_clip or float("inf"))
-            if not torch.isfinite(grad_norm):
-                ok, reason = False, f"non-finite gradient norm {grad_norm.item()}"
-        if not ok:
-            bad_steps += 1
+    t0, tokens_at_t0, last, ckpt_noted = time.perf_counter(), tokens, None, False
+    with stop_on_signal() as stop:
+        for step in range(start + 1, cfg.steps + 1):
+            micro = [next(batches) for _ in range(cfg.grad_accum)]
+            counts = [objective.target_tokens(ids) for _, ids in micro]
+            total = sum(counts)
+            if total == 0:
+                raise TrainingError(f"{name}: step {step} has no target tokens (every label is ignored)")
             opt.zero_grad(set_to_none=True)
-            for moe in getattr(model, "moe_layers", lambda: [])():
-                moe.tokens_per_expert.zero_()
-            warnings.warn(f"{name}: step {step} skipped ({reason}); {bad_steps} skipped so far", stacklevel=2)
-            if bad_steps > cfg.max_bad_steps:
-                raise TrainingError(f"{name}: {bad_steps} steps skipped for non-finite values (train.max_bad_steps="
-                                    f"{cfg.max_bad_steps}); lower train.lr or check the data / teacher")
+            sums: dict[str, float] = {}
+            loss_value, ok = 0.0, True
+            for (idx, ids), n in zip(micro, counts):
+                try:
+                    with autocast:
+                        res = objective(model, idx, ids, (step - 1) / cfg.steps)
+                except NonFiniteError as e:
+                    ok, reason = False, str(e)
+                    break
+                if not torch.isfinite(res.loss):
+                    ok, reason = False, f"non-finite loss {res.loss.item()}"
+                    break
+                (res.loss * (n / total)).backward()
+                loss_value += res.loss.item() * n / total
+                for k, v in res.metrics.items():
+                    sums[k] = sums.get(k, 0.0) + v * n / total
+                tokens += ids.numel()
+            if ok:
+                grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.grad_clip or float("inf"))
+                if not torch.isfinite(grad_norm):
+                    ok, reason = False, f"non-finite gradient norm {grad_norm.item()}"
+            if not ok:
+                bad_steps += 1
+                opt.zero_grad(set_to_none=True)
+                for moe in getattr(model, "moe_layers", lambda: [])():
+                    moe.tokens_per_expert.zero_()
+                warnings.warn(f"{name}: step {step} skipped ({reason}); {bad_steps} skipped so far", stacklevel=2)
+                if bad_steps > cfg.max_bad_steps:
+                    raise TrainingError(f"{name}: {bad_steps} steps skipped for non-finite values (train.max_bad_steps="
+                                        f"{cfg.max_bad_steps}); lower train.lr or check the data / teacher")
+                sched.step()
+                progress.update(float("nan"), 0.0)
+                continue
+            opt.step()
+            loads = model.update_router_biases() if hasattr(model, "update_router_biases") else {}
             sched.step()
-            progress.update(float("nan"), 0.0)
-            continue
-        opt.step()
-        loads = model.update_router_biases() if hasattr(model, "update_router_biases") else {}
-        sched.step()
-        rate = (tokens - tokens_at_t0) / max(time.perf_counter() - t0, 1e-9)
-        eval_now = evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0
-        if step % cfg.log_every == 0 or step == cfg.steps or step == start + 1 or eval_now:
-            row = {"step": step, "loss": loss_value, **sums, "lr": opt.param_groups[0]["lr"],
-                   "grad_norm": float(grad_norm), "tokens": tokens, "tokens_per_s": rate, "skipped_steps": bad_steps}
-            imbalance = expert_imbalance(loads)
-            if imbalance is not None:
-                row["expert_load_max_over_mean"] = imbalance
-            if eval_now:
-                row.update(evaluate())
-                model.train()
-            log.write(row)
-        progress.update(loss_value, rate)
-        if step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-            state = {"data": batches.state_dict(), "objective": objective.state_dict(), "bad_steps": bad_steps,
-                     "tokens": tokens}
-            last = save_checkpoint(run_dir, step, model=model, optimizer=opt, scheduler=sched,
-                                   modules=objective.modules, state=state, keep_last=cfg.keep_last)
+            rate = (tokens - tokens_at_t0) / max(time.perf_counter() - t0, 1e-9)
+            eval_now = evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0
+            if step % cfg.log_every == 0 or step == cfg.steps or step == start + 1 or eval_now:
+                row = {"step": step, "loss": loss_value, **sums, "lr": opt.param_groups[0]["lr"],
+                       "grad_norm": float(grad_norm), "tokens": tokens, "tokens_per_s": rate, "skipped_steps": bad_steps}
+                imbalance = expert_imbalance(loads)
+                if imbalance is not None:
+                    row["expert_load_max_over_mean"] = imbalance
+                if eval_now:
+                    row.update(evaluate())
+                    model.train()
+                log.write(row)
+            progress.update(loss_value, rate)
+            if step == cfg.steps or step % cfg.checkpoint_interval == 0 or stop.signum:
+                state = {"data": batches.state_dict(), "objective": objective.state_dict(), "bad_steps": bad_steps,
+                         "tokens": tokens}
+                # a finished stage keeps only its final checkpoint: resuming past it needs nothing older
+                last = save_checkpoint(run_dir, step, model=model, optimizer=opt, scheduler=sched,
+                                       modules=objective.modules, state=state,
+                                       keep_last=1 if step == cfg.steps else cfg.keep_last)
+                if not ckpt_noted:
+                    ckpt_noted = progress.note(f"{name}: checkpoint {last.name}: "
+                                               f"{sum(f.stat().st_size for f in last.iterdir()) / 2**20:.0f} MB")
+            if stop.signum:  # the step is done and saved: stop here
+                progress.close()
+                log.close()
+                raise Interrupted(stop.signum, step, last)
     progress.close()
     log.close()
     model.eval()

@@ -10,6 +10,7 @@ lives in its own directory under the run (checkpoints, metrics, the final model 
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -18,15 +19,17 @@ from typing import Callable
 
 import torch
 
+from kdarch.checks import ConfigError
+from kdarch.config import PRESETS, get_preset
+from kdarch.convert.hf import HF_MODEL_TYPE
 from kdarch.distill.loading import load_teacher
 from kdarch.distill.logit_cache import CachedTeacher, LogitCache, input_ids_sha256
 from kdarch.distill.teacher_signal import TopKTeacher
-from kdarch.distill.teachers import ModelTeacher, Teacher
-from kdarch.io import write_text
+from kdarch.distill.teachers import HFTeacher, ModelTeacher, Teacher
+from kdarch.io import MANIFEST, read_json, write_json, write_text
 from kdarch.model import CausalLM
-from kdarch.pretrained import save_pretrained
-from kdarch.checks import ConfigError
-from kdarch.train.config import ModelSection, RunConfig, Stage, TrainSection
+from kdarch.pretrained import KDARCH_MODEL_TYPE, save_pretrained
+from kdarch.train.config import DataSection, ModelSection, RunConfig, Stage, TrainSection
 from kdarch.train.data import load_documents, pack, split_documents
 from kdarch.train.evaluate import PeakMemory, evaluate_lm, generation_speed
 from kdarch.train.loop import Objective, set_seed, train
@@ -152,52 +155,101 @@ def teacher_top1(teacher: Teacher, heldout_NT: torch.Tensor, eval_sequences: int
     return torch.cat(rows)
 
 
+RUN_MARKER = "run.json"
+"""Written into a run directory when it is created: what made it, so that --resume can tell a run from a typo."""
+
+
 def prepare_run_dir(out: str | Path | None, resume: bool, prefix: str) -> Path:
-    """The run directory: `out`, or a fresh runs/<prefix>-<time>; an existing non-empty one needs --resume."""
+    """The run directory: `out`, or a fresh runs/<prefix>-<time>. An existing non-empty one needs --resume, and
+    --resume needs a directory made by the same kind of run (its run.json)."""
     if out is None:
+        if resume:
+            raise ConfigError("--resume: expected --out DIR, the directory of the run to continue")
         out = Path("runs") / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
         while out.exists():
             out = out.with_name(out.name + "x")
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not resume:
-        raise FileExistsError(f"run directory {str(out)!r} is not empty; pass --resume to continue that run or "
-                              f"choose another --out")
+    marker = out / RUN_MARKER
+    if resume:
+        made_by = read_json(marker).get("run") if marker.is_file() else None
+        if made_by != prefix:
+            what = f"a {made_by!r} run" if made_by else ("empty" if not out.exists() or not any(out.iterdir())
+                                                          else "not a kdarch run directory (no run.json)")
+            raise ConfigError(f"--resume: expected --out to be the directory of an earlier {prefix!r} run, got "
+                              f"{str(out)!r}, which is {what}")
+        return out
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"--out: expected a new or empty run directory, got {str(out)!r}, which is not empty; "
+                              f"pass --resume to continue that run or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
+    write_json(marker, {"run": prefix, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
     return out
 
 
-def stage_train(base: TrainSection, default: TrainSection) -> TrainSection:
-    """A default stage's training settings under [train]: the fields [train] sets (those that differ from
-    TrainSection's defaults) replace the stage's own defaults, e.g. its step count; the rest stay the stage's."""
-    changed = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)
-               if getattr(base, f.name) != getattr(TrainSection(), f.name)}
-    return dataclasses.replace(default, **changed)
+def _check_model(section: ModelSection, seq_len: int, where: str) -> None:
+    """The stage's ModelConfig builds (every field but the tokenizer's vocabulary) and fits the sequences."""
+    try:
+        section.build(PRESETS[section.preset]().vocab_size, seq_len)
+    except ConfigError as e:
+        raise ConfigError(re.sub(r"^(ModelConfig|model)\.", f"{where}.", str(e))) from None
 
 
-def student_model(run: RunConfig, default: ModelSection) -> ModelSection:
-    """The default student's architecture under [model]: its fields replace the default's (the default's preset
-    unless model.preset names another, whose own fields then start over)."""
-    if run.model.preset != default.preset:
-        return run.model
-    return ModelSection(default.preset, {**default.overrides, **run.model.overrides})
+def _check_data(cfg: DataSection) -> None:
+    if cfg.dataset != "embedded" and not Path(cfg.dataset).exists():
+        raise ConfigError(f"data.dataset: expected \"embedded\", a .txt file, a directory of .txt files or a .jsonl "
+                          f"file, got {cfg.dataset!r}, which does not exist")
+    if cfg.tokenizer not in ("bpe", "bytes") and not Path(cfg.tokenizer).exists():
+        raise ConfigError(f"data.tokenizer: expected \"bpe\", \"bytes\" or a tokenizer.json / model directory, got "
+                          f"{cfg.tokenizer!r}, which does not exist")
+
+
+def check_train(run: RunConfig) -> None:
+    """Everything `kdarch train` can know to be wrong before it prepares data or builds a model."""
+    _check_data(run.data)
+    _check_model(run.model, run.data.seq_len, "model")
+
+
+def check_distill(run: RunConfig) -> tuple[Stage, list[Stage]]:
+    """Everything `kdarch distill` can know to be wrong before any work (stage models, paths, a given teacher's
+    kind against the distillation settings, MTP depth weights), each naming its field; returns the stages."""
+    dcfg = run.distill
+    teacher, students = stages_of(run)
+    _check_data(run.data)
+    if not dcfg.teacher:
+        _check_model(teacher.model, run.data.seq_len, "teacher.model")
+    for i, st in enumerate(students):
+        _check_model(st.model, run.data.seq_len, f"students.{i}.model" if run.students else "model")
+        n_mtp = get_preset(st.model.preset, **st.model.overrides).n_mtp_modules
+        if dcfg.mtp and dcfg.mtp_depth_weights and len(dcfg.mtp_depth_weights) != n_mtp:
+            raise ConfigError(f"distill.mtp_depth_weights: expected {n_mtp} weights (one per MTP module of "
+                              f"{st.name}), got {dcfg.mtp_depth_weights!r}")
+    if dcfg.teacher:
+        path = Path(dcfg.teacher)
+        if not ((path / MANIFEST).is_file() or (path / "config.json").is_file()):
+            raise ConfigError(f"distill.teacher: expected a directory holding a logit cache ({MANIFEST}), a kdarch "
+                              f"model or a Hugging Face causal LM (config.json), got {dcfg.teacher!r}")
+        if (path / MANIFEST).is_file():
+            for name in ("feature_weight", "relation_weight"):
+                if getattr(dcfg, name):
+                    raise ConfigError(f"distill.{name}: expected 0 with a logit-cache teacher (it holds no hidden "
+                                      f"states; use a model directory), got {getattr(dcfg, name)}")
+        elif dcfg.relation_weight and dcfg.relation_source == "mla":
+            model_type = read_json(path / "config.json").get("model_type")
+            if model_type not in (KDARCH_MODEL_TYPE, HF_MODEL_TYPE):
+                raise ConfigError(f"distill.relation_source: expected \"hidden\" for a {model_type!r} teacher (\"mla\" "
+                                  f"needs MLA latents: a kdarch or DeepseekV3 teacher), got \"mla\"")
+    return teacher, students
 
 
 def stages_of(run: RunConfig) -> tuple[Stage, list[Stage]]:
-    """The teacher stage and the chain of students, with the embedded defaults where the config has none; [model]
-    is the default student's architecture (refused beside [[students]], which name their own)."""
-    if run.students and run.model != ModelSection():
-        raise ConfigError("model: expected no [model] section beside [[students]] (each student names its model: "
-                          "model = {preset = ..., ...})")
-    teacher = run.teacher or dataclasses.replace(DEFAULT_TEACHER, train=stage_train(run.train, DEFAULT_TEACHER.train))
-    students = list(run.students) or [dataclasses.replace(DEFAULT_STUDENT, model=student_model(run, DEFAULT_STUDENT.model),
-                                                          train=stage_train(run.train, DEFAULT_STUDENT.train))]
-    return teacher, students
+    """The teacher stage and the chain of students of `kdarch distill`, over the embedded default's stages."""
+    return run.stages(DEFAULT_TEACHER, DEFAULT_STUDENT)
 
 
 def run_train(run: RunConfig, out: Path, *, resume: bool = False, log=print) -> dict:
     """`kdarch train`: one model on the data with the LM objective, in `out` itself (out/model, out/metrics.jsonl,
     out/checkpoints, out/config.toml: the layout of each stage of `kdarch distill`); returns its report row."""
-    run.model.check_context(run.data.seq_len)
+    check_train(run)
     data = prepare_data(run, out, log=log)
     write_text(out / "config.toml", run.to_toml())
     res = run_stage(Stage("model", run.model, run.train), data, out, resume=resume, stage_dir=out, log=log)
@@ -220,9 +272,7 @@ def run_distill(run: RunConfig, out: Path, *, resume: bool = False, log=print) -
     baseline, evaluation of all of them on held-out text; writes report.json / report.md / plots; returns
     the report."""
     t_start = time.perf_counter()
-    dcfg, teacher_stage, students = run.distill, *stages_of(run)
-    for stage in ([] if dcfg.teacher else [teacher_stage]) + students:
-        stage.model.check_context(run.data.seq_len)
+    dcfg, (teacher_stage, students) = run.distill, check_distill(run)
     n_eval = run.train.eval_sequences
     if dcfg.teacher:
         tdir = Path(dcfg.teacher)
@@ -238,7 +288,10 @@ def run_distill(run: RunConfig, out: Path, *, resume: bool = False, log=print) -
         check_cache_matches(teacher.cache, data.train_NT)
     # A logit cache covers the training sequences only: no agreement on held-out text then.
     top1_NT = None if isinstance(teacher, CachedTeacher) else teacher_top1(teacher, data.heldout_NT, n_eval)
-    report: dict = {"teacher": {"name": teacher.name}}
+    source = (f"trained here ({teacher_stage.train.steps} steps)" if teacher_run is not None else
+              f"logit cache {dcfg.teacher}" if isinstance(teacher, CachedTeacher) else
+              f"Hugging Face model {dcfg.teacher}" if isinstance(teacher, HFTeacher) else f"kdarch model {dcfg.teacher}")
+    report: dict = {"teacher": {"name": teacher.name, "source": source}}
     if teacher_run is not None:
         report["teacher"].update(measure(teacher_run, data, eval_sequences=n_eval, teacher_top1_NT=top1_NT))
     elif isinstance(teacher, ModelTeacher):  # a given kdarch / Hugging Face model: scored from its logits
@@ -261,7 +314,7 @@ def run_distill(run: RunConfig, out: Path, *, resume: bool = False, log=print) -
         report["scratch"] = measure(res, data, eval_sequences=n_eval, teacher_top1_NT=top1_NT)
         curves["scratch"] = res.rows
     report["wall_seconds"] = time.perf_counter() - t_start
-    write_report(out, report, curves, run)
+    write_report(out, report, curves, run.to_toml(None if dcfg.teacher else teacher_stage, students))
     return report
 
 

@@ -26,7 +26,7 @@ from kdarch.checks import ConfigError
 from kdarch.train.config import DataSection, ModelSection, RunConfig, Stage, TrainSection
 from kdarch.train.loop import LMObjective
 from kdarch.train.objective import DistillObjective
-from kdarch.train.pipeline import Data, measure, run_stage, stage_train, student_model, teacher_top1
+from kdarch.train.pipeline import Data, measure, run_stage, teacher_top1
 from kdarch.train.report import write_report
 from kdarch.train.tokenizer import ByteTokenizer
 
@@ -74,10 +74,10 @@ def solve(model, problems: list[ar.Problem], tok: ByteTokenizer, batch: int = 10
 
 
 def task_stages(run: RunConfig) -> tuple[Stage, Stage]:
-    """The teacher and student stages of the task, every field of the run honoured or refused by name: [teacher]
-    and one [[students]] entry replace the defaults; [model] is the default student's architecture and [train]
-    overrides the default stages' settings (as in `kdarch distill`); [data] and distill.teacher cannot apply (the
-    task makes its own data and teacher)."""
+    """The teacher and student stages of the task, every field of the run honoured or refused by name: [teacher],
+    one [[students]] entry, [model] (the default student's architecture) and [train] are laid over the task's
+    default stages as in `kdarch distill`; [data] and distill.teacher cannot apply (the task makes its own data
+    and teacher)."""
     for f in dataclasses.fields(DataSection):
         if getattr(run.data, f.name) != getattr(DataSection(), f.name):
             raise ConfigError(f"data.{f.name}: expected no [data] settings with --task arithmetic (its problems are "
@@ -87,12 +87,7 @@ def task_stages(run: RunConfig) -> tuple[Stage, Stage]:
                           f"worked solutions), got {run.distill.teacher!r}")
     if len(run.students) > 1:
         raise ConfigError(f"students: expected one [[students]] entry with --task arithmetic, got {len(run.students)}")
-    if run.students and run.model != ModelSection():
-        raise ConfigError("model: expected no [model] section beside [[students]] (the student names its model)")
-    teacher = run.teacher or dataclasses.replace(DEFAULT_TEACHER, train=stage_train(run.train, DEFAULT_TEACHER.train))
-    student = run.students[0] if run.students else dataclasses.replace(
-        DEFAULT_STUDENT, model=student_model(run, DEFAULT_STUDENT.model),
-        train=stage_train(run.train, DEFAULT_STUDENT.train))
+    teacher, (student,) = run.stages(DEFAULT_TEACHER, DEFAULT_STUDENT)
     return teacher, student
 
 
@@ -138,14 +133,15 @@ def run_arithmetic(run: RunConfig, out: Path, *, resume: bool = False, log=print
                                     objective_for=lm, resume=resume, log=log)
 
     top1_NT = teacher_top1(teacher, heldout_NT, 0)
-    report: dict = {"task": "arithmetic", "arithmetic": {"curation": dataclasses.asdict(stats),
+    report: dict = {"task": "arithmetic", "teacher": {"source": f"trained here ({teacher_stage.train.steps} steps)"}, "arithmetic": {"curation": dataclasses.asdict(stats),
                                                          "test_problems": len(test)}}
     for key, res in runs.items():
-        report[key] = measure(res, teacher_data, eval_sequences=0, teacher_top1_NT=top1_NT)
+        report[key] = {**report.get(key, {}), **measure(res, teacher_data, eval_sequences=0, teacher_top1_NT=top1_NT)}
         completions = solve(res.model, test, tok)
         report["arithmetic"][key] = {"exact_match": ar.exact_match(test, completions),
                                      "example": ar.prompt(test[0]) + completions[0]}
         log(f"[{key}] exact match on {len(test)} test problems: {report['arithmetic'][key]['exact_match']:.1%}")
     report["wall_seconds"] = time.perf_counter() - t_start
-    write_report(out, report, {key: res.rows for key, res in runs.items()}, run)
+    write_report(out, report, {key: res.rows for key, res in runs.items()},
+                 run.to_toml(teacher_stage, [student_stage]))
     return report

@@ -1,5 +1,6 @@
 """kd_loss and the top-k teacher signal against plain-PyTorch formulas written out here (autograd for the
 gradients), plus finite-difference gradchecks, masking, limits and input validation."""
+import dataclasses
 import math
 
 import pytest
@@ -290,3 +291,35 @@ def test_topk_errors():
         TopKTeacher(sig.ids, sig.values[..., :2])
     with pytest.raises(ValueError, match=r"tail_mass must lie in \[0, 1\]"):
         kd_loss(s, TopKTeacher(sig.ids, sig.values, tail_mass=sig.tail_mass + 2), y)
+
+
+# ---------------------------------------------------------------------------------------------- masked vocabulary
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd", "tvd"])
+@pytest.mark.parametrize("signal", ["dense", "tail", "renormalise"])
+def test_entries_masked_on_both_sides_contribute_nothing(kind, signal):
+    """A padded vocabulary masked with -inf in student and teacher alike: the loss and its gradients equal those
+    on the vocabulary with the masked columns dropped (0 · log 0 = 0, never NaN)."""
+    g = torch.Generator().manual_seed(7)
+    s, t = torch.randn(6, 12, generator=g, dtype=torch.float64), torch.randn(6, 12, generator=g, dtype=torch.float64)
+    masked = torch.tensor([2, 9, 10])
+    keep = torch.tensor([i for i in range(12) if i not in masked.tolist()])
+    s_m, t_m = s.clone(), t.clone()
+    s_m[:, masked], t_m[:, masked] = float("-inf"), float("-inf")
+    labels = torch.tensor([0, 1, 3, 4, 5, 11])
+    remap = torch.full((12,), -1, dtype=torch.long)
+    remap[keep] = torch.arange(len(keep))
+
+    def teacher(logits):  # the same 4 tokens lead in both vocabularies (masked entries never do)
+        return logits if signal == "dense" else dataclasses.replace(TopKTeacher.from_logits(logits, 4), mode=signal)
+
+    opts = dict(kind=kind, temperature=2.0, alpha=0.7)
+    a, b = s_m.clone().requires_grad_(), s[:, keep].clone().requires_grad_()
+    got = kd_loss(a, teacher(t_m), labels, **opts)
+    want = kd_loss(b, teacher(t[:, keep]), remap[labels], **opts)
+    assert torch.isfinite(got)
+    torch.testing.assert_close(got, want)
+    got.backward()
+    want.backward()
+    assert torch.isfinite(a.grad).all()
+    torch.testing.assert_close(a.grad[:, keep], b.grad)
+    assert (a.grad[:, masked] == 0).all()

@@ -10,7 +10,7 @@ import kdarch
 from kdarch.distill.relations import (RelationDistiller, capture_mla_latents, rkd_angle_loss, rkd_distance_loss,
                                       similarity_preserving_loss)
 
-LOSSES = {"distance": rkd_distance_loss, "angle": rkd_angle_loss, "sp": similarity_preserving_loss}
+LOSSES = {"rkd_distance": rkd_distance_loss, "rkd_angle": rkd_angle_loss, "similarity_preserving": similarity_preserving_loss}
 
 
 # ------------------------------------------------------------------ independent references (no kdarch code)
@@ -44,7 +44,7 @@ def ref_sp(s, t):
     return ((gram(s) - gram(t)) ** 2).sum() / len(s) ** 2
 
 
-REFS = {"distance": ref_distance, "angle": ref_angle, "sp": ref_sp}
+REFS = {"rkd_distance": ref_distance, "rkd_angle": ref_angle, "similarity_preserving": ref_sp}
 
 
 def points(n, width, seed, dtype=torch.float64):
@@ -93,11 +93,29 @@ def test_invariances(kind):
     base = LOSSES[kind](s, t)
     torch.testing.assert_close(LOSSES[kind](3.7 * s, 0.2 * t), base)
     torch.testing.assert_close(LOSSES[kind](s @ rotation(5, 11), t @ rotation(7, 12)), base)
-    if kind != "sp":
+    if kind != "similarity_preserving":
         torch.testing.assert_close(LOSSES[kind](s + 4.0, t - points(1, 7, 13)), base)
     # identical geometry costs nothing, whatever the widths
     torch.testing.assert_close(LOSSES[kind](2 * t @ rotation(7, 14)[:, :7], t), torch.zeros((), dtype=torch.float64),
                                atol=1e-12, rtol=0)
+
+
+def test_rkd_angle_with_an_outlier_and_a_near_duplicate_matches_fp64():
+    """An attention-sink-like token with huge activations and two almost equal tokens (over="tokens"): fp32
+    cosines must come out as the fp64 formula gives them, values and gradients (a Gram-difference formula in fp32
+    cancelled here: 17-160% off in value, up to 100% in gradient)."""
+    s, t = points(10, 16, 21), points(10, 24, 22)
+    s[0] *= 1000.0
+    t[0] *= 3000.0  # outliers
+    s[2], t[2] = s[1] + 1e-3 * points(1, 16, 23)[0], t[1] + 1e-3 * points(1, 24, 24)[0]  # near-duplicates
+    s32 = s.float().requires_grad_()
+    got = rkd_angle_loss(s32, t.float())
+    s64 = s32.detach().double().requires_grad_()  # the same fp32 values, exactly, in fp64
+    want = ref_angle(s64, t.float().double())
+    assert abs(got.item() - want.item()) <= 1e-5 * abs(want.item())
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(s32.grad.double(), s64.grad, rtol=1e-4, atol=1e-6 * s64.grad.abs().max().item())
 
 
 def test_sp_row_normalisation():
@@ -115,7 +133,7 @@ def test_teacher_gets_no_gradient(kind):
     assert t.grad is None and s.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("kind", ["distance", "angle"])
+@pytest.mark.parametrize("kind", ["rkd_distance", "rkd_angle"])
 def test_coincident_points_stay_finite(kind):
     s, t = points(5, 4, 19), points(5, 6, 20)
     s[3] = s[1]
@@ -145,7 +163,7 @@ def test_angle_cosine_zero_at_coincident_apex():
     (lambda: rkd_angle_loss(points(2, 3, 0), points(2, 3, 0)), r"needs at least 3 points, got N=2"),
     (lambda: rkd_angle_loss(points(9, 3, 0), points(9, 3, 0), max_n=8),
      r"N=9 points make 504 triplets \(O\(N³\) memory\); at most max_n=8"),
-    (lambda: rkd_angle_loss(points(4, 3, 0), points(4, 3, 0), max_n=2), r"max_n must be an int >= 3"),
+    (lambda: rkd_angle_loss(points(4, 3, 0), points(4, 3, 0), max_n=2), r"max_n: expected an int >= 3"),
 ])
 def test_losses_reject(call, match):
     with pytest.raises(ValueError, match=match):
@@ -178,7 +196,7 @@ def test_over_samples_relates_sequence_means(kind):
 @pytest.mark.parametrize("kind", LOSSES)
 def test_over_tokens_averages_sequences(kind):
     hs, ht = state_pair(23)
-    min_n = 3 if kind == "angle" else 2
+    min_n = 3 if kind == "rkd_angle" else 2
     per_seq = [REFS[kind](hs[0][b][MASK[b]], ht[1][b][MASK[b]]) for b in range(B) if MASK[b].sum() >= min_n]
     got = RelationDistiller(kind, "tokens", layers=(0, 1))(hs, ht, MASK)
     torch.testing.assert_close(got, sum(per_seq) / len(per_seq))
@@ -189,7 +207,7 @@ def test_module_masked_tokens_do_not_matter_and_teacher_is_detached(over):
     hs, ht = state_pair(25)
     hs = tuple(h.clone().requires_grad_() for h in hs)
     ht = tuple(h.clone().requires_grad_() for h in ht)
-    rel = RelationDistiller("sp", over)
+    rel = RelationDistiller("similarity_preserving", over)
     base = rel(hs, ht, MASK)
     junk = lambda h: torch.where(MASK[..., None], h, torch.full_like(h, float("nan")))  # noqa: E731
     torch.testing.assert_close(rel([junk(h) for h in hs], [junk(h) for h in ht], MASK), base)
@@ -202,29 +220,29 @@ def test_module_too_few_valid_points_gives_zero():
     hs, ht = state_pair(27)
     one_each = torch.zeros(B, T, dtype=torch.bool)
     one_each[:, 0] = True
-    assert RelationDistiller("distance", "tokens")(hs, ht, one_each).item() == 0.0
+    assert RelationDistiller("rkd_distance", "tokens")(hs, ht, one_each).item() == 0.0
     one_seq = torch.zeros(B, T, dtype=torch.bool)
     one_seq[2] = True
-    loss = RelationDistiller("angle", "samples")(hs, ht, one_seq)
+    loss = RelationDistiller("rkd_angle", "samples")(hs, ht, one_seq)
     assert loss.item() == 0.0 and loss.dtype == torch.float64
 
 
 def test_module_angle_subsamples_evenly():
     hs, ht = state_pair(29)
-    got = RelationDistiller("angle", "tokens", max_points=4)(hs, ht)
+    got = RelationDistiller("rkd_angle", "tokens", max_points=4)(hs, ht)
     idx = [0, 2, 3, 5]  # round(linspace(0, 5, 4)) = round(0, 5/3, 10/3, 5)
     want = sum(ref_angle(hs[-1][b, idx], ht[-1][b, idx]) for b in range(B)) / B
     torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(kind="cka"), r"kind must be one of \('distance', 'angle', 'sp'\), got 'cka'"),
-    (dict(over="batch"), r"over must be one of \('samples', 'tokens'\)"),
-    (dict(source="logits"), r"source must be one of \('hidden', 'mla'\)"),
-    (dict(layers=3), r"layers must be a \(student index, teacher index\) pair of ints, got 3"),
-    (dict(layers=(1, 2, 3)), r"layers must be a \(student index, teacher index\) pair"),
-    (dict(layers=(1.0, 2)), r"layers must be a \(student index, teacher index\) pair"),
-    (dict(max_points=2), r"max_points must be an int >= 3, got 2"),
+    (dict(kind="cka"), r"kind: expected one of 'rkd_distance', 'rkd_angle', 'similarity_preserving', got 'cka'"),
+    (dict(over="batch"), r"over: expected one of 'samples', 'tokens', got 'batch'"),
+    (dict(source="logits"), r"source: expected one of 'hidden', 'mla'"),
+    (dict(layers=3), r"layers: expected a \(student index, teacher index\) pair of ints, got 3"),
+    (dict(layers=(1, 2, 3)), r"layers: expected a \(student index, teacher index\) pair"),
+    (dict(layers=(1.0, 2)), r"layers: expected a \(student index, teacher index\) pair"),
+    (dict(max_points=2), r"max_points: expected an int >= 3, got 2"),
 ])
 def test_config_rejects(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -238,9 +256,9 @@ def test_forward_rejects():
     with pytest.raises(ValueError, match=r"teacher index -4 out of range for 3 MLA latents"):
         RelationDistiller(source="mla", layers=(0, -4))(hs, ht)
     with pytest.raises(ValueError, match=r"needs at least 3 sequences per batch \(batch size\), got 2"):
-        RelationDistiller("angle")([h[:2] for h in hs], [h[:2] for h in ht])
+        RelationDistiller("rkd_angle", "samples")([h[:2] for h in hs], [h[:2] for h in ht])
     with pytest.raises(ValueError, match=r"needs at least 2 tokens per sequence, got 1"):
-        RelationDistiller("sp", "tokens")([h[:, :1] for h in hs], [h[:, :1] for h in ht])
+        RelationDistiller("similarity_preserving", "tokens")([h[:, :1] for h in hs], [h[:, :1] for h in ht])
     with pytest.raises(ValueError, match=r"student states are \[B, T\] = \[4, 6\], teacher states \[4, 5\]"):
         RelationDistiller()(hs, [h[:, :5] for h in ht])
     with pytest.raises(ValueError, match=r"mask must be a bool tensor of shape \[4, 6\]"):
@@ -270,7 +288,7 @@ def test_capture_mla_latents_matches_hand_computation():
             rms = kv.pow(2).mean(-1, keepdim=True).add(1e-6).rsqrt()
             torch.testing.assert_close(passes[0][i], kv * rms * layer.attn.kv_norm.weight)
     # the captured student latents carry gradients back to the weights that made them
-    RelationDistiller("distance", "tokens", source="mla")(passes[0], [x.detach() * 2 + 1 for x in passes[0]]).backward()
+    RelationDistiller("rkd_distance", "tokens", source="mla")(passes[0], [x.detach() * 2 + 1 for x in passes[0]]).backward()
     assert model.layers[-1].attn.wkv_a.weight.grad.abs().sum() > 0
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 import kdarch
 from kdarch import CausalLM, get_preset
-from kdarch.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from kdarch.train.checkpoint import CorruptCheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 
 WARMUP, TOTAL = 2, 10
 
@@ -208,7 +208,7 @@ def test_corrupt_or_missing_file_is_named(saved, file):
         load_checkpoint(path, model=model, optimizer=opt, scheduler=sched, modules={"projector": proj})
     assert torch.equal(model.embed.weight, before)  # nothing loaded
     (path / file).unlink()
-    with pytest.raises(FileNotFoundError, match=f"{file}: missing"):
+    with pytest.raises(CorruptCheckpointError, match=f"{file}: missing"):
         load_checkpoint(path, model=model, optimizer=opt, scheduler=sched, modules={"projector": proj})
 
 

@@ -88,15 +88,42 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path):
         train(model(), cfg(steps=6, max_bad_steps=2), data(), tmp_path / "b", objective=FlakyObjective({1, 2, 3}))
 
 
+class DiesAt(LMObjective):
+    """The LM objective, until its `n`-th call: then the process 'dies' (an exception out of train)."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.calls, self.n = 0, n
+
+    def __call__(self, *args):
+        self.calls += 1
+        if self.calls == self.n:
+            raise RuntimeError("died")
+        return super().__call__(*args)
+
+
 def test_resume_in_process_reproduces_the_losses(tmp_path):
     straight = train(model(), cfg(steps=8), data(), tmp_path / "a")
-    first = train(model(), cfg(steps=8, checkpoint_every=3), data(), tmp_path / "b")
-    # Throw away everything after step 6's checkpoint, as if the run had died there.
-    import shutil
-    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step_00000008")
+    assert [p.name for p in (tmp_path / "a" / "checkpoints").iterdir()] == ["step_00000008"]  # done: final only
+    with pytest.raises(RuntimeError, match="died"):  # dies in step 7, after step 6's checkpoint
+        train(model(), cfg(steps=8, checkpoint_every=3), data(), tmp_path / "b", objective=DiesAt(7))
     resumed = train(model(seed=1), cfg(steps=8, checkpoint_every=3), data(), tmp_path / "b", resume=True)
-    assert [r["loss"] for r in resumed.rows] == [r["loss"] for r in straight.rows] == [r["loss"] for r in first.rows]
+    assert [r["loss"] for r in resumed.rows] == [r["loss"] for r in straight.rows]
     assert [r["step"] for r in resumed.rows] == list(range(1, 9))
+
+
+def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path):
+    straight = train(model(), cfg(steps=8), data(), tmp_path / "a")
+    with pytest.raises(RuntimeError, match="died"):
+        train(model(), cfg(steps=8, checkpoint_every=3), data(), tmp_path / "b", objective=DiesAt(7))
+    bad = tmp_path / "b" / "checkpoints" / "step_00000006" / "optimizer.safetensors"
+    raw = bytearray(bad.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    bad.write_bytes(bytes(raw))
+    with pytest.warns(UserWarning, match=r"step_00000006 is unusable .*corrupt.*resuming from step_00000003 instead"):
+        resumed = train(model(seed=1), cfg(steps=8, checkpoint_every=3), data(), tmp_path / "b", resume=True)
+    assert [r["loss"] for r in resumed.rows] == [r["loss"] for r in straight.rows]
+    assert not (tmp_path / "b" / "checkpoints" / "step_00000006").exists()  # replaced by the rerun's own
 
 
 def test_padding_is_never_a_target():

@@ -5,8 +5,15 @@ import pytest
 
 from kdarch.train import arithmetic as ar
 from kdarch.train import reasoning
-from kdarch.train.config import ModelSection, RunConfig, Stage, TrainSection
+import dataclasses
+
+from kdarch.train.config import ModelSection, RunConfig, StageSpec, TrainSection
 from kdarch.train.tokenizer import ByteTokenizer
+
+
+def spec(name, preset, train, **fields):
+    """A stage table, as written in a config file."""
+    return StageSpec(name, {"preset": preset, **fields}, dataclasses.asdict(train))
 
 
 class ScriptedModel:
@@ -42,9 +49,8 @@ def test_arithmetic_run_reports_exact_match(tmp_path, monkeypatch):
     monkeypatch.setattr(reasoning, "solve", half_right)
     monkeypatch.setattr(reasoning, "N_CURATE", 40)
     train = TrainSection(steps=2, batch_size=4, log_every=1, eval_sequences=4, progress=False, warmup_steps=1)
-    run = RunConfig(train=train, teacher=Stage("teacher", ModelSection("debug", {"hidden_size": 96, "n_heads": 6}),
-                                               train),
-                    students=(Stage("student", ModelSection("debug"), train),))
+    run = RunConfig(train=train, teacher=spec("teacher", "debug", train, hidden_size=96, n_heads=6),
+                    students=(spec("student", "debug", train),))
     report = reasoning.run_arithmetic(run, tmp_path, log=lambda *_: None)
     assert report["arithmetic"]["curation"] == {"total": 40, "correct": 20, "valid_steps": 20, "kept": 20}
     for key in ("teacher", "student", "scratch"):
@@ -60,8 +66,7 @@ def test_a_teacher_that_solves_nothing_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(reasoning, "solve", lambda model, problems, tok, batch=100: ["A: ?$"] * len(problems))
     monkeypatch.setattr(reasoning, "N_CURATE", 10)
     train = TrainSection(steps=1, batch_size=4, progress=False)
-    run = RunConfig(train=train, teacher=Stage("teacher", ModelSection("debug"), train),
-                    students=(Stage("student", ModelSection("debug"), train),))
+    run = RunConfig(train=train, teacher=spec("teacher", "debug", train), students=(spec("student", "debug", train),))
     with pytest.raises(RuntimeError, match="solved none of the curation problems"):
         reasoning.run_arithmetic(run, tmp_path, log=lambda *_: None)
 
@@ -79,7 +84,7 @@ def test_every_field_is_honoured_or_refused():
     assert (teacher.train.steps, student.train.steps) == (reasoning.DEFAULT_TEACHER.train.steps,
                                                           reasoning.DEFAULT_STUDENT.train.steps)
     assert reasoning.task_stages(RunConfig(model=ModelSection("debug")))[1].model == ModelSection("debug")
-    stage = Stage("s", ModelSection("debug"), TrainSection())
+    stage = StageSpec("s", {"preset": "debug"})
     for run, field in ((RunConfig(data=DataSection(seq_len=32)), "data.seq_len"),
                        (RunConfig(data=DataSection(dataset="x.txt")), "data.dataset"),
                        (RunConfig(distill=DistillSection(teacher="dir")), "distill.teacher"),
@@ -93,7 +98,7 @@ def test_scratch_false_skips_the_baseline(tmp_path, monkeypatch):
     monkeypatch.setattr(reasoning, "solve", lambda model, problems, tok, batch=100: [ar.solution(p) for p in problems])
     monkeypatch.setattr(reasoning, "N_CURATE", 8)
     train = TrainSection(steps=1, batch_size=4, progress=False, eval_sequences=4)
-    run = RunConfig(train=train, teacher=Stage("teacher", ModelSection("debug"), train),
-                    students=(Stage("student", ModelSection("debug"), train),), scratch=False)
+    run = RunConfig(train=train, teacher=spec("teacher", "debug", train), students=(spec("student", "debug", train),),
+                    scratch=False)
     report = reasoning.run_arithmetic(run, tmp_path, log=lambda *_: None)
     assert "scratch" not in report and "scratch" not in report["arithmetic"] and not (tmp_path / "scratch").exists()

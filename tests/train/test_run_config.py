@@ -4,8 +4,12 @@ import tomllib
 import pytest
 
 from kdarch.config import ConfigError
-from kdarch.train.config import (DistillSection, ModelSection, RunConfig, TrainSection, add_config_flags, field_docs,
-                                 load_run_config, overrides_from_args)
+from kdarch.train.config import (DistillSection, ModelSection, RunConfig, Stage, StageSpec, TrainSection,
+                                 load_run_config)
+from kdarch.train.flags import add_config_flags, field_docs, overrides_from_args
+
+DEFAULT_T = Stage("teacher", ModelSection("tiny", {"n_layers": 6}), TrainSection(steps=180))
+DEFAULT_S = Stage("student", ModelSection("tiny"), TrainSection(steps=100))
 
 
 def write(tmp_path, text):
@@ -17,9 +21,6 @@ def write(tmp_path, text):
 def test_defaults_and_toml_file(tmp_path):
     assert load_run_config() == RunConfig()
     cfg = load_run_config(write(tmp_path, """
-[model]
-preset = "debug"
-hidden_size = 96
 [train]
 lr = 1e-3
 steps = 7
@@ -27,7 +28,7 @@ steps = 7
 alpha = "cosine:0.9->0.3"
 mtp_depth_weights = [1.0]
 [teacher]
-model = {preset = "tiny", hidden_size = 384}
+model = {hidden_size = 384}
 train = {steps = 50}
 [[students]]
 model = {preset = "debug"}
@@ -35,19 +36,31 @@ model = {preset = "debug"}
 name = "second"
 model = {preset = "debug", n_layers = 1}
 """))
-    assert cfg.model == ModelSection("debug", {"hidden_size": 96})
     assert cfg.train.lr == 1e-3 and cfg.train.steps == 7
     assert cfg.distill.alpha == "cosine:0.9->0.3" and cfg.distill.mtp_depth_weights == [1.0]
-    assert cfg.teacher.model.overrides == {"hidden_size": 384}
-    assert cfg.teacher.train.steps == 50 and cfg.teacher.train.lr == 1e-3  # stage train = [train] + its overrides
-    assert [s.name for s in cfg.students] == ["student", "second"]
-    assert cfg.model.build(vocab_size=300, seq_len=64).hidden_size == 96
+    assert cfg.teacher == StageSpec(None, {"hidden_size": 384}, {"steps": 50})
+    teacher, students = cfg.stages(DEFAULT_T, DEFAULT_S)
+    # a stage table is laid over the task's default stage: the default teacher's 6 layers stay
+    assert teacher.model == ModelSection("tiny", {"n_layers": 6, "hidden_size": 384})
+    assert teacher.train.steps == 50 and teacher.train.lr == 1e-3  # its defaults, then [train], then its own table
+    assert [s.name for s in students] == ["student", "second"]
+    assert students[0].train.steps == 7 and students[1].model == ModelSection("debug", {"n_layers": 1})
+
+
+def test_train_section_replaces_stage_defaults_only_where_set():
+    teacher, (student,) = RunConfig().stages(DEFAULT_T, DEFAULT_S)
+    assert (teacher.train.steps, student.train.steps) == (180, 100)
+    teacher, (student,) = RunConfig(train=TrainSection(steps=5, lr=1e-3)).stages(DEFAULT_T, DEFAULT_S)
+    assert (teacher.train.steps, student.train.steps, student.train.lr) == (5, 5, 1e-3)
+    # [model] is the default student's architecture, laid over it; another preset starts over
+    _, (student,) = RunConfig(model=ModelSection("tiny", {"n_layers": 2})).stages(DEFAULT_T, DEFAULT_S)
+    assert student.model == ModelSection("tiny", {"n_layers": 2})
+    with pytest.raises(ConfigError, match=r"^model: expected no \[model\] section beside \[\[students\]\]"):
+        RunConfig(model=ModelSection("debug"), students=(StageSpec(),)).stages(DEFAULT_T, DEFAULT_S)
 
 
 def test_resolved_config_round_trips_through_toml(tmp_path):
     cfg = load_run_config(write(tmp_path, """
-[model]
-preset = "debug"
 [train]
 steps = 3
 [teacher]
@@ -57,22 +70,30 @@ train = {steps = 5}
 name = "student"
 model = {preset = "debug"}
 """))
-    text = cfg.to_toml()
+    teacher, students = cfg.stages(DEFAULT_T, DEFAULT_S)
+    text = cfg.to_toml(teacher, students)
     tomllib.loads(text)
-    assert load_run_config(write(tmp_path, text)) == cfg
+    again = load_run_config(write(tmp_path, text))
+    # the written stages are complete: whatever the defaults, they resolve to what ran
+    other_defaults = Stage("x", ModelSection("small"), TrainSection(steps=999, lr=0.5))
+    assert again.stages(other_defaults, other_defaults) == (teacher, students)
 
 
 @pytest.mark.parametrize("text, needle", [
-    ("[train]\nlr = 'fast'", "train.lr: expected float"),
-    ("[train]\nsteps = 0", "train.steps: expected an int >= 1"),
+    ("[train]\nlr = 'fast'", "train.lr: expected a finite number, got 'fast'"),
+    ("[train]\nsteps = 0", "train.steps: expected an int >= 1, got 0"),
     ("[train]\nbogus = 1", "unknown field(s) ['bogus']"),
     ("[model]\npreset = 'huge'", "model.preset: expected one of"),
-    ("[model]\nnot_a_field = 1", "ModelConfig fields, got unknown ['not_a_field']"),
-    ("[distill]\nkind = 3", "distill.kind: expected str"),
+    ("[model]\nnot_a_field = 1", "got ['not_a_field']"),
+    ("[distill]\nkind = 3", "distill.kind: expected a string, got 3"),
+    ("[distill]\nkind = 'kl'", "distill.kind: expected one of 'forward_kl'"),
+    ("[distill]\nalpha = 'linaer:0.9->0.1'", "distill.alpha: schedule 'linaer:0.9->0.1'"),
     ("[distill]\nfeature_loss = 'l1'", "distill.feature_loss"),
     ("[optimizer]\nlr = 1", "unknown table(s) ['optimizer']"),
     ("[train\n", "not valid TOML"),
-    ("[[students]]\nmodel = {preset = 'debug'}\nepochs = 3", "students[0]: unknown field(s) ['epochs']"),
+    ("[[students]]\nmodel = {preset = 'debug'}\nepochs = 3", "students.0: unknown field(s) ['epochs']"),
+    ("[teacher]\ntrain = {steps = 'ten'}", "teacher.train.steps: expected an int, got 'ten'"),
+    ("[[students]]\nmodel = {n_layers = 'two'}", "students.0.model"),
 ])
 def test_bad_config_names_the_field(tmp_path, text, needle):
     with pytest.raises(ConfigError) as e:
@@ -92,9 +113,12 @@ def test_flags_override_the_file_and_are_documented(tmp_path):
     add_config_flags(p)
     args = p.parse_args(["--train.lr", "0.01", "--model.hidden_size", "80", "--train.progress", "false",
                          "--distill.mtp_depth_weights", "[0.5, 0.5]"])
-    cfg = load_run_config(write(tmp_path, "[train]\nlr = 1e-4\nsteps = 9"), overrides_from_args(args))
+    cfg = load_run_config(write(tmp_path, "[train]\nlr = 1e-4\nsteps = 9"),
+                          {**overrides_from_args(args), "teacher.train.steps": 4, "students.1.model.n_layers": 1})
     assert cfg.train.lr == 0.01 and cfg.train.steps == 9 and cfg.train.progress is False
     assert cfg.model.overrides == {"hidden_size": 80} and cfg.distill.mtp_depth_weights == [0.5, 0.5]
+    assert cfg.teacher == StageSpec(train={"steps": 4})
+    assert cfg.students == (StageSpec(), StageSpec(model={"n_layers": 1}))  # the chain grows to student 1
     text = p.format_help()
     for cls in (TrainSection, DistillSection):
         for name, doc in field_docs(cls).items():
