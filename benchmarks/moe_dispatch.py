@@ -113,7 +113,8 @@ def bench_point(name, cfg, T, dtype, dev, args, results):
     """All sections for one (config, token count); appends CSV rows to `results`."""
     from kdarch.kernels.moe_ref import moe_ffn_ref
     from kdarch.ops import moe_ffn
-    from kdarch.ops.moe import grouped_mm_ok, moe_ffn_torch, routing_metadata
+    from kdarch.ops.moe import routing_metadata
+    from kdarch.ops.moe.torch_backend import grouped_mm_ok, moe_ffn_torch
     H, I, E, K = cfg["H"], cfg["I"], cfg["E"], cfg["K"]
     M = T * K
     gen = torch.Generator(device=dev).manual_seed(T)

@@ -28,17 +28,12 @@ E experts; T row tiles of the grouped tile map; *_s a scale tensor.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from kdarch.kernels import triton_interpreting
 from kdarch.kernels.fp8_ref import BLOCK, cdiv
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -168,7 +163,7 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, offs_ptr, tile_g_ptr, 
 
 
 # ----------------------------------------------------------------------------------------------
-# launchers (inputs already validated by kdarch.ops.fp8)
+# launchers (inputs already validated by the kdarch.ops.fp8 functional API)
 # ----------------------------------------------------------------------------------------------
 
 def quantize(x: torch.Tensor, group_rows: int, amax_floor: float, pow2_scale: bool):
@@ -178,7 +173,7 @@ def quantize(x: torch.Tensor, group_rows: int, amax_floor: float, pow2_scale: bo
     q = torch.empty((E, R, C), dtype=torch.float8_e4m3fn, device=x.device)
     s = torch.empty((E, cdiv(R, group_rows), cdiv(C, BLOCK)), dtype=torch.float32, device=x.device)
     if q.numel():
-        block_r = BLOCK if group_rows > 1 else (128 if _interpreting() else 32)
+        block_r = BLOCK if group_rows > 1 else (128 if triton_interpreting() else 32)
         grid = (cdiv(R, block_r), cdiv(C, BLOCK), E)
         _quant_kernel[grid](x3, q.view(torch.uint8), s, R, C, *x3.stride(), q.stride(0), q.stride(1), s.stride(0),
                             s.stride(1), float(amax_floor), GROUP_R=group_rows, BLOCK_R=block_r, BLOCK_C=BLOCK,
@@ -190,7 +185,7 @@ def dequantize(q_RC: torch.Tensor, s: torch.Tensor, group_rows: int, out_dtype: 
     R, C = q_RC.shape
     y = torch.empty((R, C), dtype=torch.float32, device=q_RC.device)
     if y.numel():
-        block_r = 128 if (group_rows > 1 or _interpreting()) else 32
+        block_r = 128 if (group_rows > 1 or triton_interpreting()) else 32
         _dequant_kernel[(cdiv(R, block_r), cdiv(C, BLOCK))](
             q_RC.view(torch.uint8), s, y, R, C, q_RC.stride(0), q_RC.stride(1), s.stride(0), y.stride(0),
             GROUP_R=group_rows, BLOCK_R=block_r, BLOCK_C=BLOCK)
@@ -199,7 +194,7 @@ def dequantize(q_RC: torch.Tensor, s: torch.Tensor, group_rows: int, out_dtype: 
 
 def _blocks(M: int, N: int):
     """(BLOCK_M, BLOCK_N, launch kwargs): big tiles under the interpreter (its cost is per program)."""
-    if _interpreting():
+    if triton_interpreting():
         return (max(16, min(256, triton.next_power_of_2(M))), max(16, min(256, triton.next_power_of_2(N))), {})
     return (64 if M <= 64 else 128), 128, {"num_warps": 8 if M > 64 else 4, "num_stages": 3}
 

@@ -1,6 +1,6 @@
 """Plain-PyTorch references for the FP8 (e4m3fn) block-scaled recipe of DeepSeek-V3.
 
-Every FP8 backend (the Triton kernels in `fp8.py`, the "torch" fast path in `kdarch.ops.fp8`) is
+Every FP8 backend (the Triton kernels in `fp8.py`, the "torch" fast path in `kdarch.ops.fp8.torch_backend`) is
 tested and benchmarked against these functions, so they favour being obviously right over being
 fast: tiles are made with reshape + padding, e4m3 rounding is torch's own cast (round to nearest
 even, saturating at ±448 — checked against a grid search in the tests), GEMMs run in fp64.

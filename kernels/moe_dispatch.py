@@ -25,9 +25,11 @@ import torch
 import triton
 import triton.language as tl
 
+from kdarch.kernels import triton_interpreting
+
 PLAIN, SWIGLU_FWD, SWIGLU_BWD = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)  # grouped-GEMM epilogues
 # Triton 3.9's interpreter casts fp32 -> bf16 by truncation (GPUs round to nearest even): round explicitly there.
-_ROUND_BF16 = tl.constexpr(triton.knobs.runtime.interpret)
+_ROUND_BF16 = tl.constexpr(triton_interpreting())
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -259,17 +261,13 @@ def _grouped_wgrad_kernel(a_ptr, b_ptr, c_ptr, offsets_ptr, idx_ptr, N, D, FAN, 
 
 
 # ---------------------------------------------------------------------------------------- launchers
-def _interpreted(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu"
-
-
 def _pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
 
 def _dot_args(t: torch.Tensor) -> dict:
     """fp32 and (interpreter) bf16 operands are multiplied in fp32; fp32 honours torch's TF32 switch."""
-    f32 = t.dtype == torch.float32 or (t.dtype == torch.bfloat16 and _interpreted(t))
+    f32 = t.dtype == torch.float32 or (t.dtype == torch.bfloat16 and triton_interpreting())
     tf32 = t.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
     return dict(DOT_F32=f32, PRECISION=("tf32" if tf32 else "ieee") if f32 else None)
 
@@ -306,7 +304,7 @@ def routing_metadata(topk_ids_TK: torch.Tensor, n_experts: int, pad_to: int = 1,
     ids_M = topk_ids_TK.reshape(-1).contiguous()
     M, E, dev = ids_M.numel(), n_experts, ids_M.device
     E_PAD = triton.next_power_of_2(E)
-    BLOCK_M = block_m or _pow2(M, 16, max(16, (1 << (18 if _interpreted(ids_M) else 14)) // E_PAD))
+    BLOCK_M = block_m or _pow2(M, 16, max(16, (1 << (18 if triton_interpreting() else 14)) // E_PAD))
     NB = triton.cdiv(M, BLOCK_M)
     counts_E = torch.empty(E, dtype=torch.int64, device=dev)
     offsets_E1 = torch.empty(E + 1, dtype=torch.int64, device=dev)
@@ -329,7 +327,7 @@ def gather_sum(src_XH: torch.Tensor, idx: torch.Tensor, K: int, fan: int = 1, we
     out = torch.empty(R, H, dtype=out_dtype or src_XH.dtype, device=src_XH.device)
     if R == 0 or H == 0:
         return out.zero_()
-    interp = _interpreted(src_XH)
+    interp = triton_interpreting()
     BLOCK_R, BLOCK_H = _pow2(R, 1, 64 if interp else 32), _pow2(H, 16, 1024 if interp else 128)
     w = weights.contiguous() if weights is not None else None
     _gather_sum_kernel[(triton.cdiv(R, BLOCK_R), triton.cdiv(H, BLOCK_H))](
@@ -354,7 +352,7 @@ def _gemm(epilogue, a, b_E, offsets_E1, idx, fan, N, D, stride_bd, stride_bn, ou
     """Launch _grouped_gemm_kernel; returns the [M_slot, n tiles] routing-weight partials for SWIGLU_BWD."""
     M = idx.numel() if gather or epilogue != PLAIN else a.shape[0]
     E = b_E.shape[0]
-    cfg = _gemm_tiles(_interpreted(a), M, N, D, epilogue)
+    cfg = _gemm_tiles(triton_interpreting(), M, N, D, epilogue)
     grid = (min(triton.cdiv(M, cfg["BLOCK_M"]) + E, M), triton.cdiv(N, cfg["BLOCK_N"]))
     gw = torch.zeros(M, grid[1], dtype=torch.float32, device=a.device) if epilogue == SWIGLU_BWD else None
     if grid[0] and grid[1]:
@@ -384,8 +382,9 @@ def grouped_wgrad(a_XN, b_XD, offsets_E1, idx, fan=1, gather_a=False, gather_b=F
     a_XN, b_XD = a_XN.contiguous(), b_XD.contiguous()
     E, N, D = n_experts or offsets_E1.numel() - 1, a_XN.shape[1], b_XD.shape[1]
     out = torch.empty(E, N, D, dtype=out_dtype or a_XN.dtype, device=a_XN.device)
-    cfg = _gemm_tiles(_interpreted(a_XN), idx.numel(), N, D)
-    if not _interpreted(a_XN):
+    interp = triton_interpreting()
+    cfg = _gemm_tiles(interp, idx.numel(), N, D)
+    if not interp:
         cfg.update(BLOCK_M=32, BLOCK_N=_pow2(N, 16, 64), BLOCK_D=_pow2(D, 16, 64))
     grid = (triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(D, cfg["BLOCK_D"]), E)
     if E and N and D:

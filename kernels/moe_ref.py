@@ -1,6 +1,6 @@
 """Plain fp32 references for the MoE expert op and its routing metadata.
 
-Every MoE backend (torch grouped GEMM, Triton, C++) is tested and benchmarked against these
+Every MoE backend (torch grouped GEMM, Triton) is tested and benchmarked against these
 two functions, so they favour being obviously right over being fast: a Python loop over
 experts, fp32 everywhere, no permutation tricks.
 

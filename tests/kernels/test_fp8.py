@@ -1,16 +1,20 @@
 """FP8 quantisation and block-scaled GEMMs: every backend against kdarch.kernels.fp8_ref.
 
-Quantisation must be bit-exact (bytes and scales) on every backend; GEMMs must match the fp64
-dequantised product to fp32-accumulation error; the error against the unquantised fp32 product is
-reported and bounded separately. Triton runs under TRITON_INTERPRET=1 without a GPU (see conftest).
+Quantisation must be bit-exact (bytes and scales) on every backend, against a quantiser written here
+from the recipe alone (the e4m3fn grid enumerated from its 256 bit patterns, tiles cut by slicing),
+since the "torch" backend *is* fp8_ref's quantiser; GEMMs must match the fp64 dequantised product
+(fp8_ref's GEMM references) to fp32-accumulation error; the error against the unquantised fp32 product
+is reported and bounded separately. Triton runs under TRITON_INTERPRET=1 without a GPU (see conftest).
 """
 import pytest
 import torch
 
+from kdarch.checks import set_value_checks
 from kdarch.kernels import fp8_ref as ref
-from kdarch.kernels.fp8_ref import BLOCK, e4m3_half_ulp, rel_err
+from kdarch.kernels.fp8_ref import AMAX_FLOOR, BLOCK, cdiv, e4m3_half_ulp, rel_err
 from kdarch.ops import fp8 as F8
 from kdarch.ops.backend import resolve
+from kdarch.ops.fp8 import triton_backend as F8T
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["torch", "triton"]
@@ -59,19 +63,92 @@ def test_reference_cast_is_rne_and_saturating():
     assert torch.equal(x.to(torch.float8_e4m3fn).double(), grid[code] * x.double().sign())
 
 
+# ---- an independent quantiser ---------------------------------------------------------------------------------
+
+_CODES = torch.arange(256, dtype=torch.uint8)
+_VALUES = _CODES.view(torch.float8_e4m3fn).double()  # every e4m3fn bit pattern's value (NaN at 0x7F, 0xFF)
+_NONNEG = (_CODES < 0x80) & _VALUES.isfinite()
+GRID_CODES, GRID = _CODES[_NONNEG].long(), _VALUES[_NONNEG]  # the 127 finite values >= 0, by bit pattern
+
+
+def test_e4m3_grid_from_bit_patterns():
+    assert len(GRID) == 127 and bool((GRID[1:] > GRID[:-1]).all()) and GRID[-1] == 448.0
+    assert GRID[1] == 2.0 ** -9 and _VALUES[0x7F].isnan() and _VALUES[0xFF].isnan()  # smallest subnormal, NaNs
+    assert torch.equal(_VALUES[0x80:0xFF], -GRID)  # the sign bit mirrors the grid
+
+
+def e4m3_bits_by_grid(y: torch.Tensor) -> torch.Tensor:
+    """fp32 y -> e4m3fn bit patterns: the nearest grid value, ties to the even bit pattern, |y| > 448 saturating
+    to ±448 and NaN to 0x7F; the sign bit from y (so -0.0 and tiny negatives give 0x80)."""
+    a = y.double().abs().clamp(max=448.0).nan_to_num(0.0)
+    hi = torch.searchsorted(GRID, a).clamp(max=len(GRID) - 1)  # first grid value >= a
+    lo = (hi - 1).clamp(min=0)
+    d_lo, d_hi = a - GRID[lo], GRID[hi] - a
+    take_hi = (d_hi < d_lo) | ((d_hi == d_lo) & (GRID_CODES[hi] % 2 == 0))
+    code = torch.where(take_hi, GRID_CODES[hi], GRID_CODES[lo]) | (torch.signbit(y).long() << 7)
+    return torch.where(y.isnan(), 0x7F, code).to(torch.uint8)
+
+
+def _recipe_scale(t: torch.Tensor, dims: tuple[int, ...], amax_floor: float, pow2: bool) -> torch.Tensor:
+    """max(amax, floor) / 448 over `dims` in fp32, rounded up to a power of two with pow2; NaN if inf/NaN."""
+    amax = t.abs().amax(dim=dims, keepdim=True)
+    scale = torch.maximum(amax, torch.tensor(amax_floor, dtype=torch.float32)) / 448.0
+    if pow2:
+        scale = torch.exp2(torch.ceil(torch.log2(scale.double()))).float()
+    return torch.where((~t.isfinite()).any(dim=dims, keepdim=True), float("nan"), scale)
+
+
+def quantize_by_recipe(x: torch.Tensor, group_rows: int, amax_floor: float = AMAX_FLOOR, pow2: bool = False):
+    """(bits uint8 [R, C], scales fp32 [RT, CT]) from the recipe alone, tile by tile: q = e4m3(x / scale)."""
+    x = x.detach().float().cpu()
+    R, C = x.shape
+    q, s = torch.empty(R, C, dtype=torch.uint8), torch.empty(cdiv(R, group_rows), cdiv(C, BLOCK))
+    for j, c0 in enumerate(range(0, C, BLOCK)):
+        cols = slice(c0, c0 + BLOCK)
+        if group_rows == 1:  # 1x128 tiles: one scale per row of this column block
+            scale = _recipe_scale(x[:, cols], (1,), amax_floor, pow2)  # [R, 1]
+            q[:, cols], s[:, j] = e4m3_bits_by_grid(x[:, cols] / scale), scale[:, 0]
+            continue
+        for i, r0 in enumerate(range(0, R, group_rows)):  # 128x128 blocks
+            rows = slice(r0, r0 + group_rows)
+            scale = _recipe_scale(x[rows, cols], (0, 1), amax_floor, pow2)  # [1, 1]
+            q[rows, cols], s[i, j] = e4m3_bits_by_grid(x[rows, cols] / scale), scale[0, 0]
+    return q, s
+
+
+def _awkward(shape, seed=0):
+    """Random values over six decades, and (with >= 4 rows) an all-zero row, an outlier in the last (partial)
+    column tile, a first tile of exact rounding ties (amax 448: scale 1 in 1x128 tiles) and one tile holding
+    both a NaN and an inf."""
+    torch.manual_seed(seed)
+    R, C = shape
+    x = torch.randn(shape) * torch.logspace(-3, 3, C)
+    if R >= 4:
+        x[1] = 0.0
+        x[2, C - 1] = 1e4 * x.abs().max()
+        ties = torch.cat([GRID[-1:], (GRID[1:] + GRID[:-1]) / 2]).float()[:min(C, BLOCK)]  # 448, then midpoints
+        x[3, :len(ties)] = ties * (1 - 2 * (torch.arange(len(ties)) % 3 == 1))  # some negative
+        x[R - 1, 0], x[R - 1, min(3, C - 1)] = float("nan"), float("inf")
+    return x.to(DEV)
+
+
 # ---- quantisation --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("shape", [(1, 128), (7, 200), (130, 97), (256, 384)])
+@pytest.mark.parametrize("shape", [(1, 128), (5, 1), (7, 200), (130, 97), (256, 384)])
 @pytest.mark.parametrize("group_rows", [1, BLOCK])
 @pytest.mark.parametrize("pow2", [False, True])
 def test_quantize_bit_exact(backend, shape, group_rows, pow2):
-    torch.manual_seed(0)
-    x = torch.randn(shape, device=DEV) * torch.logspace(-3, 3, shape[1], device=DEV)  # varied tile ranges
-    got = quant(x, group_rows, backend, pow2_scale=pow2)
-    assert_quant_equal(got, ref.quantize_ref(x.cpu(), group_rows, pow2_scale=pow2))
-    RT = shape[0] if group_rows == 1 else ref.cdiv(shape[0], BLOCK)
-    assert tuple(got[1].shape) == (RT, ref.cdiv(shape[1], BLOCK))
+    x = _awkward(shape)
+    q, s = quant(x, group_rows, backend, pow2_scale=pow2)
+    q_want, s_want = quantize_by_recipe(x, group_rows, pow2=pow2)
+    RT = shape[0] if group_rows == 1 else cdiv(shape[0], BLOCK)
+    assert q.dtype == torch.float8_e4m3fn and q.shape == x.shape and tuple(s.shape) == (RT, cdiv(shape[1], BLOCK))
+    torch.testing.assert_close(s.cpu(), s_want, rtol=0, atol=0, equal_nan=True)
+    mismatch = (bits(q).cpu() != q_want).nonzero()
+    assert mismatch.numel() == 0, f"{len(mismatch)} bytes differ from the recipe, first at {mismatch[0].tolist()}"
+    if shape[0] >= 4 and group_rows == 1:  # the special rows are what they should be
+        assert not bits(q)[1].any() and s[-1, 0].isnan() and bool(s[:-1].isfinite().all())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -240,19 +317,48 @@ def _grouped_operands(counts, N, K, seed=5):
     return offs, x, w, F8.quantize_act(x, backend="torch"), F8.quantize_weight(w, backend="torch")
 
 
+def _abs_q(q):
+    """|q| as e4m3fn (exact: the grid is symmetric): the operands of the accumulation error bound."""
+    return q.float().abs().to(torch.float8_e4m3fn)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("counts", [[0, 1, 130, 5, 0, 64, 33], [0, 0, 70]])
-def test_grouped_gemm_ragged_segments(backend, counts):
-    offs, x, w, (xq, xs), (wq, ws) = _grouped_operands(counts, 96, 200)
+@pytest.mark.parametrize("counts", [[0, 1, 130, 5, 0, 64, 33], [0, 0, 70], [9, 0]])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_grouped_gemm_matches_grouped_reference(backend, counts, out_dtype):
+    """Ragged segments (empty ones first, inside and last) against fp8_ref.fp8_grouped_gemm_ref (fp64)."""
+    N, K = 96, 200
+    offs, x, w, (xq, xs), (wq, ws) = _grouped_operands(counts, N, K)
     assert wq.shape == w.shape and ws.shape == (len(counts), 1, 2)
-    c = F8.fp8_grouped_gemm(xq, xs, wq, ws, offs, torch.float32, backend=backend)
+    c = F8.fp8_grouped_gemm(xq, xs, wq, ws, offs, out_dtype, backend=backend)
+    cpu = [t.cpu() for t in (xq, xs, wq, ws, offs)]
+    want = ref.fp8_grouped_gemm_ref(*cpu, torch.float64)
+    tol = (K + 8) * U32 * ref.fp8_grouped_gemm_ref(_abs_q(cpu[0]), cpu[1], _abs_q(cpu[2]), cpu[3], cpu[4],
+                                                   torch.float64)
+    if out_dtype == torch.bfloat16:
+        tol = tol + 2.0 ** -8 * want.abs()
+    err = (c.cpu().double() - want).abs()
+    assert c.shape == (x.shape[0], N) and c.dtype == out_dtype
+    assert bool((err <= tol + 1e-30).all()), f"max excess {(err - tol).max().item():.3g}"
     o = offs.tolist()
-    for e in range(len(counts)):
-        if o[e + 1] > o[e]:
-            seg = slice(o[e], o[e + 1])
-            assert_accum_close(c[seg], xq[seg], xs[seg], wq[e], ws[e])
-    err = rel_err(c.cpu(), torch.cat([x[o[e]:o[e + 1]] @ w[e].T for e in range(len(counts))]).cpu())
-    assert err < 0.06
+    err32 = rel_err(c.cpu().float(), torch.cat([x[o[e]:o[e + 1]] @ w[e].T for e in range(len(counts))]).cpu())
+    assert err32 < 0.06
+
+
+def test_grouped_offsets_order_is_a_value_check():
+    """offs.tolist() is a host sync: only where kdarch.checks.value_checks_on says so; the shape always."""
+    offs, _, _, (xq, xs), (wq, ws) = _grouped_operands([1, 3], 96, 200)
+    bad = torch.tensor([0, 3, 1])  # decreasing, and not ending at the row count 4
+    try:
+        set_value_checks(False)
+        F8.fp8_grouped_gemm(xq, xs, wq, ws, bad, backend="torch")  # not read: no error
+        with pytest.raises(ValueError, match=r"offsets: expected an int64/int32 tensor \[E\+1=3\]"):
+            F8.fp8_grouped_gemm(xq, xs, wq, ws, bad[:2], backend="torch")
+        set_value_checks(True)
+        with pytest.raises(ValueError, match=r"never decrease and end at the row count 4, got \[0, 3, 1\]$"):
+            F8.fp8_grouped_gemm(xq, xs, wq, ws, bad, backend="torch")
+    finally:
+        set_value_checks(None)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -278,26 +384,56 @@ def _bad_calls():
     gq, gs = F8.quantize_weight(torch.randn(2, 130, 256), backend="torch")
     offs = torch.tensor([0, 1, 4])
     return [
-        (lambda: F8.quantize_act(torch.arange(4)), "float tensor"),
-        (lambda: F8.quantize_weight(torch.randn(128)), "2-D or 3-D"),
-        (lambda: F8.fp8_gemm(xq.float(), xs, wq, ws), "float8_e4m3fn"),
-        (lambda: F8.fp8_gemm(xq, xs[:, :1], wq, ws), r"ceil\(256/128\)=2"),
-        (lambda: F8.fp8_gemm(xq, xs, wq, ws[:1]), "expected 130"),
-        (lambda: F8.fp8_gemm(xq, xs, wq[:, :128], ws[:, :1]), "disagree on K"),
-        (lambda: F8.fp8_gemm(xq, xs, wq, ws, torch.float16), "out_dtype"),
-        (lambda: F8.fp8_grouped_gemm(xq, xs, gq, gs, torch.tensor([0, 1, 3])), "end at the row count 4"),
-        (lambda: F8.fp8_grouped_gemm(xq, xs, gq, gs, torch.tensor([0, 3, 1, 4])), r"\[E\+1=3\]"),
-        (lambda: F8.fp8_grouped_gemm(xq, xs, gq, gs[:, :1], offs), "w_s must be fp32"),
-        (lambda: F8.fp8_linear(torch.randn(3, 5), torch.randn(4, 6)), "in_features"),
-        (lambda: F8.fp8_gemm(xq, xs, wq, ws, backend="cpp"), "not registered"),
+        (lambda: F8.quantize_act(torch.arange(4)),
+         r"^quantize_act: x: expected a float tensor \[\.\.\., K\] \(fp32, bf16 or fp16\), got an int64 tensor"),
+        (lambda: F8.quantize_act(xq), r"^quantize_act: x: expected a float tensor .*, got a float8_e4m3fn tensor"),
+        (lambda: F8.quantize_weight(torch.randn(128)),
+         r"^quantize_weight: w: expected a float tensor \[N, K\] or \[E, N, K\] .*, got .* of shape \(128,\)$"),
+        (lambda: F8.fp8_gemm(xq.float(), xs, wq, ws),
+         r"^fp8_gemm: x_q: expected a 2-D float8_e4m3fn tensor, got a float32 tensor of shape \(4, 256\)$"),
+        (lambda: F8.fp8_gemm(xq, xs[:, :1], wq, ws),
+         r"^fp8_gemm: x_s: expected a float32 tensor \[rows, ceil\(256/128\)=2\], got .* \(4, 1\)$"),
+        (lambda: F8.fp8_gemm(xq, xs[:3], wq, ws),
+         r"^fp8_gemm: x_s: expected 4 rows \(1×128 tiles of x_q \[4, 256\]\), got .* \(3, 2\)$"),
+        (lambda: F8.fp8_gemm(xq, xs, wq, ws[:1]),
+         r"^fp8_gemm: w_s: expected 130 rows \(1×128 tiles of w_q \[130, 256\]\) or 2 rows \(128×128 blocks\)"),
+        (lambda: F8.fp8_gemm(xq, xs, wq[:, :128], ws[:, :1]),
+         r"^fp8_gemm: w_q: expected a tensor \[N, K=256\] \(K as in x_q\), got .* \(130, 128\)$"),
+        (lambda: F8.fp8_gemm(xq, xs, wq, ws, torch.float16),
+         r"^fp8_gemm: out_dtype: expected torch.bfloat16 or torch.float32, got torch.float16$"),
+        (lambda: F8.fp8_grouped_gemm(xq, xs, gq, gs, torch.tensor([0, 1, 3])),
+         r"^fp8_grouped_gemm: offsets: expected offsets that start at 0, never decrease and end at the row count 4, "
+         r"got \[0, 1, 3\]$"),
+        (lambda: F8.fp8_grouped_gemm(xq, xs, gq, gs, torch.tensor([0, 3, 1, 4])),
+         r"^fp8_grouped_gemm: offsets: expected an int64/int32 tensor \[E\+1=3\] \(segment starts, then the end\)"),
+        (lambda: F8.fp8_grouped_gemm(xq, xs, gq, gs[:, :1], offs),
+         r"^fp8_grouped_gemm: w_s: expected a float32 tensor \[E=2, ceil\(130/128\)=2, ceil\(256/128\)=2\], "
+         r"got .* \(2, 1, 2\)$"),
+        (lambda: F8.fp8_linear(torch.randn(3, 5), torch.randn(4, 6)),
+         r"^fp8_linear: x: expected a last dimension of the weight's in_features K=6, got .* \(3, 5\)$"),
+        (lambda: F8.fp8_grouped_linear(torch.randn(4, 256), torch.randn(8, 256), offs),
+         r"^fp8_grouped_linear: weight: expected a float tensor \[E, N, K\]"),
+        (lambda: F8.fp8_grouped_linear(torch.randn(4, 256), torch.randn(2, 8, 256), torch.tensor([0, 3, 1])),
+         r"^fp8_grouped_linear: offsets: expected offsets that start at 0, never decrease"),
+        (lambda: F8.dequantize(xq, xs[:, :1]),
+         r"^dequantize: s: expected a float32 tensor \[rows, ceil\(256/128\)=2\]"),
+        (lambda: F8.fp8_gemm(xq, xs, wq, ws, backend="cpp"),
+         r"^fp8_gemm: backend: expected one of 'torch', 'triton', 'auto' \(available for this op here: .*, got 'cpp'$"),
     ]
 
 
-@pytest.mark.parametrize("i", range(12))
+@pytest.mark.parametrize("i", range(len(_bad_calls())))
 def test_bad_input_is_rejected_with_a_clear_error(i):
     fn, match = _bad_calls()[i]
     with pytest.raises(ValueError, match=match):
         fn()
+
+
+def test_non_tensor_input_raises_type_error():
+    with pytest.raises(TypeError, match=r"^quantize_act: x: expected a torch.Tensor, got \[1.0\]$"):
+        F8.quantize_act([1.0])
+    with pytest.raises(TypeError, match=r"^fp8_linear: weight: expected a torch.Tensor, got None$"):
+        F8.fp8_linear(torch.randn(3, 5), None)
 
 
 def test_custom_ops_pass_opcheck():
@@ -305,11 +441,14 @@ def test_custom_ops_pass_opcheck():
     wq, ws = F8.quantize_weight(torch.randn(96, 200), backend="torch")
     gq, gs = F8.quantize_weight(torch.randn(2, 96, 200), backend="torch")
     offs = torch.tensor([0, 3, 7])
-    torch.library.opcheck(F8._quantize_op, (torch.randn(7, 200), 1, 1e-4, False))
+    dyt = F8.quantize_act(torch.randn(96, 7), backend="torch")  # dY^T and X^T of the K-grouped wgrad
+    xt = F8.quantize_act(torch.randn(200, 7), backend="torch")
+    torch.library.opcheck(F8T.quantize_op, (torch.randn(7, 200), 1, 1e-4, False))
     # test_schema compares fp8 inputs with ops torch lacks for Float8_e4m3fn on the CPU: fakes only
-    for op, args in [(F8._dequantize_op, (wq, ws, BLOCK, torch.float32)),
-                     (F8._gemm_op, (xq, xs, wq, ws, BLOCK, torch.bfloat16)),
-                     (F8._grouped_gemm_op, (xq, xs, gq, gs, offs, torch.float32))]:
+    for op, args in [(F8T.dequantize_op, (wq, ws, BLOCK, torch.float32)),
+                     (F8T.gemm_op, (xq, xs, wq, ws, BLOCK, torch.bfloat16)),
+                     (F8T.grouped_gemm_op, (xq, xs, gq, gs, offs, torch.float32)),
+                     (F8T.kgrouped_gemm_op, (*dyt, *xt, offs, torch.float32))]:
         torch.library.opcheck(op, args, test_utils=("test_faketensor", "test_autograd_registration"))
 
 

@@ -15,11 +15,10 @@ import kdarch
 from kdarch import ops
 from kdarch.kernels import moe_dispatch as md
 from kdarch.kernels.moe_ref import moe_ffn_ref, routing_metadata_ref
-from kdarch.kernels.testing import (MOE_CASE_IDS, MOE_CASES, MOE_GRAD_NAMES, fwd_bwd, make_ids, make_inputs,
-                                    moe_ffn_lowp)
+from kdarch.kernels.testing import MOE_CASE_IDS, MOE_CASES, MOE_GRAD_NAMES, fwd_bwd, make_ids, make_inputs, moe_ffn_lowp
 from kdarch.kernels.testing import max_rel_err as rel_err
-from kdarch.ops import moe_triton as mt
-from kdarch.ops.moe import moe_ffn_torch
+from kdarch.ops.moe import triton_backend as mt
+from kdarch.ops.moe.torch_backend import moe_ffn_fp8_torch, moe_ffn_torch
 
 CASES, IDS = MOE_CASES, MOE_CASE_IDS
 NAMES = MOE_GRAD_NAMES
@@ -185,18 +184,26 @@ def test_torch_compile_fullgraph_trains():
 # --------------------------------------------------------------------------- backend registration
 def test_backend_registration_and_auto(monkeypatch):
     monkeypatch.delenv("KDARCH_BACKEND", raising=False)
-    assert "triton" in ops.available_backends("moe_ffn")  # TRITON_INTERPRET=1 or CUDA here
-    assert ops.resolve("moe_ffn", None, "cuda") is mt.moe_ffn_triton  # auto prefers triton on CUDA ...
-    assert ops.resolve("moe_ffn", None, "cpu") is moe_ffn_torch  # ... never on the CPU
+    for op, tri, tor in (("moe_ffn", mt.moe_ffn_triton, moe_ffn_torch),
+                         ("moe_ffn_fp8", mt.moe_ffn_fp8_triton, moe_ffn_fp8_torch)):
+        assert "triton" in ops.available_backends(op)  # TRITON_INTERPRET=1 or CUDA here
+        assert ops.resolve(op, None, "cuda") is tri  # auto prefers triton on CUDA ...
+        assert ops.resolve(op, None, "cpu") is tor  # ... never on the CPU
     monkeypatch.setenv("KDARCH_BACKEND", "triton")
     assert ops.resolve("moe_ffn", None, "cpu") is mt.moe_ffn_triton
+    assert ops.resolve("moe_ffn_fp8", None, "cpu") is mt.moe_ffn_fp8_triton
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert "triton" not in ops.available_backends("moe_ffn")
-    with pytest.raises(ValueError, match=r"backend KDARCH_BACKEND='triton' is unavailable here"):
-        ops.moe_ffn(*make_inputs(3, 32, 16, 4, 2, "random"))
-    with pytest.raises(ValueError, match=r"only under the Triton interpreter"):
-        mt.moe_ffn_triton(*make_inputs(3, 32, 16, 4, 2, "random"))
+    assert "triton" not in ops.available_backends("moe_ffn_fp8")
+    for fp8, op in ((False, "moe_ffn"), (True, "moe_ffn_fp8")):
+        with pytest.raises(ValueError, match=rf"^{op}: KDARCH_BACKEND: expected an available backend, one of "
+                                             r"\['torch'\] \('triton' is unavailable here\), got 'triton'$"):
+            ops.moe_ffn(*make_inputs(3, 32, 16, 4, 2, "random"), fp8=fp8)
+    for fn in (mt.moe_ffn_triton, mt.moe_ffn_fp8_triton):
+        with pytest.raises(ValueError, match=r"^moe_ffn: x: expected CUDA tensors for backend 'triton' \(CPU tensors "
+                                             r"run only under the Triton interpreter.*got device\(type='cpu'\)$"):
+            fn(*make_inputs(3, 32, 16, 4, 2, "random"))
 
 
 def test_debug_model_trains_with_triton_backend_like_torch(monkeypatch):

@@ -1,10 +1,10 @@
 """The model-level FP8 switch: block linears and experts in FP8, the rest in high precision."""
+import pytest
 import torch
 
-from kdarch import CausalLM, get_preset
-from kdarch.kernels.moe_ref import moe_ffn_ref
+from kdarch import CausalLM, get_preset, ops
 from kdarch.kernels.fp8_ref import dequantize_ref, quantize_act_ref, quantize_weight_ref, rel_err
-from kdarch import ops
+from kdarch.kernels.moe_ref import moe_ffn_ref
 from kdarch.ops.fp8 import Fp8Linear
 
 
@@ -38,7 +38,9 @@ def _fake_quant_moe(x, ids, w, wgu, wd):
     return out
 
 
-def test_fp8_experts_match_reference_within_fp8_error():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fp8_experts_match_reference_within_fp8_error(backend):
+    """moe_ffn(fp8=True) on each backend of the registry op "moe_ffn_fp8" (Triton under the interpreter)."""
     torch.manual_seed(0)
     T, H, I, E, K = 64, 128, 64, 4, 2
     x = torch.randn(T, H, requires_grad=True)
@@ -46,7 +48,7 @@ def test_fp8_experts_match_reference_within_fp8_error():
     w = torch.rand(T, K, requires_grad=True)
     wgu = (torch.randn(E, 2 * I, H) / H ** 0.5).requires_grad_()
     wd = (torch.randn(E, H, I) / I ** 0.5).requires_grad_()
-    got = ops.moe_ffn(x, ids, w, wgu, wd, fp8=True)
+    got = ops.moe_ffn(x, ids, w, wgu, wd, backend=backend, fp8=True)
     g = torch.randn_like(got)
     grads = torch.autograd.grad(got, (x, w, wgu, wd), g)
     with torch.no_grad():  # exactly the quantised computation, up to fp32 accumulation order

@@ -7,12 +7,14 @@ import pytest
 import torch
 
 from kdarch import ops
+from kdarch.checks import set_value_checks
 from kdarch.kernels.moe_ref import moe_ffn_ref, routing_metadata_ref
-from kdarch.kernels.testing import (MOE_CASE_IDS, MOE_CASES, MOE_GRAD_NAMES, fwd_bwd, make_ids, make_inputs,
-                                    moe_ffn_lowp)
+from kdarch.kernels.testing import MOE_CASE_IDS, MOE_CASES, MOE_GRAD_NAMES, fwd_bwd, make_ids, make_inputs, moe_ffn_lowp
 from kdarch.kernels.testing import max_rel_err as rel_err
 from kdarch.ops import backend as ops_backend
-from kdarch.ops.moe import grouped_mm_ok, moe_ffn_torch, routing_metadata
+from kdarch.ops import moe as ops_moe
+from kdarch.ops.moe import routing_metadata
+from kdarch.ops.moe.torch_backend import grouped_mm_ok, moe_ffn_fp8_torch, moe_ffn_torch
 
 CASES, IDS = MOE_CASES, MOE_CASE_IDS
 
@@ -31,7 +33,7 @@ def test_fp32_matches_reference(case):
     inp = make_inputs(T, H, I, E, K, routing)
     ref = fwd_bwd(moe_ffn_ref, *inp)
     for impl in impls_for(H, I):
-        got = fwd_bwd(lambda *a: moe_ffn_torch(*a, impl=impl), *inp)
+        got = fwd_bwd(lambda *a, impl=impl: moe_ffn_torch(*a, impl=impl), *inp)
         for name, a, r in zip(NAMES, got, ref):
             assert rel_err(a, r) < 1e-5, f"{impl} {name}: rel err {rel_err(a, r):.2e}"
     # the public entry point dispatches to the same thing
@@ -46,7 +48,7 @@ def test_bf16_error_within_2x_torch_bf16(case):
     ref = fwd_bwd(moe_ffn_ref, inp[0].float(), inp[1], inp[2], inp[3].float(), inp[4].float())
     base = fwd_bwd(moe_ffn_lowp, *inp)
     for impl in impls_for(H, I, torch.bfloat16):
-        got = fwd_bwd(lambda *a: moe_ffn_torch(*a, impl=impl), *inp)
+        got = fwd_bwd(lambda *a, impl=impl: moe_ffn_torch(*a, impl=impl), *inp)
         for name, a, b, r in zip(NAMES, got, base, ref):
             err, bar = rel_err(a, r), rel_err(b, r)
             assert err <= 2 * bar + 5e-4, f"{impl} {name}: err {err:.2e} > 2 x torch-bf16 {bar:.2e} + 5e-4"
@@ -104,32 +106,63 @@ def _bad(**repl):
 
 
 BAD = [
-    ("x_1d", dict(x_TH=torch.randn(32)), r"x must be a 2-D float tensor \[T, H\]"),
-    ("x_int", dict(x_TH=torch.ones(5, 32, dtype=torch.int64)), r"x must be a 2-D float"),
-    ("ids_float", dict(topk_ids_TK=torch.zeros(5, 2)), r"topk_ids must be int64/int32 \[T=5, K\]"),
-    ("ids_wrong_T", dict(topk_ids_TK=torch.zeros(4, 2, dtype=torch.int64)), r"\[T=5, K\]"),
-    ("weights_shape", dict(topk_weights_TK=torch.rand(5, 3)), r"topk_weights must be a float tensor \[T=5, K=2\]"),
-    ("weights_int", dict(topk_weights_TK=torch.ones(5, 2, dtype=torch.int64)), r"topk_weights must be a float"),
-    ("w_gate_up_H", dict(w_gate_up_E2IH=torch.randn(4, 32, 31)), r"w_gate_up must be \[E, 2I, H=32\]"),
-    ("w_gate_up_odd", dict(w_gate_up_E2IH=torch.randn(4, 31, 32)), r"w_gate_up must be \[E, 2I, H=32\]"),
-    ("w_down_shape", dict(w_down_EHI=torch.randn(4, 32, 8)), r"w_down must be \[E=4, H=32, I=16\]"),
-    ("w_dtype", dict(w_down_EHI=torch.randn(4, 32, 16, dtype=torch.float64)), r"w_down dtype must match x"),
-    ("id_too_big", dict(topk_ids_TK=torch.tensor([[0, 4]] * 5)), r"topk_ids must lie in \[0, E=4\), got values in \[0, 4\]"),
-    ("id_negative", dict(topk_ids_TK=torch.tensor([[-1, 0]] * 5)), r"\[0, E=4\)"),
-    ("device", dict(topk_weights_TK=torch.rand(5, 2, device="meta")), r"all inputs must be on one device"),
+    ("x_1d", dict(x_TH=torch.randn(32)),
+     r"^moe_ffn: x: expected a 2-D float tensor \[T, H\], got a float32 tensor of shape \(32,\)$"),
+    ("x_int", dict(x_TH=torch.ones(5, 32, dtype=torch.int64)),
+     r"^moe_ffn: x: expected a 2-D float tensor \[T, H\], got an int64 tensor of shape \(5, 32\)$"),
+    ("ids_float", dict(topk_ids_TK=torch.zeros(5, 2)),
+     r"^moe_ffn: topk_ids: expected an int64/int32 tensor \[T=5, K\], got a float32 tensor of shape \(5, 2\)$"),
+    ("ids_wrong_T", dict(topk_ids_TK=torch.zeros(4, 2, dtype=torch.int64)),
+     r"^moe_ffn: topk_ids: expected an int64/int32 tensor \[T=5, K\], got an int64 tensor of shape \(4, 2\)$"),
+    ("weights_shape", dict(topk_weights_TK=torch.rand(5, 3)),
+     r"^moe_ffn: topk_weights: expected a float tensor \[T=5, K=2\], got a float32 tensor of shape \(5, 3\)$"),
+    ("weights_int", dict(topk_weights_TK=torch.ones(5, 2, dtype=torch.int64)),
+     r"^moe_ffn: topk_weights: expected a float tensor \[T=5, K=2\], got an int64 tensor"),
+    ("w_gate_up_H", dict(w_gate_up_E2IH=torch.randn(4, 32, 31)),
+     r"^moe_ffn: w_gate_up: expected a tensor \[E, 2I, H=32\] \(gate rows, then up rows\), got .* \(4, 32, 31\)$"),
+    ("w_gate_up_odd", dict(w_gate_up_E2IH=torch.randn(4, 31, 32)),
+     r"^moe_ffn: w_gate_up: expected a tensor \[E, 2I, H=32\] .*, got .* \(4, 31, 32\)$"),
+    ("w_down_shape", dict(w_down_EHI=torch.randn(4, 32, 8)),
+     r"^moe_ffn: w_down: expected a tensor \[E=4, H=32, I=16\], got a float32 tensor of shape \(4, 32, 8\)$"),
+    ("w_dtype", dict(w_down_EHI=torch.randn(4, 32, 16, dtype=torch.float64)),
+     r"^moe_ffn: w_down: expected the dtype of x \(torch.float32\), got a float64 tensor"),
+    ("id_too_big", dict(topk_ids_TK=torch.tensor([[0, 4]] * 5)),
+     r"^moe_ffn: topk_ids: expected expert ids in \[0, 4\), got 4$"),
+    ("id_negative", dict(topk_ids_TK=torch.tensor([[-1, 0]] * 5)),
+     r"^moe_ffn: topk_ids: expected expert ids in \[0, 4\), got -1$"),
+    ("device", dict(topk_weights_TK=torch.rand(5, 2, device="meta")),
+     r"^moe_ffn: inputs: expected all on one device, got \{'x': 'cpu', 'topk_ids': 'cpu', 'topk_weights': 'meta'"),
 ]
 
 
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16_fp32", "fp8"])
 @pytest.mark.parametrize("repl,match", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
-def test_bad_inputs_raise_helpful_errors(repl, match):
+def test_bad_inputs_raise_helpful_errors(repl, match, fp8):
     with pytest.raises(ValueError, match=match):
-        ops.moe_ffn(*_bad(**repl))
+        ops.moe_ffn(*_bad(**repl), fp8=fp8)
 
 
 def test_non_tensor_input_raises_type_error():
     x, ids, w, wgu, wd = make_inputs(5, 32, 16, 4, 2, "random")
-    with pytest.raises(TypeError, match="topk_ids must be a torch.Tensor, got list"):
+    with pytest.raises(TypeError, match=r"^moe_ffn: topk_ids: expected a torch.Tensor, got \[\["):
         ops.moe_ffn(x, ids.tolist(), w, wgu, wd)
+
+
+def test_expert_id_range_is_a_value_check():
+    """The id range needs the values on the host: checked only where kdarch.checks.value_checks_on says so;
+    shapes and dtypes are checked always."""
+    bad_ids = _bad(topk_ids_TK=torch.tensor([[0, 4]] * 5))
+    bad_shape = _bad(topk_weights_TK=torch.rand(5, 3))
+    try:
+        set_value_checks(False)
+        ops_moe._check_inputs(*bad_ids)  # no value check, so no error
+        with pytest.raises(ValueError, match="topk_weights: expected"):
+            ops_moe._check_inputs(*bad_shape)
+        set_value_checks(True)
+        with pytest.raises(ValueError, match=r"expert ids in \[0, 4\)"):
+            ops_moe._check_inputs(*bad_ids)
+    finally:
+        set_value_checks(None)
 
 
 def test_backend_selection(monkeypatch):
@@ -142,26 +175,50 @@ def test_backend_selection(monkeypatch):
         monkeypatch.setenv("KDARCH_BACKEND", env)
         assert torch.equal(ops.moe_ffn(*inp), want)
     monkeypatch.setenv("KDARCH_BACKEND", "nope")
-    with pytest.raises(ValueError, match=r"unknown backend KDARCH_BACKEND='nope'.*available for this op: \['torch'"):
+    with pytest.raises(ValueError, match=r"^moe_ffn: KDARCH_BACKEND: expected one of 'torch', 'triton', 'auto' "
+                                         r"\(available for this op here: \['torch'.*\]\), got 'nope'$"):
         ops.moe_ffn(*inp)
+    with pytest.raises(ValueError, match=r"^moe_ffn_fp8: KDARCH_BACKEND: expected one of .*, got 'nope'$"):
+        ops.moe_ffn(*inp, fp8=True)  # the FP8 op follows the same rules
     assert torch.equal(ops.moe_ffn(*inp, backend="torch"), want)  # per-call beats env
-    with pytest.raises(ValueError, match=r"unknown backend backend='cuda'.*\['torch'"):
-        ops.moe_ffn(*inp, backend="cuda")
-    if "cpp" not in ops_backend.available_backends("moe_ffn"):
-        with pytest.raises(ValueError, match=r"backend='cpp' is .* for op 'moe_ffn'; available: .*'torch'"):
-            ops.moe_ffn(*inp, backend="cpp")
+    for name in ("cuda", "cpp"):  # a device is not a backend; "cpp" comes with csrc/
+        with pytest.raises(ValueError, match=rf"^moe_ffn: backend: expected one of 'torch', 'triton', 'auto' "
+                                             rf"\(available for this op here: \['torch'.*, got '{name}'$"):
+            ops.moe_ffn(*inp, backend=name)
+    assert ops_backend.BACKENDS == ("torch", "triton")
+
+
+def test_fp8_resolves_its_own_op(monkeypatch):
+    """moe_ffn(fp8=True) is the registry op "moe_ffn_fp8", picked like every other op (no bypass)."""
+    monkeypatch.delenv("KDARCH_BACKEND", raising=False)
+    inp = make_inputs(7, 32, 16, 4, 2, "random")
+    assert ops.resolve("moe_ffn_fp8", None, "cpu") is moe_ffn_fp8_torch
+    calls = []
+    monkeypatch.setitem(ops_backend._REGISTRY["moe_ffn_fp8"], "torch",
+                        (lambda *a: calls.append(len(a)) or moe_ffn_fp8_torch(*a), None))
+    out = ops.moe_ffn(*inp, fp8=True)
+    assert calls == [5] and out.shape == (7, 32) and out.dtype == torch.float32
+    assert not torch.equal(out, moe_ffn_torch(*inp))  # FP8 rounding shows
+    assert rel_err(out, moe_ffn_ref(*inp)) < 0.08
 
 
 def test_registry_auto_order_and_availability(monkeypatch):
     monkeypatch.setitem(ops_backend._REGISTRY, "_toy", {})
+    monkeypatch.setitem(ops_backend._REGISTRY, "_toy_off", {})
     monkeypatch.delenv("KDARCH_BACKEND", raising=False)
     ops_backend.register("_toy", "torch", lambda: "torch")
     ops_backend.register("_toy", "triton", lambda: "triton", available=lambda: True)
-    ops_backend.register("_toy", "cpp", lambda: "cpp", available=lambda: False)
+    ops_backend.register("_toy_off", "torch", lambda: "torch")
+    ops_backend.register("_toy_off", "triton", lambda: "triton", available=lambda: False)
     assert ops_backend.resolve("_toy", None, torch.device("cuda"))() == "triton"  # preferred on CUDA
-    assert ops_backend.resolve("_toy", None, "cpu")() == "torch"  # cpp unavailable, triton not auto on CPU
+    assert ops_backend.resolve("_toy", None, "cpu")() == "torch"  # triton is never auto-picked on the CPU
     assert ops_backend.resolve("_toy", "triton", "cpu")() == "triton"  # explicit request is honoured
-    with pytest.raises(ValueError, match=r"'cpp' is unavailable here .*available: \['torch', 'triton'\]"):
-        ops_backend.resolve("_toy", "cpp", "cpu")
-    with pytest.raises(ValueError, match="backend must be one of"):
-        ops_backend.register("_toy", "cuda", lambda: None)
+    assert ops_backend.resolve("_toy_off", None, "cuda")() == "torch"  # unavailable: auto falls through
+    assert ops_backend.available_backends("_toy_off") == ["torch"]
+    with pytest.raises(ValueError, match=r"^_toy_off: backend: expected an available backend, one of \['torch'\] "
+                                         r"\('triton' is unavailable here\), got 'triton'$"):
+        ops_backend.resolve("_toy_off", "triton", "cpu")
+    with pytest.raises(ValueError, match=r"^register: backend_name: expected one of 'torch', 'triton', got 'cpp'$"):
+        ops_backend.register("_toy", "cpp", lambda: None)
+    with pytest.raises(ValueError, match=r"^resolve: op_name: expected a registered op, one of \[.*'moe_ffn'"):
+        ops_backend.resolve("_no_such_op")

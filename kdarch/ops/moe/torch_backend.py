@@ -1,4 +1,4 @@
-"""The "torch" backend of `moe_ffn`: dropless routed-expert SwiGLU in vectorised PyTorch.
+"""The "torch" backends of `moe_ffn` and `moe_ffn_fp8`: dropless routed-expert SwiGLU in vectorised PyTorch.
 
 Why this shape: the (token, slot) rows are sorted by expert once, so every expert's rows are
 one contiguous segment; both expert GEMMs then run as ONE grouped GEMM over those segments
@@ -8,16 +8,24 @@ inverse permutation followed by a sum over the K slots, in fp32 with the routing
 forward and backward are deterministic (no float atomics, no index_add on repeated indices).
 This is the same dataflow the Triton kernels implement, and the CPU fast path.
 
+The FP8 variant (`moe_ffn_fp8_composed`) is a composition rather than a kernel: routing, permute, SwiGLU
+and combine as here, both expert GEMMs through kdarch.ops.fp8's grouped FP8 linear. Its two backends
+differ only in the routing and the FP8 ops they use, so the composition lives here once and the Triton
+backend passes its own pieces.
+
 Legend: T tokens, K slots per token (top-k), E experts, H hidden, I expert intermediate,
 M = T*K routed rows, C = rows of the busiest expert (padded bmm only), N/D a GEMM's out/in.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 from kdarch.ops.backend import register
+from kdarch.ops.fp8.linear import fp8_matmul
 
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -134,7 +142,7 @@ class _GroupedExpertFFN(torch.autograd.Function):
 
 def moe_ffn_torch(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI,
                   impl: str = "auto"):
-    """Vectorised moe_ffn (inputs already validated by kdarch.ops.moe_ffn).
+    """Vectorised moe_ffn (inputs already validated by kdarch.ops.moe.moe_ffn).
 
     impl: "auto" (grouped_mm where it supports dtype and layout, else padded bmm),
     "grouped_mm" or "padded_bmm" (for tests and benchmarks).
@@ -166,19 +174,30 @@ def moe_ffn_torch(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI
     return out_TH.to(x_TH.dtype)
 
 
-def moe_ffn_fp8(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, backend=None):
-    """moe_ffn with both expert GEMMs in FP8 (kdarch.ops.fp8.fp8_grouped_linear: 1x128 activation and
-    gradient tiles, 128x128 weight blocks, master weights kept); routing, SwiGLU and combine in fp32."""
-    from kdarch.ops.fp8 import fp8_grouped_linear
+def moe_ffn_fp8_composed(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, *,
+                         routing: Callable = routing_metadata, fp8_backend: str = "torch"):
+    """moe_ffn with both expert GEMMs in FP8 (kdarch.ops.fp8's grouped linear: 1x128 activation and gradient
+    tiles, 128x128 weight blocks, master weights kept); routing, SwiGLU and combine in fp32.
 
+    routing(topk_ids, E) -> (counts, offsets, sorted_idx, inv_idx) as routing_metadata; fp8_backend names the
+    backend of the FP8 quantise / GEMM ops. Inputs already validated by kdarch.ops.moe.moe_ffn.
+    """
     T, K = topk_ids_TK.shape
-    _, offsets_E1, sorted_idx_M, inv_idx_M = routing_metadata(topk_ids_TK, w_gate_up_E2IH.shape[0])
+    _, offsets_E1, sorted_idx_M, inv_idx_M = routing(topk_ids_TK, w_gate_up_E2IH.shape[0])
     x_MH = _PermuteRows.apply(x_TH, sorted_idx_M, inv_idx_M, K)
-    gate_MI, up_MI = fp8_grouped_linear(x_MH, w_gate_up_E2IH, offsets_E1, backend=backend).float().chunk(2, dim=-1)
+    h_M2I = fp8_matmul(x_MH, w_gate_up_E2IH, offsets_E1, fp8_backend)
+    gate_MI, up_MI = h_M2I.float().chunk(2, dim=-1)
     w_M1 = topk_weights_TK.reshape(-1)[sorted_idx_M].float()[:, None]
     act_MI = (F.silu(gate_MI) * up_MI * w_M1).to(x_TH.dtype)  # routing weight folded in, as in the torch path
-    y_MH = fp8_grouped_linear(act_MI, w_down_EHI, offsets_E1, backend=backend)
+    y_MH = fp8_matmul(act_MI, w_down_EHI, offsets_E1, fp8_backend)
     return _PermuteRows.apply(y_MH.float(), inv_idx_M, sorted_idx_M, 1).view(T, K, -1).sum(dim=1).to(x_TH.dtype)
 
 
+def moe_ffn_fp8_torch(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI):
+    """moe_ffn_fp8 on torch routing and the "torch" FP8 ops (quantise in torch, dequantise + fp32 matmul)."""
+    return moe_ffn_fp8_composed(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI,
+                                routing=routing_metadata, fp8_backend="torch")
+
+
 register("moe_ffn", "torch", moe_ffn_torch)
+register("moe_ffn_fp8", "torch", moe_ffn_fp8_torch)

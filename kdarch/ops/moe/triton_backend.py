@@ -1,4 +1,4 @@
-"""The "triton" backend of `moe_ffn`: the kernels of kdarch.kernels.moe_dispatch as torch custom ops.
+"""The "triton" backends of `moe_ffn` and `moe_ffn_fp8`: kdarch.kernels.moe_dispatch as torch custom ops.
 
 Why custom ops: torch.compile must trace the model through this backend without looking inside the
 Triton launchers, so routing metadata, forward and backward are each one `torch.library.custom_op`
@@ -7,9 +7,13 @@ the forward op's autograd (register_autograd) calls the backward op, so the comp
 holds an opaque op too. The dataflow mirrors the torch backend's `_GroupedExpertFFN`: routing weight
 folded into the down projection's input, only the [M, 2I] gate/up pre-activations kept for backward.
 
+`moe_ffn_fp8` on Triton is the torch backend's FP8 composition with the routing custom op below and the
+"triton" FP8 ops of kdarch.ops.fp8; it is available where FP8 Triton is (sm89+ GPUs, or the interpreter).
+
 The kernels module is imported on first use: TRITON_INTERPRET is read when kernels are defined, and
-kdarch must import on machines without triton. Availability: triton importable and either CUDA or
-TRITON_INTERPRET=1 (CPU tensors run under the interpreter: for correctness, never auto-picked).
+kdarch must import on machines without triton. Availability: `kdarch.kernels.triton_usable()` (triton
+importable and either CUDA or its interpreter on; CPU tensors run under the interpreter for correctness
+and are never auto-picked).
 
 Legend: T tokens, K slots per token (top-k), E experts, H hidden, I expert intermediate, M = T*K rows.
 """
@@ -20,7 +24,11 @@ import functools
 
 import torch
 
-from kdarch.ops.backend import register, triton_interpreting, triton_usable
+from kdarch.checks import fail
+from kdarch.kernels import triton_interpreting, triton_usable
+from kdarch.ops.backend import register
+from kdarch.ops.fp8.triton_backend import fp8_triton_available
+from kdarch.ops.moe.torch_backend import moe_ffn_fp8_composed
 
 Tensor = torch.Tensor
 
@@ -89,18 +97,28 @@ def _backward(ctx, grad_out, _grad_h):
 moe_ffn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-# ----------------------------------------------------------------------------------- the backend
+# ---------------------------------------------------------------------------------- the backends
+def _check_device(op: str, x_TH: Tensor) -> None:
+    if x_TH.device.type == "cuda" or (x_TH.device.type == "cpu" and triton_interpreting()):
+        return
+    fail(f"{op}: x", "CUDA tensors for backend 'triton' (CPU tensors run only under the Triton interpreter: "
+         "TRITON_INTERPRET=1, set before triton is imported; use backend='torch' on the CPU)", x_TH.device)
+
+
 def moe_ffn_triton(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI):
-    """moe_ffn on the Triton kernels (inputs already validated by kdarch.ops.moe_ffn)."""
-    if x_TH.device.type == "cpu" and not triton_interpreting():
-        raise ValueError("moe_ffn backend 'triton' runs CPU tensors only under the Triton interpreter "
-                         "(TRITON_INTERPRET=1, set before triton is imported); use backend='torch' on the CPU")
-    if x_TH.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"moe_ffn backend 'triton' needs CUDA (or CPU under TRITON_INTERPRET=1) tensors, "
-                         f"got {x_TH.device}")
+    """moe_ffn on the Triton kernels (inputs already validated by kdarch.ops.moe.moe_ffn)."""
+    _check_device("moe_ffn", x_TH)
     _, offsets_E1, sorted_idx_M, inv_idx_M = moe_routing(topk_ids_TK, w_gate_up_E2IH.shape[0])
     out_TH, _ = moe_ffn_fwd(x_TH, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, offsets_E1, sorted_idx_M, inv_idx_M)
     return out_TH
 
 
+def moe_ffn_fp8_triton(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI):
+    """moe_ffn_fp8 with the routing kernels and the "triton" FP8 quantise / grouped GEMM ops."""
+    _check_device("moe_ffn", x_TH)
+    return moe_ffn_fp8_composed(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI,
+                                routing=moe_routing, fp8_backend="triton")
+
+
 register("moe_ffn", "triton", moe_ffn_triton, available=triton_available)
+register("moe_ffn_fp8", "triton", moe_ffn_fp8_triton, available=fp8_triton_available)
