@@ -79,7 +79,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         kdarch.save_pretrained(model, Path(tmp) / "kdarch")
         kdarch.save_pretrained(model, Path(tmp) / "hf", format="hf")
-        save_file({"ids": torch.randint(0, cfg.vocab_size, (args.batch, args.seq))}, str(Path(tmp) / "batch.safetensors"))
+        batch = {"ids": torch.randint(0, cfg.vocab_size, (args.batch, args.seq))}
+        save_file(batch, str(Path(tmp) / "batch.safetensors"))
         del model
         results = {}
         for provider in ("kdarch", "hf", "hf-eager"):
@@ -96,18 +97,20 @@ def main() -> None:
         tps = [tokens / t for t in r["times"]]
         rows += [row("train_step", provider, "fwd+bwd+adamw", "tokens_per_s", "tok/s", "tokens", tokens, tps, setup),
                  row("train_step", provider, "fwd+bwd+adamw", "step_time", "s", "tokens", tokens, r["times"], setup),
-                 row("train_step", provider, "fwd+bwd+adamw", "peak_memory", "MiB", "tokens", tokens, r["peak_mb"], setup)]
+                 row("train_step", provider, "fwd+bwd+adamw", "peak_memory", "MiB", "tokens", tokens, r["peak_mb"],
+                     setup)]
         r["tps"] = sorted(tps)[len(tps) // 2]
         lines.append([provider, f"{r['params'] / 1e6:.1f}M", f"{r['tps']:.0f}", f"{r['peak_mb']:.0f}",
                       f"{r['first_loss']:.5f}"])
     print(f"one training step, preset {args.preset!r}, batch {args.batch} x {args.seq}, fp32, {args.threads} threads")
     print_table(["provider", "params", "tokens/s", "peak MiB", "first loss"], lines)
     print()
-    for peer, what in (("hf", "transformers (default experts: grouped_mm)"), ("hf-eager", "transformers (eager experts loop)")):
+    for peer, what in (("hf", "transformers (default experts: grouped_mm)"),
+                       ("hf-eager", "transformers (eager experts loop)")):
         speed = results["kdarch"]["tps"] / results[peer]["tps"]
         mem = results["kdarch"]["peak_mb"] / results[peer]["peak_mb"]
-        rows += [row("train_step", f"kdarch/{peer}", "fwd+bwd+adamw", "speed_ratio", "x", "tokens", tokens, speed, setup),
-                 row("train_step", f"kdarch/{peer}", "fwd+bwd+adamw", "memory_ratio", "x", "tokens", tokens, mem, setup)]
+        rows += [row("train_step", f"kdarch/{peer}", "fwd+bwd+adamw", metric, "x", "tokens", tokens, value, setup)
+                 for metric, value in (("speed_ratio", speed), ("memory_ratio", mem))]
         print(f"kdarch / {what}: {speed:.2f}x tokens/s (target >= 1.5x), {mem:.2f}x peak memory (target <= 0.8x)")
     loss_gap = max(abs(results["kdarch"]["first_loss"] - results[p]["first_loss"]) for p in ("hf", "hf-eager"))
     print(f"first-step loss difference: {loss_gap:.2e} (same weights, same batch)")

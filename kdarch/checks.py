@@ -28,7 +28,8 @@ from typing import Any, NoReturn
 
 import torch
 
-__all__ = ["ConfigError", "bool_arg", "check", "check_field_types", "check_index_range", "check_type", "choice_arg", "describe", "fail", "int_arg",
+__all__ = ["ConfigError", "bool_arg", "check", "check_field_types", "check_index_range", "check_type", "choice_arg",
+           "describe", "fail", "int_arg",
            "is_int", "is_number", "number_arg", "optional_import", "set_value_checks", "tensor_arg",
            "value_checks_on"]
 

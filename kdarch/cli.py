@@ -96,8 +96,10 @@ def _run_config(args):
 
 
 def _report_path(out, report: dict) -> None:
-    print(json.dumps({k: v for k, v in report.items() if k in ("teacher", "student", "scratch", "gap_closed")},
-                     indent=2, default=str))
+    rows = {k: {f: v for f, v in report[k].items() if f != "per_sequence"} for k in ("teacher", "student", "scratch")
+            if k in report}
+    extra = {k: report[k] for k in ("student_minus_scratch", "gap_closed") if k in report}
+    print(json.dumps({**rows, **extra}, indent=2, default=str))
     print(f"report: {out / 'report.json'} (summary {out / 'report.md'})")
 
 
@@ -126,12 +128,12 @@ def cmd_distill(args) -> int:
 
 def _load_model_and_tokenizer(path):
     from kdarch.pretrained import from_pretrained
-    from kdarch.train.tokenizer import load_tokenizer
+    from kdarch.train.tokenizer import ByteTokenizer, load_tokenizer
     model = from_pretrained(path).eval()
     try:
         tok = load_tokenizer(path)
-    except (FileNotFoundError, ValueError):
-        tok = load_tokenizer("bytes") if model.config.vocab_size <= 260 else None
+    except (FileNotFoundError, ValueError):  # a byte-level model needs no file; any other one does
+        tok = ByteTokenizer() if model.config.vocab_size == ByteTokenizer().vocab_size else None
     return model, tok
 
 
@@ -213,15 +215,21 @@ def cmd_convert(args) -> int:
         if (Path(args.src) / name).is_file():
             shutil.copy2(Path(args.src) / name, Path(dst) / name)
     print(f"{args.src} -> {dst} ({args.format} format)")
+    if args.format == "hf":
+        from kdarch.convert.hf import mtp_layers_note
+        note = mtp_layers_note(json.loads((dst / "config.json").read_text()))
+        if note:
+            print(f"note: {note}")
     return 0
 
 
 def cmd_cache_teacher(args) -> int:
 
+    import tempfile
+
     from kdarch.distill.loading import load_teacher
     from kdarch.distill.logit_cache import LogitCache, write_logit_cache
     from kdarch.train.pipeline import log_to_stderr, prepare_data
-    import tempfile
     run = _run_config(args)
     out, tdir = Path(args.out), Path(args.teacher)
     with tempfile.TemporaryDirectory() as scratch:
@@ -253,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     def run_parser(name: str, help: str, sections: tuple[str, ...], epilog: str | None = None):
         sp = sub.add_parser(name, help=help, description=help, epilog=epilog,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-        sp.add_argument("--config", metavar="FILE.toml", help="TOML run configuration; --section.field flags override it")
+        sp.add_argument("--config", metavar="FILE.toml",
+                        help="TOML run configuration; --section.field flags override it")
         sp.add_argument("--out", metavar="DIR", help="run directory (default: a fresh runs/<command>-<time>)")
         sp.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its latest checkpoints (finished stages are kept)")
@@ -309,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--teacher", required=True, metavar="DIR", help="kdarch or Hugging Face model directory")
     ca.add_argument("--out", required=True, metavar="DIR", help="cache directory (an interrupted write resumes)")
     ca.add_argument("--k", type=int, default=64, help="top-k entries kept per token")
-    ca.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16", help="stored log-prob dtype")
+    ca.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+                    help="stored log-prob dtype")
     ca.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="sequences per shard file")
     ca.add_argument("--batch-size", type=int, default=8, help="teacher batch size")
     add_config_flags(ca, ("data", "distill"))
@@ -318,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="print a preset's sizes")
     info.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model preset")
     info.set_defaults(fn=cmd_info)
-    demo = sub.add_parser("demo", help="a one-minute tour: the tiny student trained briefly on embedded text, generation")
+    demo = sub.add_parser("demo",
+                          help="a one-minute tour: the tiny student trained briefly on embedded text, generation")
     demo.add_argument("--steps", type=int, default=60, help="training steps on embedded text (default 60)")
     demo.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
     demo.add_argument("--new-tokens", type=int, default=48, help="tokens to generate")

@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from kdarch.checks import ConfigError, check, check_field_types, is_int
 
@@ -233,7 +234,7 @@ class ModelConfig:
         return text
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -241,7 +242,7 @@ class ModelConfig:
         return cls(**data)
 
     @classmethod
-    def from_json(cls, text_or_path: str | Path) -> "ModelConfig":
+    def from_json(cls, text_or_path: str | Path) -> ModelConfig:
         p = Path(text_or_path) if not str(text_or_path).lstrip().startswith("{") else None
         text = p.read_text() if p is not None else str(text_or_path)
         try:
@@ -252,7 +253,7 @@ class ModelConfig:
             raise ConfigError(f"ModelConfig: expected a JSON object, got {type(data).__name__}")
         return cls.from_dict(data)
 
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
 

@@ -446,6 +446,19 @@ def save_hf(model: CausalLM, path: str | os.PathLike) -> Path:
     return path
 
 
+def mtp_layers_note(hf_config: dict) -> str | None:
+    """One line saying what transformers makes of a DeepseekV3 checkpoint's MTP layers (None without any):
+    it has no MTP module, so it skips them and lists their tensors as UNEXPECTED in its load report."""
+    n = _mtp_count(hf_config) if hf_config.get("model_type") == HF_MODEL_TYPE else 0
+    if not n:
+        return None
+    first = hf_config.get("num_hidden_layers", HF_DEFAULTS["num_hidden_layers"])
+    where = f"model.layers.{first}" + (f"-{first + n - 1}" if n > 1 else "")
+    return (f"the MTP layer{'s' if n > 1 else ''} ({where}, DeepSeek's layout) {'are' if n > 1 else 'is'} kept for "
+            f"kdarch and serving engines that draft with {'them' if n > 1 else 'it'} (vLLM, SGLang); transformers "
+            f"does not load MTP layers and lists their tensors as UNEXPECTED, which is expected")
+
+
 def to_hf_model(model: CausalLM, attn_implementation: str = "sdpa"):
     """An in-memory `transformers.DeepseekV3ForCausalLM` with the same weights (copies), dtype and device.
     HF has no MTP modules in its main model, so they are left out."""

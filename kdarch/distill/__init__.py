@@ -25,13 +25,24 @@ from kdarch.distill.loading import load_teacher
 from kdarch.distill.logit_cache import CachedTeacher, LogitCache, write_logit_cache
 from kdarch.distill.losses import KINDS, KDLossConfig, KDTerms, kd_loss
 from kdarch.distill.mtp import MultiTokenKD, multi_token_kd_loss
-from kdarch.distill.relations import (RelationDistiller, RelationKDConfig, capture_mla_latents, rkd_angle_loss,
-                                      rkd_distance_loss, similarity_preserving_loss)
+from kdarch.distill.relations import (
+                                      RelationDistiller,
+                                      RelationKDConfig,
+                                      capture_mla_latents,
+                                      rkd_angle_loss,
+                                      rkd_distance_loss,
+                                      similarity_preserving_loss,
+)
 from kdarch.distill.schedules import SCHEDULE_KINDS, AdaptiveAlpha, KDSchedule, Schedule, parse_schedule
 from kdarch.distill.teacher_signal import MODES, TopKTeacher
 from kdarch.distill.teachers import HFTeacher, ModelTeacher, Teacher, TeacherOutput
-from kdarch.distill.vocab import (VocabAlignment, VocabMismatchError, align_vocab, tokenizer_fingerprint,
-                                  vocab_fingerprint)
+from kdarch.distill.vocab import (
+                                      VocabAlignment,
+                                      VocabMismatchError,
+                                      align_vocab,
+                                      tokenizer_fingerprint,
+                                      vocab_fingerprint,
+)
 
 __all__ = ["KINDS", "MODES", "SCHEDULE_KINDS", "AdaptiveAlpha", "CachedTeacher", "DistillationHead", "FeatureDistiller",
            "FeatureKDConfig", "HFTeacher", "KDLossConfig", "KDSchedule", "KDTerms", "LogitCache", "ModelTeacher",

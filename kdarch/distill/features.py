@@ -23,8 +23,8 @@ Shape legend: B batch, T tokens, N valid tokens, S student width, D teacher widt
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F

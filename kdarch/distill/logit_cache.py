@@ -29,8 +29,8 @@ import hashlib
 import math
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -38,8 +38,16 @@ from kdarch.checks import check, check_index_range, choice_arg, fail, int_arg, i
 from kdarch.distill.teacher_signal import MODES, TopKTeacher
 from kdarch.distill.teachers import Teacher
 from kdarch.distill.vocab import VocabMismatchError
-from kdarch.io import MANIFEST, file_record, read_manifest, read_safetensors, remove_temp_files, verify_files, \
-    write_manifest, write_safetensors
+from kdarch.io import (
+    MANIFEST,
+    file_record,
+    read_manifest,
+    read_safetensors,
+    remove_temp_files,
+    verify_files,
+    write_manifest,
+    write_safetensors,
+)
 
 __all__ = ["DEFAULT_SHARD_SIZE", "FORMAT", "FORMAT_VERSION", "MANIFEST", "VALUE_DTYPES", "CachedTeacher", "LogitCache",
            "write_logit_cache"]
@@ -104,7 +112,7 @@ def check_manifest(m: dict, where: Path, *, complete: bool) -> dict:
         i = start // S
         for name, want in (("file", shard_name(i)), ("count", min(S, N - start))):
             check(e.get(name) == want, f"{at}.{name}", repr(want), e.get(name))
-        check(e["file"] in m["files"], f"{at}.file", f"a file listed under 'files' with its size and sha256",
+        check(e["file"] in m["files"], f"{at}.file", "a file listed under 'files' with its size and sha256",
               e["file"])
         if i <= last:
             fail(f"{at}", f"shards listed once each, in order of start; {shard_name(i)} comes after "

@@ -93,9 +93,9 @@ def multi_token_kd_loss(main_hidden_BTD: torch.Tensor, mtp_hidden: Sequence[torc
     (shifted here; ignore_index marks tokens not to predict) or None (pure soft KD, needs alpha=1), teacher
     [B, T, V] logits or a TopKTeacher [B, T, K] whose row j is the distribution for token j+1.
     depth_weights: relative weights of depths 1..len(mtp_hidden) (default equal); mtp_weight: λ (default
-    ModelConfig's 0.3), pass `model.config.mtp_loss_weight` to match the model's loss. kind / temperature / alpha / beta / chunk as in
-    `fused_kd_loss`. return_terms=False skips the term α leaves unused (α = 0 or 1; its field is then None; for
-    0 < α < 1 both are None); keep it True to feed `KDSchedule.observe` the soft term."""
+    ModelConfig's 0.3), pass `model.config.mtp_loss_weight` to match the model's loss. kind / temperature / alpha /
+    beta / chunk as in `fused_kd_loss`. return_terms=False skips the term α leaves unused (α = 0 or 1; its field
+    is then None; for 0 < α < 1 both are None); keep it True to feed `KDSchedule.observe` the soft term."""
     KDLossConfig(kind, temperature, alpha, beta, ignore_index)  # validate before any work
     w_depth = _check(main_hidden_BTD, mtp_hidden, labels_BT, teacher, depth_weights, mtp_weight)
     B, T, _ = main_hidden_BTD.shape

@@ -33,9 +33,9 @@ P distinct pairs N(N−1)/2, J I K a triplet's apex and its other two points.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +28,14 @@ import torch
 from torch import nn
 
 from kdarch.checks import check, check_index_range, fail, is_int, optional_import, tensor_arg
+from kdarch.convert.hf import mtp_layers_note
 from kdarch.distill.teacher_signal import TopKTeacher
 from kdarch.distill.vocab import VocabAlignment, align_vocab, tokenizer_fingerprint
+from kdarch.io import read_json
 
 __all__ = ["HFTeacher", "ModelTeacher", "Teacher", "TeacherOutput", "weights_digest"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -148,7 +153,15 @@ class HFTeacher(ModelTeacher):
         check(isinstance(dtype, torch.dtype) and dtype.is_floating_point, "HFTeacher: dtype",
               "a floating torch.dtype (torch.bfloat16, torch.float32, ...)", dtype)
         transformers = optional_import("transformers", extra="hf", purpose="A Hugging Face teacher (HFTeacher)")
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
+        note = mtp_layers_note(read_json(path / "config.json"))
+        verbosity = transformers.logging.get_verbosity()
+        if note:  # say it once, in place of transformers' table of the MTP layer's tensors
+            log.warning("HFTeacher %s: %s", path, note)
+            transformers.logging.set_verbosity_error()
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
+        finally:
+            transformers.logging.set_verbosity(verbosity)
         self.path = path
         super().__init__(model, name=name, fingerprint=fingerprint if fingerprint is not None else
                          tokenizer_fingerprint(path))

@@ -4,5 +4,5 @@ from kdarch.model.generation import generate, sample_next
 from kdarch.model.speculative import SpeculativeStats, generate_speculative
 from kdarch.model.transformer import Block, CausalLM, CausalLMOutput, MTPModule
 
-__all__ = ["Block", "CausalLM", "CausalLMOutput", "LatentKVCache", "MTPModule", "SpeculativeStats", "generate_speculative", "generate",
-           "sample_next"]
+__all__ = ["Block", "CausalLM", "CausalLMOutput", "LatentKVCache", "MTPModule", "SpeculativeStats", "generate",
+           "generate_speculative", "sample_next"]

@@ -7,7 +7,7 @@ Shape legend: B batch, T tokens, V vocabulary.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdarch.config import ModelConfig
+from kdarch.ops.fp8 import Fp8Linear
 
 
 class RMSNorm(nn.Module):
@@ -66,7 +67,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def linear(in_dim: int, out_dim: int, fp8: bool = False) -> nn.Linear:
     """A bias-free projection; with fp8 its matmuls (forward, dX, dW) run in FP8 on the same parameters."""
     if fp8:
-        from kdarch.ops.fp8 import Fp8Linear
         return Fp8Linear(in_dim, out_dim, bias=False)
     return nn.Linear(in_dim, out_dim, bias=False)
 

@@ -146,7 +146,8 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
                 output_hidden_states: bool = False, output_mtp_logits: bool = False,
-                output_mtp_hidden_states: bool = False, cache: LatentKVCache | None = None, position_ids: torch.Tensor | None = None,
+                output_mtp_hidden_states: bool = False, cache: LatentKVCache | None = None,
+                position_ids: torch.Tensor | None = None,
                 valid_mask: torch.Tensor | None = None, return_logits: bool = True) -> CausalLMOutput:
         """Full causal forward. With `labels` (HF convention: labels are the input ids; the shift happens
         here; -100 is ignored) it returns the losses, computed by a fused chunked head that never keeps
@@ -162,12 +163,14 @@ class CausalLM(nn.Module):
         if labels is not None:
             self._check_ids("labels", labels, allow_ignore=True)
             if labels.shape != input_ids.shape:
-                raise ValueError(f"labels: expected shape {tuple(input_ids.shape)} like input_ids, got {tuple(labels.shape)}")
+                raise ValueError(f"labels: expected shape {tuple(input_ids.shape)} like input_ids, got "
+                                 f"{tuple(labels.shape)}")
         if position_ids is None:
             position_ids = torch.arange(start, start + T, device=input_ids.device)
         cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]
         if cache is not None:
-            cache.begin(torch.ones(B, T, dtype=torch.bool, device=input_ids.device) if valid_mask is None else valid_mask)
+            all_valid = valid_mask is None
+            cache.begin(torch.ones(B, T, dtype=torch.bool, device=input_ids.device) if all_valid else valid_mask)
 
         x = self.embed(input_ids)
         hidden = [x] if output_hidden_states else None

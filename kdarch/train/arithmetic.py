@@ -39,8 +39,9 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, NamedTuple, Sequence
+from typing import NamedTuple
 
 from kdarch.checks import ConfigError, check_field_types, int_arg, is_int
 from kdarch.checks import check as require

@@ -40,9 +40,20 @@ from torch import nn
 
 from kdarch.checks import int_arg
 from kdarch.config import ModelConfig
-from kdarch.io import (MANIFEST, atomic_directory, discard_directory, file_record, read_json, read_manifest,
-                       read_safetensors, remove_temp_files, verify_files, write_json, write_manifest,
-                       write_safetensors)
+from kdarch.io import (
+    MANIFEST,
+    atomic_directory,
+    discard_directory,
+    file_record,
+    read_json,
+    read_manifest,
+    read_safetensors,
+    remove_temp_files,
+    verify_files,
+    write_json,
+    write_manifest,
+    write_safetensors,
+)
 from kdarch.model.state import check_state_dict, kdarch_state_dict, load_state_dict_into
 from kdarch.pretrained import WEIGHTS_NAME, save_pretrained
 
@@ -139,7 +150,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
             torch.cuda.set_rng_state_all(state["cuda"])
         else:
             warnings.warn(f"checkpoint holds RNG states for {len(state['cuda'])} CUDA devices, this process sees "
-                          f"{torch.cuda.device_count() if torch.cuda.is_available() else 0}; CUDA RNG not restored")
+                          f"{torch.cuda.device_count() if torch.cuda.is_available() else 0}; CUDA RNG not restored",
+                          stacklevel=2)
     if "numpy" in state:
         import numpy as np
         kind, keys, pos, has_gauss, cached = state["numpy"]

@@ -19,9 +19,9 @@ from kdarch.checks import ConfigError, check, check_field_types, check_type, cho
 from kdarch.config import PRESETS, ModelConfig, get_preset
 from kdarch.distill.losses import KINDS as KD_KINDS
 from kdarch.distill.relations import KINDS as RELATION_KINDS
-from kdarch.distill.schedules import KDSchedule
 from kdarch.distill.relations import OVER as RELATION_OVER
 from kdarch.distill.relations import SOURCES as RELATION_SOURCES
+from kdarch.distill.schedules import KDSchedule
 
 try:
     import tomllib

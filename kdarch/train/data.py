@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 
 from kdarch.checks import check, is_int
-
 from kdarch.train.tokenizer import Tokenizer
 
 _BOUNDARIES = (re.compile(r"\n[ \t]*\n\s*"), re.compile(r"\n"))  # paragraph, then line boundaries

@@ -13,7 +13,7 @@ import math
 import os
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

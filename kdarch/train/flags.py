@@ -21,7 +21,6 @@ import re
 import typing
 from typing import Any
 
-from kdarch.checks import ConfigError
 from kdarch.config import PRESETS, ModelConfig
 from kdarch.train.config import SECTIONS, ModelSection, TrainSection
 

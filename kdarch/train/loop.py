@@ -22,19 +22,27 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import random
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from kdarch.train.checkpoint import CorruptCheckpointError, complete_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
+from kdarch.train.checkpoint import (
+    CorruptCheckpointError,
+    complete_checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from kdarch.train.config import TrainSection
 from kdarch.train.data import Batches
 from kdarch.train.interrupt import Interrupted, stop_on_signal
@@ -60,7 +68,8 @@ class Objective(Protocol):
     modules: dict[str, nn.Module]
     """Extra trainable modules (e.g. feature-KD projectors): optimised and checkpointed with the model."""
 
-    def __call__(self, model: nn.Module, indices_B: torch.Tensor, ids_BT: torch.Tensor, progress: float) -> StepLoss: ...
+    def __call__(self, model: nn.Module, indices_B: torch.Tensor, ids_BT: torch.Tensor,
+                 progress: float) -> StepLoss: ...
 
     def target_tokens(self, ids_BT: torch.Tensor) -> int: ...
 
@@ -207,6 +216,22 @@ def expert_imbalance(loads: dict[str, torch.Tensor]) -> float | None:
     return max(vals) if vals else None
 
 
+_LOAD_WARNED = False
+
+
+def warn_if_oversubscribed(threads: int) -> None:
+    """Warn once per process when other work shares the cores (1-minute load average well above them): runs
+    then slow down many times over, with nothing else to say why."""
+    global _LOAD_WARNED
+    cpus = os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if not _LOAD_WARNED and load > 1.5 * cpus + 0.5:
+        _LOAD_WARNED = True
+        warnings.warn(f"the machine is oversubscribed: load average {load:.1f} on {cpus} cores, training with "
+                      f"{threads} threads; other jobs share the cores and this run will be several times slower "
+                      f"(run one job at a time, or give each fewer threads with --train.threads)", stacklevel=3)
+
+
 def _newest_intact(run_dir: Path, name: str, **objects):
     """(path, loaded state) of the newest checkpoint that loads; a corrupt newer one is skipped with a warning
     naming both (the next save sweeps it away). (None, None) when there is none."""
@@ -302,7 +327,8 @@ def train(model: nn.Module, cfg: TrainSection, train_NT: torch.Tensor, run_dir: 
             eval_now = evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0
             if step % cfg.log_every == 0 or step == cfg.steps or step == start + 1 or eval_now:
                 row = {"step": step, "loss": loss_value, **sums, "lr": opt.param_groups[0]["lr"],
-                       "grad_norm": float(grad_norm), "tokens": tokens, "tokens_per_s": rate, "skipped_steps": bad_steps}
+                       "grad_norm": float(grad_norm), "tokens": tokens, "tokens_per_s": rate,
+                       "skipped_steps": bad_steps}
                 imbalance = expert_imbalance(loads)
                 if imbalance is not None:
                     row["expert_load_max_over_mean"] = imbalance
@@ -311,6 +337,8 @@ def train(model: nn.Module, cfg: TrainSection, train_NT: torch.Tensor, run_dir: 
                     model.train()
                 log.write(row)
             progress.update(loss_value, rate)
+            if step == start + 5:  # long enough for this run's own load to show, early enough to matter
+                warn_if_oversubscribed(torch.get_num_threads())
             if step == cfg.steps or step % cfg.checkpoint_interval == 0 or stop.signum:
                 state = {"data": batches.state_dict(), "objective": objective.state_dict(), "bad_steps": bad_steps,
                          "tokens": tokens}

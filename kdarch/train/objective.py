@@ -24,6 +24,7 @@ from kdarch.distill.teachers import ModelTeacher, Teacher
 from kdarch.train.config import DistillSection
 from kdarch.train.loop import NonFiniteError, StepLoss, count_targets, labels_for
 
+
 def _finite(signal) -> bool:
     if isinstance(signal, TopKTeacher):
         return bool(torch.isfinite(signal.values).all())
@@ -79,7 +80,8 @@ class DistillObjective:
             out = model(ids_BT, output_hidden_states=need_hidden, output_mtp_hidden_states=cfg.mtp,
                         return_logits=False)
         res = multi_token_kd_loss(out.last_hidden_state, (out.mtp_hidden_states or []) if cfg.mtp else [],
-                                  model.head.weight, labels_for(ids_BT, self.pad_id), signal, depth_weights=self.depth_weights,
+                                  model.head.weight, labels_for(ids_BT, self.pad_id), signal,
+                                  depth_weights=self.depth_weights,
                                   mtp_weight=self.mtp_weight, kind=cfg.kind, temperature=temperature, alpha=alpha,
                                   beta=cfg.beta)
         loss = res.total

@@ -13,9 +13,9 @@ import dataclasses
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -263,7 +263,8 @@ def check_cache_matches(cache: LogitCache, train_NT: torch.Tensor) -> None:
             m["input_ids_sha256"] != input_ids_sha256(train_NT):
         raise ValueError(f"the logit cache {cache.path} was computed on other data ({m['num_sequences']} sequences x "
                          f"{m['seq_len']} tokens) than this run's training data ({train_NT.shape[0]} x "
-                         f"{train_NT.shape[1]}, or the same shape with other tokens); write it with kdarch cache-teacher "
+                         f"{train_NT.shape[1]}, or the same shape with other tokens); write it with "
+                         "kdarch cache-teacher "
                          "and the same [data] settings")
 
 
@@ -290,7 +291,8 @@ def run_distill(run: RunConfig, out: Path, *, resume: bool = False, log=print) -
     top1_NT = None if isinstance(teacher, CachedTeacher) else teacher_top1(teacher, data.heldout_NT, n_eval)
     source = (f"trained here ({teacher_stage.train.steps} steps)" if teacher_run is not None else
               f"logit cache {dcfg.teacher}" if isinstance(teacher, CachedTeacher) else
-              f"Hugging Face model {dcfg.teacher}" if isinstance(teacher, HFTeacher) else f"kdarch model {dcfg.teacher}")
+              f"Hugging Face model {dcfg.teacher}" if isinstance(teacher, HFTeacher) else
+              f"kdarch model {dcfg.teacher}")
     report: dict = {"teacher": {"name": teacher.name, "source": source}}
     if teacher_run is not None:
         report["teacher"].update(measure(teacher_run, data, eval_sequences=n_eval, teacher_top1_NT=top1_NT))

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
+from kdarch.checks import ConfigError
 from kdarch.distill.teachers import ModelTeacher
 from kdarch.train import arithmetic as ar
-from kdarch.checks import ConfigError
 from kdarch.train.config import DataSection, ModelSection, RunConfig, Stage, TrainSection
 from kdarch.train.loop import LMObjective
 from kdarch.train.objective import DistillObjective
@@ -81,7 +81,8 @@ def task_stages(run: RunConfig) -> tuple[Stage, Stage]:
     for f in dataclasses.fields(DataSection):
         if getattr(run.data, f.name) != getattr(DataSection(), f.name):
             raise ConfigError(f"data.{f.name}: expected no [data] settings with --task arithmetic (its problems are "
-                              f"generated, byte-tokenized, {SEQ_LEN} tokens per row), got {getattr(run.data, f.name)!r}")
+                              f"generated, byte-tokenized, {SEQ_LEN} tokens per row), got "
+                              f"{getattr(run.data, f.name)!r}")
     if run.distill.teacher:
         raise ConfigError(f"distill.teacher: expected none with --task arithmetic (it trains its teacher on the task's "
                           f"worked solutions), got {run.distill.teacher!r}")
@@ -133,7 +134,8 @@ def run_arithmetic(run: RunConfig, out: Path, *, resume: bool = False, log=print
                                     objective_for=lm, resume=resume, log=log)
 
     top1_NT = teacher_top1(teacher, heldout_NT, 0)
-    report: dict = {"task": "arithmetic", "teacher": {"source": f"trained here ({teacher_stage.train.steps} steps)"}, "arithmetic": {"curation": dataclasses.asdict(stats),
+    report: dict = {"task": "arithmetic", "teacher": {"source": f"trained here ({teacher_stage.train.steps} steps)"},
+                    "arithmetic": {"curation": dataclasses.asdict(stats),
                                                          "test_problems": len(test)}}
     for key, res in runs.items():
         report[key] = {**report.get(key, {}), **measure(res, teacher_data, eval_sequences=0, teacher_top1_NT=top1_NT)}

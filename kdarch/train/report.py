@@ -140,7 +140,7 @@ def plot(out: Path, report: dict, curves: dict[str, list[dict]]) -> list[str]:
         fig, ax = plt.subplots(figsize=(5, 4))
         ax.errorbar(names, loss, yerr=err, fmt="none", ecolor="black", capsize=6, zorder=3)
         ax.scatter(names, loss, s=80, color=[COLORS[k] for k in names], zorder=4)
-        for x, (v, e) in enumerate(zip(loss, err)):
+        for x, v in enumerate(loss):
             ax.annotate(f"{v:.3f}", (x, v), textcoords="offset points", xytext=(12, -4))
         span = max(v + e for v, e in zip(loss, err)) - min(v - e for v, e in zip(loss, err))
         ax.set_ylim(min(v - e for v, e in zip(loss, err)) - 0.15 * span, max(v + e for v, e in zip(loss, err))

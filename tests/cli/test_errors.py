@@ -120,7 +120,15 @@ def test_convert_refuses_a_non_empty_destination(tmp_path, capsys):
 
 def test_a_bad_flag_exits_2_in_a_fresh_process(tmp_path):
     """The same check as a user sees it: a new process, no traceback, exit 2, seconds rather than minutes."""
-    p = subprocess.run([sys.executable, "-m", "kdarch", "distill", "--distill.kind", "kl", "--out", str(tmp_path / "r")],
+    p = subprocess.run([sys.executable, "-m", "kdarch", "distill", "--distill.kind", "kl",
+                        "--out", str(tmp_path / "r")],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "distill.kind: expected one of" in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_eval_without_a_tokenizer_is_a_usage_error(tmp_path, capsys):
+    import kdarch
+    kdarch.save_pretrained(kdarch.CausalLM(kdarch.get_preset("debug")), tmp_path / "m")
+    code, err = run(["eval", "--model", str(tmp_path / "m")], capsys)
+    assert code == 2 and "--model: expected a model directory with its tokenizer.json" in err

@@ -212,7 +212,8 @@ def test_a_signal_saves_a_checkpoint_and_resume_reproduces_the_losses(tmp_path, 
     line = next(x for x in err.splitlines() if x.startswith("interrupted at step "))
     step = int(line.split()[3].rstrip(";"))
     assert 3 <= step < 30, line  # stopped mid-run, at a step boundary
-    assert "checkpoint written; continue with: kdarch train" in line and line.endswith(f"--resume --out {tmp_path / 'b'}")
+    assert "checkpoint written; continue with: kdarch train" in line
+    assert line.endswith(f"--resume --out {tmp_path / 'b'}")
     assert (tmp_path / "b" / "checkpoints" / f"step_{step:08d}" / "manifest.json").is_file()
     resumed = _run([*args, "--out", str(tmp_path / "b"), "--resume"])
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()

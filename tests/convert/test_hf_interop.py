@@ -270,3 +270,22 @@ def test_save_hf_replaces_a_stale_sharded_checkpoint(hf_dir):
     assert sorted(p.name for p in hf_dir.glob("*.safetensors")) == ["model.safetensors"]
     _assert_same_logits(AutoModelForCausalLM.from_pretrained(hf_dir), km, _ids(vocab=256))
     shutil.rmtree(hf_dir)
+
+
+def test_the_mtp_layer_is_explained_once_not_listed(tmp_path, caplog, capfd):
+    """transformers skips DeepSeek's MTP layer and prints a table of its tensors as UNEXPECTED; a kdarch HF teacher
+    says once what that layer is instead."""
+    from kdarch.convert.hf import mtp_layers_note
+    from kdarch.distill import HFTeacher
+    torch.manual_seed(0)
+    km = kdarch.CausalLM(kdarch.get_preset("debug"))
+    kdarch.save_pretrained(km, tmp_path, format="hf")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert "model.layers.2" in mtp_layers_note(cfg) and mtp_layers_note({**cfg, "num_nextn_predict_layers": 0}) is None
+    capfd.readouterr()
+    with caplog.at_level("WARNING"):
+        HFTeacher(tmp_path, dtype=torch.float32)
+    err = capfd.readouterr().err
+    assert "UNEXPECTED" not in err
+    notes = [r.getMessage() for r in caplog.records if "MTP layer" in r.getMessage()]
+    assert len(notes) == 1 and "transformers does not load MTP layers" in notes[0]

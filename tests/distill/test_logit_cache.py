@@ -9,8 +9,7 @@ from safetensors.torch import load_file
 
 from kdarch import CausalLM, get_preset
 from kdarch.distill import TopKTeacher, kd_loss
-from kdarch.distill.logit_cache import MANIFEST, LogitCache, ids_dtype_for, write_logit_cache
-from kdarch.distill.logit_cache import CachedTeacher
+from kdarch.distill.logit_cache import MANIFEST, CachedTeacher, LogitCache, ids_dtype_for, write_logit_cache
 from kdarch.distill.teachers import ModelTeacher
 from kdarch.distill.vocab import VocabMismatchError, vocab_fingerprint
 
@@ -317,7 +316,8 @@ def test_write_bad_arguments(tmp_path, teacher_model, data, cache_dir):
                       (dict(k=257), r"k: expected an int in \[1, 256\], got 257"),
                       (dict(shard_size=0), "shard_size: expected an int >= 1"),
                       (dict(batch_size=1.5), "batch_size: expected an int >= 1, got 1.5"),
-                      (dict(dtype="int8"), "dtype: expected one of"), (dict(teacher_id=""), "teacher_id: expected a non-empty")):
+                      (dict(dtype="int8"), "dtype: expected one of"),
+                      (dict(teacher_id=""), "teacher_id: expected a non-empty")):
         with pytest.raises(ValueError, match=match):
             write_logit_cache(t, data, tmp_path / "x", **kw)
     for bad in (data[0], data.float(), data[:0]):

@@ -185,7 +185,7 @@ def test_topk_with_k_equal_v_is_the_dense_loss(mode, kind):
                TopKTeacher(perm, t.gather(-1, perm), "logits", torch.zeros(t.shape[:-1]), mode=mode),
                TopKTeacher.from_logits(t, V, mode=mode)]
     for sig in signals:
-        loss, g = loss_and_grad(lambda x: kd_loss(x, sig, y, kind=kind, temperature=2.0, chunk=5), s)
+        loss, g = loss_and_grad(lambda x, sig=sig: kd_loss(x, sig, y, kind=kind, temperature=2.0, chunk=5), s)
         torch.testing.assert_close(loss, dense)
         torch.testing.assert_close(g, g_dense)
 
@@ -246,7 +246,8 @@ def test_config_errors_name_the_allowed_values():
 def test_input_errors():
     s, t, y = make()
     V = s.shape[-1]
-    with pytest.raises(ValueError, match=r"vocab size mismatch: student V=29, teacher V=32.*teacher_logits\[\.\.\., :29"):
+    with pytest.raises(ValueError,
+                       match=r"vocab size mismatch: student V=29, teacher V=32.*teacher_logits\[\.\.\., :29"):
         kd_loss(s, F.pad(t, (0, 3)), y)
     with pytest.raises(ValueError, match=r"teacher logits must have shape \(2, 7, 29\)"):
         kd_loss(s, t[:1], y)

@@ -7,10 +7,16 @@ import torch
 from torch import nn
 
 import kdarch
-from kdarch.distill.relations import (RelationDistiller, capture_mla_latents, rkd_angle_loss, rkd_distance_loss,
-                                      similarity_preserving_loss)
+from kdarch.distill.relations import (
+    RelationDistiller,
+    capture_mla_latents,
+    rkd_angle_loss,
+    rkd_distance_loss,
+    similarity_preserving_loss,
+)
 
-LOSSES = {"rkd_distance": rkd_distance_loss, "rkd_angle": rkd_angle_loss, "similarity_preserving": similarity_preserving_loss}
+LOSSES = {"rkd_distance": rkd_distance_loss, "rkd_angle": rkd_angle_loss,
+          "similarity_preserving": similarity_preserving_loss}
 
 
 # ------------------------------------------------------------------ independent references (no kdarch code)
@@ -288,7 +294,8 @@ def test_capture_mla_latents_matches_hand_computation():
             rms = kv.pow(2).mean(-1, keepdim=True).add(1e-6).rsqrt()
             torch.testing.assert_close(passes[0][i], kv * rms * layer.attn.kv_norm.weight)
     # the captured student latents carry gradients back to the weights that made them
-    RelationDistiller("rkd_distance", "tokens", source="mla")(passes[0], [x.detach() * 2 + 1 for x in passes[0]]).backward()
+    rel = RelationDistiller("rkd_distance", "tokens", source="mla")
+    rel(passes[0], [x.detach() * 2 + 1 for x in passes[0]]).backward()
     assert model.layers[-1].attn.wkv_a.weight.grad.abs().sum() > 0
 
 

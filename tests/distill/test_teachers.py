@@ -7,9 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from kdarch import CausalLM, get_preset, save_pretrained
-from kdarch.distill import TopKTeacher, kd_loss
+from kdarch.distill import CachedTeacher, HFTeacher, ModelTeacher, TeacherOutput, TopKTeacher, kd_loss, load_teacher
 from kdarch.distill.logit_cache import write_logit_cache
-from kdarch.distill import CachedTeacher, HFTeacher, ModelTeacher, TeacherOutput, load_teacher
 from kdarch.distill.vocab import VocabMismatchError, align_vocab, vocab_fingerprint
 
 FP = vocab_fingerprint({f"t{i}": i for i in range(256)})

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -97,5 +98,5 @@ def test_unknown_field_and_preset():
 
 def test_config_is_frozen():
     cfg = get_preset("debug")
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.hidden_size = 3  # type: ignore[misc]

@@ -7,8 +7,20 @@ import pytest
 
 from kdarch.config import ConfigError
 from kdarch.train.arithmetic import (
-    ALPHABET, END, ArithmeticConfig, CurateStats, Problem, check, check_steps, curate, exact_match,
-    generate_problems, parse_answer, prompt, sample_text, solution,
+    ALPHABET,
+    END,
+    ArithmeticConfig,
+    CurateStats,
+    Problem,
+    check,
+    check_steps,
+    curate,
+    exact_match,
+    generate_problems,
+    parse_answer,
+    prompt,
+    sample_text,
+    solution,
 )
 
 CONFIGS = [

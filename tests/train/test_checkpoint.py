@@ -1,6 +1,6 @@
 import json
-import os
 import math
+import os
 import pickle
 import random
 
@@ -240,7 +240,8 @@ def test_refuses_mismatches(saved):
     wide_opt = torch.optim.AdamW([{"params": model.parameters()}, {"params": wide.parameters()}])
     with pytest.raises(ValueError, match=r"group 1 param 0 has shape \(16, 64\) in the checkpoint, \(32, 64\) given"):
         load_checkpoint(path, model=model, optimizer=wide_opt, modules={"projector": wide})
-    with pytest.raises(ValueError, match=r"modules.safetensors \[projector\]: tensor weight: expected shape \(32, 64\), got \(16, 64\)"):
+    with pytest.raises(ValueError, match=r"modules.safetensors \[projector\]: tensor weight: expected shape "
+                                         r"\(32, 64\), got \(16, 64\)"):
         load_checkpoint(path, model=model, modules={"projector": wide})
     with pytest.raises(ValueError, match=r"holds the modules \['projector'\], given \['proj'\]"):
         load_checkpoint(path, model=model, optimizer=opt, modules={"proj": proj})

@@ -135,3 +135,19 @@ def test_padding_is_never_a_target():
     assert obj.target_tokens(ids) == 5 + 9 + 2 and LMObjective().target_tokens(ids) == 27
     manual = ids.masked_fill(ids == pad, -100)
     torch.testing.assert_close(obj(m, None, ids, 0.0).loss, m(ids, labels=manual).loss)
+
+
+def test_an_oversubscribed_machine_is_named_once(monkeypatch):
+    from kdarch.train import loop
+    monkeypatch.setattr(loop, "_LOAD_WARNED", False)
+    monkeypatch.setattr(loop.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(loop.os, "getloadavg", lambda: (2.4, 2.0, 2.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loop.warn_if_oversubscribed(2)  # our own two threads: no warning
+    monkeypatch.setattr(loop.os, "getloadavg", lambda: (9.0, 8.0, 7.0))
+    with pytest.warns(UserWarning, match=r"oversubscribed: load average 9.0 on 2 cores.*--train.threads"):
+        loop.warn_if_oversubscribed(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loop.warn_if_oversubscribed(2)  # once per process

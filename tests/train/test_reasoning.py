@@ -1,12 +1,11 @@
 """The arithmetic (sequence-level) distillation run, with tiny stages and the teacher's writing simulated."""
+import dataclasses
 import json
 
 import pytest
 
 from kdarch.train import arithmetic as ar
 from kdarch.train import reasoning
-import dataclasses
-
 from kdarch.train.config import ModelSection, RunConfig, StageSpec, TrainSection
 from kdarch.train.tokenizer import ByteTokenizer
 

@@ -61,7 +61,8 @@ def test_write_report(tmp_path):
     path = write_report(tmp_path, report, curves, "[train]\nsteps = 4\n")
     saved = json.loads(path.read_text())
     t, s, b = (report[k]["eval_loss"] for k in ("teacher", "student", "scratch"))
-    assert saved["gap_closed"] == pytest.approx((b - s) / (b - t)) and saved["student_minus_scratch"]["verdict"] == "beats"
+    assert saved["gap_closed"] == pytest.approx((b - s) / (b - t))
+    assert saved["student_minus_scratch"]["verdict"] == "beats"
     md = (tmp_path / "report.md").read_text()
     assert f"| student | {s:.4f} |" in md and "The distilled student beats" in md and f"{(b - s) / (b - t):.1%}" in md
     assert "Teacher: trained here (4 steps)" in md and (tmp_path / "config.toml").read_text() == "[train]\nsteps = 4\n"

@@ -1,11 +1,10 @@
 import argparse
-import tomllib
 
 import pytest
+import tomllib
 
 from kdarch.config import ConfigError
-from kdarch.train.config import (DistillSection, ModelSection, RunConfig, Stage, StageSpec, TrainSection,
-                                 load_run_config)
+from kdarch.train.config import DistillSection, ModelSection, RunConfig, Stage, StageSpec, TrainSection, load_run_config
 from kdarch.train.flags import add_config_flags, field_docs, overrides_from_args
 
 DEFAULT_T = Stage("teacher", ModelSection("tiny", {"n_layers": 6}), TrainSection(steps=180))
