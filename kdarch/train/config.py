@@ -141,7 +141,10 @@ class TrainSection:
     """Write a resumable checkpoint every N steps, and always at the end (and on Ctrl-C / SIGTERM); 0: every
     max(100, steps // 10) steps, so a short run writes only its final one."""
     keep_last: int = 2
-    """Checkpoints kept on disk (older ones are deleted)."""
+    """Checkpoints kept on disk while the stage trains (older ones are deleted)."""
+    keep_checkpoints: bool = False
+    """Keep a finished stage's final checkpoint (resumable past its end); by default it is deleted once the final
+    model is saved, since it is most of a run's size (the optimizer state is twice the weights)."""
     max_bad_steps: int = 10
     """Stop after this many skipped steps (non-finite loss, gradients or teacher logits)."""
     progress: bool = True

@@ -81,9 +81,9 @@ def split_documents(docs: Sequence[str], heldout_fraction: float, seed: int) -> 
     (1 - heldout_fraction) of its length (a line boundary if it has no paragraphs; a character position if
     it has no newline either); `seed` plays no part there."""
     if not isinstance(heldout_fraction, (int, float)) or not 0 < heldout_fraction < 1:
-        raise ValueError(f"split_documents: heldout_fraction must be in (0, 1), got {heldout_fraction!r}")
+        raise ValueError(f"split_documents: heldout_fraction: expected a value in (0, 1), got {heldout_fraction!r}")
     if not isinstance(seed, int):
-        raise ValueError(f"split_documents: seed must be an int, got {seed!r}")
+        raise ValueError(f"split_documents: seed: expected an int, got {seed!r}")
     docs = list(docs)
     if not docs:
         raise ValueError("split_documents: expected at least one document, got none")
@@ -99,7 +99,7 @@ def pack(docs: Sequence[str], tokenizer: Tokenizer, seq_len: int) -> torch.Tenso
     """[N, seq_len] int64: the documents encoded, joined with eos between them, cut into consecutive
     non-overlapping rows; the last len % seq_len tokens are dropped."""
     if not isinstance(seq_len, int) or seq_len < 2:
-        raise ValueError(f"pack: seq_len must be an int >= 2 (an input and its next-token target), got {seq_len!r}")
+        raise ValueError(f"pack: seq_len: expected an int >= 2 (an input and its next-token target), got {seq_len!r}")
     if tokenizer.eos_id is None:
         raise ValueError(f"pack: the tokenizer has no eos token to join documents with ({tokenizer!r})")
     docs = list(docs)
@@ -132,13 +132,13 @@ class Batches(Iterator[tuple[torch.Tensor, torch.Tensor]]):
                 or tokens_NT.is_complex() or tokens_NT.dtype == torch.bool:
             got = f"{tokens_NT.dtype} {tuple(tokens_NT.shape)}" if isinstance(tokens_NT, torch.Tensor) \
                 else type(tokens_NT).__name__
-            raise ValueError(f"Batches: tokens_NT must be an integer tensor [N, T], got {got}")
+            raise ValueError(f"Batches: tokens_NT: expected an integer tensor [N, T], got {got}")
         n = tokens_NT.shape[0]
         if not isinstance(batch_size, int) or not 1 <= batch_size <= n:
-            raise ValueError(f"Batches: batch_size must be an int in [1, N = {n}] (N packed sequences), "
+            raise ValueError(f"Batches: batch_size: expected an int in [1, N = {n}] (N packed sequences), "
                              f"got {batch_size!r}")
         if not isinstance(seed, int):
-            raise ValueError(f"Batches: seed must be an int, got {seed!r}")
+            raise ValueError(f"Batches: seed: expected an int, got {seed!r}")
         self.tokens_NT, self.batch_size, self.seed = tokens_NT, batch_size, seed
         self.shuffle, self.drop_last = bool(shuffle), bool(drop_last)
         self.epoch, self.position = 0, 0

@@ -10,6 +10,7 @@ lives in its own directory under the run (checkpoints, metrics, the final model 
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import sys
 import time
@@ -26,9 +27,10 @@ from kdarch.distill.loading import load_teacher
 from kdarch.distill.logit_cache import CachedTeacher, LogitCache, input_ids_sha256
 from kdarch.distill.teacher_signal import TopKTeacher
 from kdarch.distill.teachers import HFTeacher, ModelTeacher, Teacher
-from kdarch.io import MANIFEST, read_json, write_json, write_text
+from kdarch.io import MANIFEST, discard_directory, read_json, write_json, write_text
 from kdarch.model import CausalLM
-from kdarch.pretrained import KDARCH_MODEL_TYPE, save_pretrained
+from kdarch.pretrained import KDARCH_MODEL_TYPE, from_pretrained, save_pretrained
+from kdarch.train.checkpoint import CHECKPOINTS
 from kdarch.train.config import DataSection, ModelSection, RunConfig, Stage, TrainSection
 from kdarch.train.data import load_documents, pack, split_documents
 from kdarch.train.evaluate import PeakMemory, evaluate_lm, generation_speed
@@ -106,22 +108,42 @@ class StageRun:
 def run_stage(stage: Stage, data: Data, run_dir: Path, *, objective_for: Callable[[CausalLM], Objective] | None = None,
               resume: bool = False, teacher: str | None = None, stage_dir: Path | None = None, log=print) -> StageRun:
     """Train one model (LM objective, or the objective `objective_for(model)` builds) in `stage_dir` (default
-    run_dir / stage.name): checkpoints/, metrics.jsonl, and the final model/ with its tokenizer."""
+    run_dir / stage.name): checkpoints/ while it trains, metrics.jsonl, and at the end the final model/ with its
+    tokenizer and done.json. A finished stage's checkpoints are then deleted (they are most of a run's size and
+    only needed to continue it) unless train.keep_checkpoints; on resume a finished stage is loaded, not run."""
+    stage_dir = stage_dir or run_dir / stage.name
+    final, done = stage_dir / "model", stage_dir / STAGE_DONE
+    if resume and done.is_file():
+        return _finished_stage(stage, data, final, read_json(done), teacher, log)
     model = build_model(stage.model, data, stage.train.seed)
     objective = objective_for(model) if objective_for is not None else None
     what = f"distilling from {teacher}" if teacher else "language modelling"
     log(f"[{stage.name}] {model.config.num_params() / 1e6:.2f}M parameters "
         f"({model.config.num_active_params() / 1e6:.2f}M active), {stage.train.steps} steps, {what}")
-    stage_dir = stage_dir or run_dir / stage.name
     with PeakMemory() as mem:
         res = train(model, stage.train, data.train_NT, stage_dir, objective=objective, resume=resume, name=stage.name)
-    final = stage_dir / "model"
     save_pretrained(model, final)
     data.tokenizer.save(final)
+    write_json(done, {"steps": res.steps, "tokens": res.tokens, "seconds": res.seconds, "peak_memory_mb": mem.peak_mb})
+    if not stage.train.keep_checkpoints and (stage_dir / CHECKPOINTS).is_dir():
+        discard_directory(stage_dir / CHECKPOINTS)
     last = res.rows[-1] if res.rows else {}
     log(f"[{stage.name}] done in {res.seconds:.0f}s, final training loss {last.get('loss', float('nan')):.3f}; "
         f"model saved to {final}")
     return StageRun(stage.name, model, res.rows, res.seconds, res.tokens, mem.peak_mb, final, teacher)
+
+
+def _finished_stage(stage: Stage, data: Data, final: Path, done: dict, teacher: str | None, log) -> StageRun:
+    """A stage an earlier run finished: its model (which must be the one the config describes) and figures."""
+    model = from_pretrained(final).eval()
+    want = build_model(stage.model, data, stage.train.seed).config
+    if model.config != want:
+        diff = [f.name for f in dataclasses.fields(want) if getattr(want, f.name) != getattr(model.config, f.name)]
+        raise ConfigError(f"--resume: the finished stage {stage.name!r} in {final.parent} has another model than the "
+                          f"configuration describes (fields {diff}); resume with the configuration that made it")
+    rows = [json.loads(x) for x in (final.parent / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    log(f"[{stage.name}] finished earlier ({done['steps']} steps); loaded {final}")
+    return StageRun(stage.name, model, rows, done["seconds"], done["tokens"], done["peak_memory_mb"], final, teacher)
 
 
 def measure(run: StageRun, data: Data, *, eval_sequences: int, teacher_top1_NT: torch.Tensor | None) -> dict:
@@ -155,6 +177,8 @@ def teacher_top1(teacher: Teacher, heldout_NT: torch.Tensor, eval_sequences: int
     return torch.cat(rows)
 
 
+STAGE_DONE = "done.json"
+"""Written into a stage directory when its final model is saved: the stage is finished."""
 RUN_MARKER = "run.json"
 """Written into a run directory when it is created: what made it, so that --resume can tell a run from a typo."""
 

@@ -137,7 +137,7 @@ def plot(out: Path, report: dict, curves: dict[str, list[dict]]) -> list[str]:
     if names:
         loss = [report[k]["eval_loss"] for k in names]
         err = [2 * report[k].get("eval_loss_se", 0.0) for k in names]
-        fig, ax = plt.subplots(figsize=(5, 4))
+        fig, ax = plt.subplots(figsize=(6, 4.5))
         ax.errorbar(names, loss, yerr=err, fmt="none", ecolor="black", capsize=6, zorder=3)
         ax.scatter(names, loss, s=80, color=[COLORS[k] for k in names], zorder=4)
         for x, v in enumerate(loss):
@@ -147,6 +147,11 @@ def plot(out: Path, report: dict, curves: dict[str, list[dict]]) -> list[str]:
                     + 0.15 * span)  # the differences, not the distance from zero
         ax.set_xlim(-0.5, len(names) - 0.5)
         ax.set(ylabel="held-out loss (lower is better), ± 2 s.e.", title=f"Held-out loss (teacher: {teacher})")
+        d = report.get("student_minus_scratch")
+        if d is not None:  # the bars overlap more than the paired comparison does: say what it gives
+            lo, hi = d["ci95"]
+            ax.text(0.02, 0.02, f"student − scratch, paired over the same sequences: {d['eval_loss']:+.4f} "
+                    f"[{lo:+.4f}, {hi:+.4f}] ({d['verdict']})", transform=ax.transAxes, fontsize=8)
         ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
         fig.savefig(out / "comparison.png", dpi=120)

@@ -112,7 +112,8 @@ class Tokenizer(abc.ABC):
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
-            raise ValueError(f"{type(self).__name__}.decode: ids must be in [0, {self.vocab_size}), got {bad[:5]}")
+            raise ValueError(f"{type(self).__name__}.decode: ids: expected a value in [0, {self.vocab_size}), got "
+                             f"{bad[:5]}")
         return ids
 
     def __repr__(self) -> str:
@@ -163,7 +164,7 @@ class BPETokenizer(Tokenizer):
         self._special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
         for key, i in (("bos_id", bos_id), ("eos_id", eos_id), ("pad_id", pad_id)):
             if i is not None and not 0 <= i < self._vocab_size:
-                raise ValueError(f"BPETokenizer: {key} must be in [0, {self._vocab_size}) or None, got {i}")
+                raise ValueError(f"BPETokenizer: {key}: expected a value in [0, {self._vocab_size}) or None, got {i}")
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
 
     @classmethod
@@ -172,10 +173,10 @@ class BPETokenizer(Tokenizer):
         seen `min_frequency` times). The same texts and arguments give the same vocabulary and merges."""
         floor = 256 + len(SPECIAL_TOKENS)
         if not isinstance(vocab_size, int) or vocab_size < floor:
-            raise ValueError(f"BPETokenizer.train: vocab_size must be an int >= {floor} (3 special tokens + 256 "
+            raise ValueError(f"BPETokenizer.train: vocab_size: expected an int >= {floor} (3 special tokens + 256 "
                              f"bytes), got {vocab_size!r}")
         if not isinstance(min_frequency, int) or min_frequency < 1:
-            raise ValueError(f"BPETokenizer.train: min_frequency must be an int >= 1, got {min_frequency!r}")
+            raise ValueError(f"BPETokenizer.train: min_frequency: expected an int >= 1, got {min_frequency!r}")
         texts = _check_texts(texts, "BPETokenizer.train")
         if not any(texts):
             raise ValueError("BPETokenizer.train: expected at least one non-empty text")

@@ -71,8 +71,16 @@ def test_train_writes_a_model_metrics_and_checkpoint(trained, capsys):
     assert (model_dir / "model.safetensors").is_file() and (model_dir / "tokenizer.json").is_file()
     rows = [json.loads(x) for x in (trained / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
-    assert (trained / "checkpoints" / "step_00000003" / "manifest.json").is_file()
     assert (trained / "config.toml").is_file()
+    # finished: the model and done.json stay, the checkpoints (weights + twice as much optimizer state) go
+    assert json.loads((trained / "done.json").read_text())["steps"] == 3 and not (trained / "checkpoints").exists()
+
+
+def test_resume_of_a_finished_run_loads_it(trained, capsys):
+    before = (trained / "model" / "model.safetensors").read_bytes()
+    assert main(["train", "--out", str(trained), "--resume", "--train.steps", "3", *FAST]) == 0
+    assert "finished earlier (3 steps)" in capsys.readouterr().err
+    assert (trained / "model" / "model.safetensors").read_bytes() == before
 
 
 def test_eval_generate_convert(trained, tmp_path, capsys):

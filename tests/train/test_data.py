@@ -111,8 +111,8 @@ def test_split_single_document_fallbacks():
 
 
 @pytest.mark.parametrize("docs, fraction, match", [
-    (["a", "b"], 0.0, r"heldout_fraction must be in \(0, 1\)"),
-    (["a", "b"], 1.0, r"heldout_fraction must be in \(0, 1\)"),
+    (["a", "b"], 0.0, r"heldout_fraction: expected a value in \(0, 1\)"),
+    (["a", "b"], 1.0, r"heldout_fraction: expected a value in \(0, 1\)"),
     ([], 0.1, "at least one document"),
     (["a"], 0.5, "cannot be cut into two non-empty parts"),
     (["  a \n\n"], 0.5, "cannot be cut"),
@@ -145,7 +145,7 @@ def test_pack_with_bpe():
 def test_pack_errors(tmp_path):
     with pytest.raises(ValueError, match=r"has 11 tokens but one sequence needs seq_len = 12"):
         pack(["hello", "world"], ByteTokenizer(), 12)
-    with pytest.raises(ValueError, match="seq_len must be an int >= 2"):
+    with pytest.raises(ValueError, match="seq_len: expected an int >= 2"):
         pack(["hello"], ByteTokenizer(), 1)
     with pytest.raises(ValueError, match="at least one document"):
         pack([], ByteTokenizer(), 4)
@@ -235,8 +235,8 @@ def test_batches_state_refused():
 
 
 @pytest.mark.parametrize("data, batch_size, match", [
-    (tokens(4), 5, r"batch_size must be an int in \[1, N = 4\]"),
-    (tokens(4), 0, r"batch_size must be an int in \[1, N = 4\]"),
+    (tokens(4), 5, r"batch_size: expected an int in \[1, N = 4\]"),
+    (tokens(4), 0, r"batch_size: expected an int in \[1, N = 4\]"),
     (tokens(4).float(), 2, r"integer tensor \[N, T\], got torch.float32"),
     (torch.arange(8), 2, r"integer tensor \[N, T\], got torch.int64 \(8,\)"),
     ([[1, 2]], 1, r"integer tensor \[N, T\], got list"),

@@ -176,9 +176,9 @@ def test_load_errors(tmp_path):
 
 
 def test_train_and_codec_errors(bpe):
-    with pytest.raises(ValueError, match="vocab_size must be an int >= 259"):
+    with pytest.raises(ValueError, match="vocab_size: expected an int >= 259"):
         BPETokenizer.train(["abc"], 258)
-    with pytest.raises(ValueError, match="min_frequency must be an int >= 1"):
+    with pytest.raises(ValueError, match="min_frequency: expected an int >= 1"):
         BPETokenizer.train(["abc"], 300, min_frequency=0)
     with pytest.raises(ValueError, match="at least one non-empty text"):
         BPETokenizer.train(["", ""], 300)
@@ -189,9 +189,9 @@ def test_train_and_codec_errors(bpe):
             tok.encode(b"bytes")
         with pytest.raises(TypeError, match="expected str"):
             tok.encode_batch(["ok", 3])
-        with pytest.raises(ValueError, match=rf"ids must be in \[0, {tok.vocab_size}\)"):
+        with pytest.raises(ValueError, match=rf"ids: expected a value in \[0, {tok.vocab_size}\)"):
             tok.decode([5, tok.vocab_size])
-        with pytest.raises(ValueError, match="ids must be in"):
+        with pytest.raises(ValueError, match="ids: expected a value in"):
             tok.decode([-1])
-    with pytest.raises(ValueError, match="eos_id must be in"):
+    with pytest.raises(ValueError, match="eos_id: expected a value in"):
         BPETokenizer(bpe.to_hf(), bos_id=0, eos_id=99999)

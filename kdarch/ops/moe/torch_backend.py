@@ -148,7 +148,7 @@ def moe_ffn_torch(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI
     "grouped_mm" or "padded_bmm" (for tests and benchmarks).
     """
     if impl not in ("auto", "grouped_mm", "padded_bmm"):
-        raise ValueError(f"impl must be 'auto', 'grouped_mm' or 'padded_bmm', got {impl!r}")
+        raise ValueError(f"impl: expected 'auto', 'grouped_mm' or 'padded_bmm', got {impl!r}")
     T, K = topk_ids_TK.shape
     E = w_gate_up_E2IH.shape[0]
     counts_E, offsets_E1, sorted_idx_M, inv_idx_M = routing_metadata(topk_ids_TK, E)
