@@ -126,10 +126,16 @@ def cmd_distill(args) -> int:
     return 0
 
 
-def _load_model_and_tokenizer(path):
+def _device(args):
+    from kdarch.train.device import check_device, resolve_device
+    check_device(args.device, "--device")
+    return resolve_device(args.device)
+
+
+def _load_model_and_tokenizer(path, device):
     from kdarch.pretrained import from_pretrained
     from kdarch.train.tokenizer import ByteTokenizer, load_tokenizer
-    model = from_pretrained(path).eval()
+    model = from_pretrained(path, device=device).eval()
     try:
         tok = load_tokenizer(path)
     except (FileNotFoundError, ValueError):  # a byte-level model needs no file; any other one does
@@ -157,7 +163,7 @@ def cmd_eval(args) -> int:
     run = load_run_config(config, overrides_from_args(args))
     print(f"kdarch eval: {'data settings from ' + str(config) if config else 'default data settings'}",
           file=sys.stderr)
-    model, tok = _load_model_and_tokenizer(args.model)
+    model, tok = _load_model_and_tokenizer(args.model, _device(args))
     if tok is None:
         raise FileNotFoundError(f"--model: expected a model directory with its tokenizer.json (kdarch models saved "
                                 f"by the train script carry theirs), got {args.model}, which has none")
@@ -168,8 +174,8 @@ def cmd_eval(args) -> int:
     n = run.train.eval_sequences
     top1 = None
     if args.teacher:
-        teacher = load_teacher(args.teacher, student_vocab_size=model.config.vocab_size,
-                               student_fingerprint=tok.fingerprint)
+        teacher = load_teacher(args.teacher, device=model.embed.weight.device,
+                               student_vocab_size=model.config.vocab_size, student_fingerprint=tok.fingerprint)
         table = teacher_top1(teacher, ids_NT, n)
         top1 = lambda idx, ids: table[idx]  # noqa: E731
     row = evaluate_lm(model, ids_NT, max_sequences=n, teacher_top1=top1)
@@ -179,7 +185,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    model, tok = _load_model_and_tokenizer(args.model)
+    model, tok = _load_model_and_tokenizer(args.model, _device(args))
     if tok is None:
         raise FileNotFoundError(f"--model: expected a model directory with its tokenizer.json, got {args.model}, "
                                 f"which has none")
@@ -234,7 +240,7 @@ def cmd_cache_teacher(args) -> int:
     out, tdir = Path(args.out), Path(args.teacher)
     with tempfile.TemporaryDirectory() as scratch:
         data = prepare_data(run, Path(scratch), tokenizer_dir=tdir, log=log_to_stderr)
-    teacher = load_teacher(tdir, dtype=getattr(torch, run.distill.teacher_dtype),
+    teacher = load_teacher(tdir, dtype=getattr(torch, run.distill.teacher_dtype), device=_device(args),
                            student_vocab_size=data.tokenizer.vocab_size, student_fingerprint=data.tokenizer.fingerprint)
     t0 = time.perf_counter()
     write_logit_cache(teacher, data.train_NT, out, k=args.k, dtype=args.dtype, shard_size=args.shard_size,
@@ -248,6 +254,9 @@ def cmd_cache_teacher(args) -> int:
                       "bytes_per_token": cache.bytes_per_token, "seconds": time.perf_counter() - t0}, indent=2))
     print(f"distill from it with: kdarch distill --distill.teacher {out} (same [data] settings)")
     return 0
+
+
+DEVICE_HELP = 'where the model runs: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N"'
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -290,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", choices=("heldout", "all"), default="heldout",
                     help="evaluate the held-out split the train script made (same fraction and seed), or everything")
     ev.add_argument("--teacher", metavar="DIR", help="teacher directory for top-1 agreement")
+    ev.add_argument("--device", default="auto", help=DEVICE_HELP)
     add_config_flags(ev, ("data", "train.eval_sequences"))
     ev.set_defaults(fn=cmd_eval)
 
@@ -302,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
     ge.add_argument("--seed", type=int, default=0, help="sampling seed")
     ge.add_argument("--speculative", action="store_true", help="greedy decoding with the MTP modules drafting")
+    ge.add_argument("--device", default="auto", help=DEVICE_HELP)
     ge.set_defaults(fn=cmd_generate)
 
     co = sub.add_parser("convert", help="convert a model directory between kdarch and Hugging Face DeepseekV3")
@@ -322,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="stored log-prob dtype")
     ca.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="sequences per shard file")
     ca.add_argument("--batch-size", type=int, default=8, help="teacher batch size")
+    ca.add_argument("--device", default="auto", help=DEVICE_HELP + " (the teacher's)")
     add_config_flags(ca, ("data", "distill"))
     ca.set_defaults(fn=cmd_cache_teacher)
 

@@ -69,7 +69,9 @@ class MoE(nn.Module):
         topk_ids_NK, weights_NK, scores_NE = self.gate(x_ND)
         if self.training:
             with torch.no_grad():
-                self.tokens_per_expert += torch.bincount(topk_ids_NK.flatten(), minlength=self.n_experts)
+                ids_M = topk_ids_NK.flatten()  # a fixed-size scatter: no host sync (bincount needs one on CUDA)
+                ones_M = torch.ones_like(ids_M, dtype=self.tokens_per_expert.dtype)
+                self.tokens_per_expert.scatter_add_(0, ids_M, ones_M)
         y_ND = ops.moe_ffn(x_ND, topk_ids_NK, weights_NK, self.w_gate_up, self.w_down, fp8=self.fp8)
         if self.shared is not None:
             y_ND = y_ND + self.shared(x_ND)
@@ -91,7 +93,7 @@ class MoE(nn.Module):
     def update_bias(self) -> torch.Tensor:
         """Aux-loss-free balancing step; returns the per-expert load fraction it acted on, then resets it."""
         load_E = self.tokens_per_expert.clone()
-        if load_E.sum() > 0 and self.bias_update_speed > 0:
+        if self.bias_update_speed > 0:  # no load (a skipped step): sign(0 - 0) = 0, no move; no host read
             self.gate.bias += self.bias_update_speed * torch.sign(load_E.mean() - load_E)
         self.tokens_per_expert.zero_()
         return load_E / load_E.sum().clamp_min(1)

@@ -34,13 +34,13 @@ def _chunked_loss_and_grads(h_ND, w_VD, labels_N, ignore_index: int, chunk: int,
                 else logits_out[s:s + chunk].copy_(h_CD @ w_VD.T)
         else:
             logits_CV = (h_CD @ w_VD.T).float()
-        probs_CV = logits_CV.softmax(dim=-1)
-        p_y_C = probs_CV.gather(1, y_C1).squeeze(1)
-        nll_C = -p_y_C.log()
-        tiny_C = p_y_C < 1e-30  # log of an underflowed probability: recompute those rows exactly
-        if tiny_C.any():
-            rows = tiny_C.nonzero().squeeze(1)
-            nll_C[rows] = logits_CV[rows].logsumexp(dim=-1) - logits_CV[rows].gather(1, y_C1[rows]).squeeze(1)
+        # one exp pass gives both the softmax and, exactly, log-sum-exp: nll = lse - logit_y never takes the log of
+        # an underflowed probability, and nothing here depends on the values (no host sync, fixed shapes)
+        m_C1 = logits_CV.amax(dim=-1, keepdim=True)
+        probs_CV = (logits_CV - m_C1).exp_()
+        z_C1 = probs_CV.sum(dim=-1, keepdim=True)
+        probs_CV.div_(z_C1)
+        nll_C = (m_C1 + z_C1.log() - logits_CV.gather(1, y_C1)).squeeze(1)
         loss += (nll_C * valid_C).sum()
         if want_gh or want_gw:
             scale_C1 = (valid_C * inv_n)[:, None]

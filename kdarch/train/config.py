@@ -22,6 +22,7 @@ from kdarch.distill.relations import KINDS as RELATION_KINDS
 from kdarch.distill.relations import OVER as RELATION_OVER
 from kdarch.distill.relations import SOURCES as RELATION_SOURCES
 from kdarch.distill.schedules import KDSchedule
+from kdarch.train.device import DEVICE_SPEC
 
 try:
     import tomllib
@@ -122,6 +123,9 @@ class TrainSection:
     """AdamW beta2."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0: no clipping)."""
+    device: str = "auto"
+    """Where the models train: "auto" (the first CUDA device when there is one, else the CPU), "cpu", "cuda" or
+    "cuda:N"."""
     dtype: str = "float32"
     """Compute dtype: "float32", or "bfloat16" autocast (weights and optimizer stay fp32). FP8 is a model
     field (model.fp8 = true)."""
@@ -163,6 +167,8 @@ class TrainSection:
         for name in ("beta1", "beta2"):
             require(0 <= getattr(self, name) < 1, f"train.{name}", "a number in [0, 1)", getattr(self, name))
         choice_arg("train.dtype", self.dtype, DTYPES, error=ConfigError)
+        require(DEVICE_SPEC.fullmatch(self.device) is not None, "train.device", '"auto", "cpu", "cuda" or "cuda:N"',
+                self.device)
 
     @property
     def checkpoint_interval(self) -> int:
@@ -178,6 +184,8 @@ class DistillSection:
     (kdarch cache-teacher). Empty with `kdarch distill`: train a teacher first ([teacher] table)."""
     teacher_dtype: str = "float32"
     """dtype of a Hugging Face teacher's forward pass ("float32" or "bfloat16")."""
+    teacher_device: str = ""
+    """Where the teacher runs ("cpu", "cuda", "cuda:N", "auto"); empty: the student's train.device."""
     kind: str = "forward_kl"
     """Soft-label divergence: forward_kl, reverse_kl, jsd or tvd."""
     alpha: str = "constant:0.5"
@@ -210,6 +218,9 @@ class DistillSection:
     def __post_init__(self):
         check_field_types(self, "distill")
         choice_arg("distill.teacher_dtype", self.teacher_dtype, DTYPES, error=ConfigError)
+        require(self.teacher_device == "" or DEVICE_SPEC.fullmatch(self.teacher_device) is not None,
+                "distill.teacher_device", '"" (the student\'s device), "auto", "cpu", "cuda" or "cuda:N"',
+                self.teacher_device)
         choice_arg("distill.kind", self.kind, KD_KINDS, error=ConfigError)
         for name in ("alpha", "temperature"):  # parsed here, so a typo fails before any work
             try:

@@ -3,15 +3,12 @@
 The three models of a distillation report (teacher, distilled student, scratch student) are measured the same
 way here, so their rows compare: next-token cross-entropy over every position of the held-out sequences
 (mean over tokens, perplexity = exp of it), the fraction of those positions where the model's argmax equals
-the teacher's, greedy generation throughput on the latent KV cache, and the peak resident memory of the
-process while a stage runs (sampled from /proc, since CPU tensors are invisible to the CUDA allocator
-statistics and ru_maxrss never goes down).
+the teacher's, and greedy generation throughput on the latent KV cache, each on the model's own device (peak
+memory is measured in `kdarch.train.device`).
 """
 from __future__ import annotations
 
 import math
-import os
-import threading
 import time
 from collections.abc import Callable
 
@@ -37,7 +34,8 @@ def _logits(model, ids_BT: torch.Tensor) -> torch.Tensor:
         if not isinstance(signal, torch.Tensor):
             raise ValueError(f"evaluate_lm: {model.name} gives top-k log-probs, not logits; it cannot be scored")
         return signal
-    return model(ids_BT).logits
+    param = next(model.parameters(), None)
+    return model(ids_BT.to(param.device) if param is not None else ids_BT).logits.cpu()
 
 
 @torch.no_grad()
@@ -84,32 +82,3 @@ def generation_speed(model, prompts: list[list[int]], new_tokens: int = 64) -> d
     dt = time.perf_counter() - t0
     n = sum(len(o) for o in out)
     return {"generate_tokens_per_s": n / dt, "generate_batch": len(prompts), "generate_new_tokens": new_tokens}
-
-
-def _rss_mb() -> float:
-    with open(f"/proc/{os.getpid()}/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-class PeakMemory:
-    """Peak resident set size (MiB) of this process while the `with` block runs, sampled every 10 ms."""
-
-    def __init__(self, interval: float = 0.01):
-        self.interval, self.peak_mb = interval, 0.0
-        self._stop = threading.Event()
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak_mb = max(self.peak_mb, _rss_mb())
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> PeakMemory:
-        self.peak_mb = _rss_mb()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak_mb = max(self.peak_mb, _rss_mb())

@@ -9,8 +9,12 @@ get the same optimiser, schedule, accumulation, bias update, logging, checkpoint
   weighted n_i / sum(n), so the update equals one big batch's whatever the padding / masking.
 - After each optimizer step the MoE router biases are nudged (aux-loss-free balancing) and the measured
   expert load is logged (max load / mean load, 1.0 = perfectly balanced).
-- A non-finite loss, gradient norm or teacher signal skips the step (no update, warning, counter); more
-  than `max_bad_steps` of them stop the run with an error.
+- A non-finite loss or gradient norm (a NaN teacher signal makes both) skips the step (no update, warning,
+  counter); more than `max_bad_steps` of them stop the run with an error.
+- Devices (`train.device`, `kdarch.train.device`): model, objective modules and optimizer state on the device,
+  batches copied from pinned memory without blocking, bf16 autocast on the device's type. The step reads
+  nothing back from the device; the loop reads the loss and gradient norm once per step, and the logged
+  metrics at logging steps.
 - Checkpoints (weights, optimiser, scheduler, data position, objective and RNG state) every
   `checkpoint_every` steps, at the end (only that one is kept once the stage is done) and on Ctrl-C / SIGTERM
   (`kdarch.train.interrupt`); `resume=True` continues from the newest intact one (a corrupt newer one is
@@ -19,22 +23,17 @@ get the same optimiser, schedule, accumulation, bias update, logging, checkpoint
 """
 from __future__ import annotations
 
-import csv
-import json
 import math
-import os
 import random
 import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from kdarch.train.checkpoint import (
     CorruptCheckpointError,
@@ -45,72 +44,14 @@ from kdarch.train.checkpoint import (
 )
 from kdarch.train.config import TrainSection
 from kdarch.train.data import Batches
+from kdarch.train.device import autocast, resolve_device, to_device
 from kdarch.train.interrupt import Interrupted, stop_on_signal
+from kdarch.train.metrics import MetricsLog, Progress, expert_imbalance, warn_if_oversubscribed
+from kdarch.train.objective import LMObjective, Objective
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (too many non-finite steps, unusable data)."""
-
-
-class NonFiniteError(ValueError):
-    """Raised by an objective when its inputs (e.g. teacher logits) are NaN/inf: the step is skipped."""
-
-
-@dataclass
-class StepLoss:
-    loss: torch.Tensor
-    """Scalar to minimise: the mean over this micro-batch's target tokens."""
-    metrics: dict[str, float] = field(default_factory=dict)
-    """Values to log (their token-weighted mean over micro-batches is reported)."""
-
-
-class Objective(Protocol):
-    modules: dict[str, nn.Module]
-    """Extra trainable modules (e.g. feature-KD projectors): optimised and checkpointed with the model."""
-
-    def __call__(self, model: nn.Module, indices_B: torch.Tensor, ids_BT: torch.Tensor,
-                 progress: float) -> StepLoss: ...
-
-    def target_tokens(self, ids_BT: torch.Tensor) -> int: ...
-
-    def state_dict(self) -> dict: ...
-
-    def load_state_dict(self, state: dict) -> None: ...
-
-
-def labels_for(ids_BT: torch.Tensor, pad_id: int | None) -> torch.Tensor:
-    """The labels of a batch (HF convention: the ids, shifted inside the model), padding ignored (-100)."""
-    return ids_BT if pad_id is None else ids_BT.masked_fill(ids_BT == pad_id, -100)
-
-
-def count_targets(ids_BT: torch.Tensor, pad_id: int | None) -> int:
-    """Next-token targets of a batch: every position but the first, minus padding."""
-    return int((labels_for(ids_BT, pad_id)[:, 1:] != -100).sum())
-
-
-class LMObjective:
-    """Next-token cross-entropy + the model's MTP and balance losses (training a teacher or a scratch student).
-    pad_id: a token id that only pads rows (one document per row) and is never a target."""
-    modules: dict[str, nn.Module] = {}
-
-    def __init__(self, pad_id: int | None = None):
-        self.pad_id = pad_id
-
-    def __call__(self, model, indices_B, ids_BT, progress):
-        out = model(ids_BT, labels=labels_for(ids_BT, self.pad_id), return_logits=False)
-        metrics = {"lm_loss": out.lm_loss.item()}
-        if out.mtp_loss is not None:
-            metrics["mtp_loss"] = out.mtp_loss.item()
-        return StepLoss(out.loss, metrics)
-
-    def target_tokens(self, ids_BT):
-        return count_targets(ids_BT, self.pad_id)
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
 
 
 def set_seed(seed: int) -> None:
@@ -139,64 +80,6 @@ def build_optimizer(params: list[tuple[str, nn.Parameter]], cfg: TrainSection):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
 
 
-class MetricsLog:
-    """metrics.jsonl (appended live), metrics.csv (rewritten at the end) and TensorBoard when installed."""
-
-    def __init__(self, run_dir: Path, resume_step: int | None):
-        self.path = run_dir / "metrics.jsonl"
-        self.rows = []
-        if resume_step is not None and self.path.exists():
-            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-            self.rows = [r for r in rows if r["step"] <= resume_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
-        self.tb = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-        except Exception:  # tensorboard not installed: JSONL/CSV only
-            pass
-
-    def write(self, row: dict) -> None:
-        self.rows.append(row)
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, row["step"])
-
-    def close(self) -> None:
-        keys = list(dict.fromkeys(k for r in self.rows for k in r))
-        with (self.path.with_suffix(".csv")).open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(self.rows)
-        if self.tb is not None:
-            self.tb.close()
-
-
-class Progress:
-    """The stage's progress bar on stderr (tqdm): step, loss and tokens/s. On a terminal it redraws in place;
-    in a log file (not a TTY) it writes a line at most every `log_interval` seconds."""
-
-    def __init__(self, name: str, total: int, enabled: bool, start: int = 0, log_interval: float = 10.0):
-        tty = sys.stderr.isatty()
-        self.bar = tqdm(total=total, initial=start, desc=name, unit="step", file=sys.stderr, disable=not enabled,
-                        dynamic_ncols=tty, mininterval=0.1 if tty else log_interval, ascii=not tty)
-
-    def update(self, loss: float, tokens_per_s: float) -> None:
-        self.bar.set_postfix_str(f"loss {loss:.3f}, {tokens_per_s:,.0f} tok/s", refresh=False)
-        self.bar.update(1)
-
-    def note(self, text: str) -> bool:
-        """A line of text above the bar (or on stderr when the bar is off); returns True."""
-        self.bar.write(text, file=sys.stderr)
-        return True
-
-    def close(self) -> None:
-        self.bar.close()
-
-
 @dataclass
 class StageResult:
     rows: list[dict]
@@ -208,28 +91,6 @@ class StageResult:
     """Wall time of this process's part of the run (excludes a killed run's part before resumption)."""
     bad_steps: int
     checkpoint: Path | None
-
-
-def expert_imbalance(loads: dict[str, torch.Tensor]) -> float | None:
-    """Max over MoE layers of (max expert load / mean expert load): 1.0 when perfectly balanced."""
-    vals = [float(lo.max() * lo.numel()) for lo in loads.values() if lo.sum() > 0]
-    return max(vals) if vals else None
-
-
-_LOAD_WARNED = False
-
-
-def warn_if_oversubscribed(threads: int) -> None:
-    """Warn once per process when other work shares the cores (1-minute load average well above them): runs
-    then slow down many times over, with nothing else to say why."""
-    global _LOAD_WARNED
-    cpus = os.cpu_count() or 1
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if not _LOAD_WARNED and load > 1.5 * cpus + 0.5:
-        _LOAD_WARNED = True
-        warnings.warn(f"the machine is oversubscribed: load average {load:.1f} on {cpus} cores, training with "
-                      f"{threads} threads; other jobs share the cores and this run will be several times slower "
-                      f"(run one job at a time, or give each fewer threads with --train.threads)", stacklevel=3)
 
 
 def _newest_intact(run_dir: Path, name: str, **objects):
@@ -248,12 +109,25 @@ def _newest_intact(run_dir: Path, name: str, **objects):
     return None, None
 
 
+def _accumulate(sums: dict, metrics: dict, weight: float) -> None:
+    for k, v in metrics.items():
+        sums[k] = sums.get(k, 0.0) + (v.detach().float() if isinstance(v, torch.Tensor) else v) * weight
+
+
+def _on_host(values: dict) -> dict[str, float]:
+    """The logged values as floats: one device read for all of them."""
+    keys = [k for k, v in values.items() if isinstance(v, torch.Tensor)]
+    read = torch.stack([values[k].reshape(()).float() for k in keys]).tolist() if keys else []
+    return {**values, **dict(zip(keys, read))}
+
+
 def train(model: nn.Module, cfg: TrainSection, train_NT: torch.Tensor, run_dir: str | Path, *,
           objective: Objective | None = None, resume: bool = False, name: str = "train",
           evaluate: Callable[[], dict] | None = None) -> StageResult:
-    """Train `model` on the packed sequences `train_NT` for `cfg.steps` optimizer steps, writing metrics and
-    checkpoints under `run_dir`. `evaluate()` (optional) is called every `cfg.eval_every` steps and its
-    values are logged with the step."""
+    """Train `model` on the packed sequences `train_NT` for `cfg.steps` optimizer steps on `cfg.device`, writing
+    metrics and checkpoints under `run_dir`. `evaluate()` (optional) is called every `cfg.eval_every` steps and
+    its values are logged with the step. The step itself (forward, loss, backward) reads nothing back from the
+    device; the loop does once per step, to skip a non-finite one, and at logging steps."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     objective = objective or LMObjective()
@@ -261,6 +135,10 @@ def train(model: nn.Module, cfg: TrainSection, train_NT: torch.Tensor, run_dir: 
         torch.set_num_threads(cfg.threads)
     torch.use_deterministic_algorithms(cfg.deterministic)
     set_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    model.to(device)
+    for m in objective.modules.values():
+        m.to(device)
     params = list(model.named_parameters()) + [(f"{k}.{n}", p) for k, m in objective.modules.items()
                                                for n, p in m.named_parameters()]
     opt, sched = build_optimizer(params, cfg)
@@ -276,44 +154,35 @@ def train(model: nn.Module, cfg: TrainSection, train_NT: torch.Tensor, run_dir: 
         print(f"{name}: resumed from {ckpt} (step {start})", file=sys.stderr)
     log = MetricsLog(run_dir, start if ckpt is not None else None)
     progress = Progress(name, cfg.steps, cfg.progress, start)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+    amp = autocast(device, cfg.dtype, fp8=bool(getattr(getattr(model, "config", None), "fp8", False)))
     model.train()
     t0, tokens_at_t0, last, ckpt_noted = time.perf_counter(), tokens, None, False
     with stop_on_signal() as stop:
         for step in range(start + 1, cfg.steps + 1):
             micro = [next(batches) for _ in range(cfg.grad_accum)]
-            counts = [objective.target_tokens(ids) for _, ids in micro]
+            counts = [objective.target_tokens(ids) for _, ids in micro]  # host batches: no device read
             total = sum(counts)
             if total == 0:
                 raise TrainingError(f"{name}: step {step} has no target tokens (every label is ignored)")
             opt.zero_grad(set_to_none=True)
-            sums: dict[str, float] = {}
-            loss_value, ok = 0.0, True
+            sums: dict = {}
+            loss_sum = torch.zeros((), device=device)
             for (idx, ids), n in zip(micro, counts):
-                try:
-                    with autocast:
-                        res = objective(model, idx, ids, (step - 1) / cfg.steps)
-                except NonFiniteError as e:
-                    ok, reason = False, str(e)
-                    break
-                if not torch.isfinite(res.loss):
-                    ok, reason = False, f"non-finite loss {res.loss.item()}"
-                    break
+                with amp:
+                    res = objective(model, idx, to_device(ids, device), (step - 1) / cfg.steps)
                 (res.loss * (n / total)).backward()
-                loss_value += res.loss.item() * n / total
-                for k, v in res.metrics.items():
-                    sums[k] = sums.get(k, 0.0) + v * n / total
+                loss_sum += res.loss.detach().float() * (n / total)
+                _accumulate(sums, res.metrics, n / total)
                 tokens += ids.numel()
-            if ok:
-                grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.grad_clip or float("inf"))
-                if not torch.isfinite(grad_norm):
-                    ok, reason = False, f"non-finite gradient norm {grad_norm.item()}"
-            if not ok:
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.grad_clip or float("inf"))
+            loss_value, grad_value = torch.stack([loss_sum, grad_norm.float()]).tolist()  # the step's one read
+            if not (math.isfinite(loss_value) and math.isfinite(grad_value)):
                 bad_steps += 1
                 opt.zero_grad(set_to_none=True)
                 for moe in getattr(model, "moe_layers", lambda: [])():
                     moe.tokens_per_expert.zero_()
-                warnings.warn(f"{name}: step {step} skipped ({reason}); {bad_steps} skipped so far", stacklevel=2)
+                warnings.warn(f"{name}: step {step} skipped (non-finite loss {loss_value} or gradient norm "
+                              f"{grad_value}); {bad_steps} skipped so far", stacklevel=2)
                 if bad_steps > cfg.max_bad_steps:
                     raise TrainingError(f"{name}: {bad_steps} steps skipped for non-finite values (train.max_bad_steps="
                                         f"{cfg.max_bad_steps}); lower train.lr or check the data / teacher")
@@ -326,9 +195,8 @@ def train(model: nn.Module, cfg: TrainSection, train_NT: torch.Tensor, run_dir: 
             rate = (tokens - tokens_at_t0) / max(time.perf_counter() - t0, 1e-9)
             eval_now = evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0
             if step % cfg.log_every == 0 or step == cfg.steps or step == start + 1 or eval_now:
-                row = {"step": step, "loss": loss_value, **sums, "lr": opt.param_groups[0]["lr"],
-                       "grad_norm": float(grad_norm), "tokens": tokens, "tokens_per_s": rate,
-                       "skipped_steps": bad_steps}
+                row = {"step": step, "loss": loss_value, **_on_host(sums), "lr": opt.param_groups[0]["lr"],
+                       "grad_norm": grad_value, "tokens": tokens, "tokens_per_s": rate, "skipped_steps": bad_steps}
                 imbalance = expert_imbalance(loads)
                 if imbalance is not None:
                     row["expert_load_max_over_mean"] = imbalance

@@ -1,16 +1,25 @@
-"""The distillation objective of the train script: one teacher pass, one student pass, every configured loss.
+"""The objectives of the train script: what one micro-batch's loss is, for language modelling and distillation.
+
+An objective never reads a value back from the device: its loss and metrics stay tensors, so a training step
+(forward, loss, backward) runs without a host sync; the loop reads them once per step (the finiteness check)
+and at logging steps. The one exception is an adaptive α, which needs this step's soft divergence on the host
+to pick the next step's α.
+
+The distillation objective: one teacher pass, one student pass, every configured loss.
 
 Per micro-batch: the teacher's signal for the batch (dense logits, its top-k, or cache rows), then the
 student's hidden states only — no [tokens x vocab] student logits — through the fused head for the main
 head and each MTP depth (`multi_token_kd_loss`, α·soft + (1 − α)·hard with α and T from the schedule), plus
 optional feature KD (learned projectors, trained and checkpointed with the student) and relation KD (on the
 last hidden states or, with `distill.relation_source = "mla"`, on the MLA latents the KV cache stores, captured
-from both models by forward hooks), plus the model's own balance loss. A NaN/inf in the teacher's
-signal raises NonFiniteError, which the loop turns into a skipped step.
+from both models by forward hooks), plus the model's own balance loss. A NaN/inf in the teacher's signal
+makes the loss non-finite, and the loop skips that step.
 """
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -22,13 +31,64 @@ from kdarch.distill.schedules import KDSchedule
 from kdarch.distill.teacher_signal import TopKTeacher
 from kdarch.distill.teachers import ModelTeacher, Teacher
 from kdarch.train.config import DistillSection
-from kdarch.train.loop import NonFiniteError, StepLoss, count_targets, labels_for
 
 
-def _finite(signal) -> bool:
-    if isinstance(signal, TopKTeacher):
-        return bool(torch.isfinite(signal.values).all())
-    return not bool(torch.isnan(signal).any() or torch.isposinf(signal).any())  # -inf = masked padding rows
+@dataclass
+class StepLoss:
+    loss: torch.Tensor
+    """Scalar to minimise: the mean over this micro-batch's target tokens."""
+    metrics: dict[str, torch.Tensor | float] = field(default_factory=dict)
+    """Values to log, as detached 0-dim tensors (read from the device only at logging steps) or floats; their
+    token-weighted mean over micro-batches is reported."""
+
+
+class Objective(Protocol):
+    modules: dict[str, nn.Module]
+    """Extra trainable modules (e.g. feature-KD projectors): optimised and checkpointed with the model."""
+
+    def __call__(self, model: nn.Module, indices_B: torch.Tensor, ids_BT: torch.Tensor,
+                 progress: float) -> StepLoss: ...
+
+    def target_tokens(self, ids_BT: torch.Tensor) -> int: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def labels_for(ids_BT: torch.Tensor, pad_id: int | None) -> torch.Tensor:
+    """The labels of a batch (HF convention: the ids, shifted inside the model), padding ignored (-100)."""
+    return ids_BT if pad_id is None else ids_BT.masked_fill(ids_BT == pad_id, -100)
+
+
+def count_targets(ids_BT: torch.Tensor, pad_id: int | None) -> int:
+    """Next-token targets of a batch: every position but the first, minus padding."""
+    return int((labels_for(ids_BT, pad_id)[:, 1:] != -100).sum())
+
+
+class LMObjective:
+    """Next-token cross-entropy + the model's MTP and balance losses (training a teacher or a scratch student).
+    pad_id: a token id that only pads rows (one document per row) and is never a target."""
+    modules: dict[str, nn.Module] = {}
+
+    def __init__(self, pad_id: int | None = None):
+        self.pad_id = pad_id
+
+    def __call__(self, model, indices_B, ids_BT, progress):
+        out = model(ids_BT, labels=labels_for(ids_BT, self.pad_id), return_logits=False)
+        metrics = {"lm_loss": out.lm_loss.detach()}
+        if out.mtp_loss is not None:
+            metrics["mtp_loss"] = out.mtp_loss.detach()
+        return StepLoss(out.loss, metrics)
+
+    def target_tokens(self, ids_BT):
+        return count_targets(ids_BT, self.pad_id)
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
 
 
 class DistillObjective:
@@ -70,8 +130,6 @@ class DistillObjective:
         with capture_mla_latents(self.teacher.model) if latents else nullcontext() as t_latents:
             t_out = self.teacher(ids_BT, indices_B, hidden_states=need_hidden)
         signal = t_out.signal
-        if not _finite(signal):
-            raise NonFiniteError("the teacher's signal has NaN/inf values")
         if cfg.top_k and not isinstance(signal, TopKTeacher):
             signal = TopKTeacher.from_logits(signal, cfg.top_k)
         step = min(self.total_steps, round(progress * self.total_steps))
@@ -85,25 +143,26 @@ class DistillObjective:
                                   mtp_weight=self.mtp_weight, kind=cfg.kind, temperature=temperature, alpha=alpha,
                                   beta=cfg.beta)
         loss = res.total
-        metrics = {"kd_loss": res.main.total.item(), "alpha": alpha, "temperature": temperature}
+        metrics = {"kd_loss": res.main.total.detach(), "alpha": alpha, "temperature": temperature}
         if res.main.soft is not None:
-            metrics["soft"] = res.main.soft.item()
-            self.schedule.observe(metrics["soft"])
+            metrics["soft"] = res.main.soft.detach()
+            if self.schedule.adaptive:  # the next step's α depends on this value: the one host read
+                self.schedule.observe(metrics["soft"].item())
         if res.main.hard is not None:
-            metrics["hard_ce"] = res.main.hard.item()
+            metrics["hard_ce"] = res.main.hard.detach()
         if res.mtp is not None:
-            metrics["mtp_kd_loss"] = res.mtp.item()
+            metrics["mtp_kd_loss"] = res.mtp.detach()
         if out.balance_loss is not None:
             loss = loss + out.balance_loss
         if cfg.feature_weight > 0:
             feat = self.modules["features"](out.hidden_states, t_out.hidden_states)
             loss = loss + cfg.feature_weight * feat
-            metrics["feature_loss"] = feat.item()
+            metrics["feature_loss"] = feat.detach()
         if cfg.relation_weight > 0:
             rel = (self.relation(s_latents[0], t_latents[0]) if latents
                    else self.relation(out.hidden_states, t_out.hidden_states))
             loss = loss + cfg.relation_weight * rel
-            metrics["relation_loss"] = rel.item()
+            metrics["relation_loss"] = rel.detach()
         return StepLoss(loss, metrics)
 
     def state_dict(self) -> dict:

@@ -33,9 +33,10 @@ from kdarch.pretrained import KDARCH_MODEL_TYPE, from_pretrained, save_pretraine
 from kdarch.train.checkpoint import CHECKPOINTS
 from kdarch.train.config import DataSection, ModelSection, RunConfig, Stage, TrainSection
 from kdarch.train.data import load_documents, pack, split_documents
-from kdarch.train.evaluate import PeakMemory, evaluate_lm, generation_speed
-from kdarch.train.loop import Objective, set_seed, train
-from kdarch.train.objective import DistillObjective
+from kdarch.train.device import PeakMemory, check_device, resolve_device
+from kdarch.train.evaluate import evaluate_lm, generation_speed
+from kdarch.train.loop import set_seed, train
+from kdarch.train.objective import DistillObjective, Objective
 from kdarch.train.report import write_report
 from kdarch.train.tokenizer import BPETokenizer, Tokenizer, load_tokenizer
 
@@ -120,7 +121,7 @@ def run_stage(stage: Stage, data: Data, run_dir: Path, *, objective_for: Callabl
     what = f"distilling from {teacher}" if teacher else "language modelling"
     log(f"[{stage.name}] {model.config.num_params() / 1e6:.2f}M parameters "
         f"({model.config.num_active_params() / 1e6:.2f}M active), {stage.train.steps} steps, {what}")
-    with PeakMemory() as mem:
+    with PeakMemory(resolve_device(stage.train.device)) as mem:
         res = train(model, stage.train, data.train_NT, stage_dir, objective=objective, resume=resume, name=stage.name)
     save_pretrained(model, final)
     data.tokenizer.save(final)
@@ -230,6 +231,7 @@ def _check_data(cfg: DataSection) -> None:
 def check_train(run: RunConfig) -> None:
     """Everything `kdarch train` can know to be wrong before it prepares data or builds a model."""
     _check_data(run.data)
+    check_device(run.train.device, "train.device")
     _check_model(run.model, run.data.seq_len, "model")
 
 
@@ -239,6 +241,11 @@ def check_distill(run: RunConfig) -> tuple[Stage, list[Stage]]:
     dcfg = run.distill
     teacher, students = stages_of(run)
     _check_data(run.data)
+    for where, stage in [("teacher", teacher), *((f"students.{i}", st) for i, st in enumerate(students))]:
+        check_device(stage.train.device, f"{where}.train.device" if stage.train.device != run.train.device
+                     else "train.device")
+    if dcfg.teacher_device:
+        check_device(dcfg.teacher_device, "distill.teacher_device")
     if not dcfg.teacher:
         _check_model(teacher.model, run.data.seq_len, "teacher.model")
     for i, st in enumerate(students):
@@ -298,16 +305,18 @@ def run_distill(run: RunConfig, out: Path, *, resume: bool = False, log=print) -
     the report."""
     t_start = time.perf_counter()
     dcfg, (teacher_stage, students) = run.distill, check_distill(run)
+    teacher_device = resolve_device(dcfg.teacher_device or students[0].train.device)
     n_eval = run.train.eval_sequences
     if dcfg.teacher:
         tdir = Path(dcfg.teacher)
         data = prepare_data(run, out, tokenizer_dir=tdir, log=log)
-        teacher = load_teacher(tdir, dtype=getattr(torch, dcfg.teacher_dtype))
+        teacher = load_teacher(tdir, dtype=getattr(torch, dcfg.teacher_dtype), device=teacher_device)
         teacher_run = None
     else:
         data = prepare_data(run, out, log=log)
         teacher_run = run_stage(teacher_stage, data, out, resume=resume, log=log)
-        teacher = ModelTeacher(teacher_run.model, name=teacher_stage.name, fingerprint=data.tokenizer.fingerprint)
+        teacher = ModelTeacher(teacher_run.model.to(teacher_device), name=teacher_stage.name,
+                               fingerprint=data.tokenizer.fingerprint)
     teacher.align_to(data.tokenizer.vocab_size, student_fingerprint=data.tokenizer.fingerprint)
     if isinstance(teacher, CachedTeacher):
         check_cache_matches(teacher.cache, data.train_NT)

@@ -24,8 +24,7 @@ from kdarch.checks import ConfigError
 from kdarch.distill.teachers import ModelTeacher
 from kdarch.train import arithmetic as ar
 from kdarch.train.config import DataSection, ModelSection, RunConfig, Stage, TrainSection
-from kdarch.train.loop import LMObjective
-from kdarch.train.objective import DistillObjective
+from kdarch.train.objective import DistillObjective, LMObjective
 from kdarch.train.pipeline import Data, measure, run_stage, teacher_top1
 from kdarch.train.report import write_report
 from kdarch.train.tokenizer import ByteTokenizer

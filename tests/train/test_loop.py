@@ -6,7 +6,8 @@ import torch
 
 from kdarch import CausalLM, get_preset
 from kdarch.train.config import TrainSection
-from kdarch.train.loop import LMObjective, StepLoss, TrainingError, build_optimizer, train
+from kdarch.train.loop import TrainingError, build_optimizer, train
+from kdarch.train.objective import LMObjective, StepLoss
 
 
 def data(n=64, t=32, v=256, seed=0):
@@ -138,16 +139,16 @@ def test_padding_is_never_a_target():
 
 
 def test_an_oversubscribed_machine_is_named_once(monkeypatch):
-    from kdarch.train import loop
-    monkeypatch.setattr(loop, "_LOAD_WARNED", False)
-    monkeypatch.setattr(loop.os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(loop.os, "getloadavg", lambda: (2.4, 2.0, 2.0))
+    from kdarch.train import metrics
+    monkeypatch.setattr(metrics, "_LOAD_WARNED", False)
+    monkeypatch.setattr(metrics.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(metrics.os, "getloadavg", lambda: (2.4, 2.0, 2.0))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        loop.warn_if_oversubscribed(2)  # our own two threads: no warning
-    monkeypatch.setattr(loop.os, "getloadavg", lambda: (9.0, 8.0, 7.0))
+        metrics.warn_if_oversubscribed(2)  # our own two threads: no warning
+    monkeypatch.setattr(metrics.os, "getloadavg", lambda: (9.0, 8.0, 7.0))
     with pytest.warns(UserWarning, match=r"oversubscribed: load average 9.0 on 2 cores.*--train.threads"):
-        loop.warn_if_oversubscribed(2)
+        metrics.warn_if_oversubscribed(2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        loop.warn_if_oversubscribed(2)  # once per process
+        metrics.warn_if_oversubscribed(2)  # once per process
