@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdarch.checks import bool_arg, check, choice_arg, fail, int_arg, is_int, tensor_arg
+
 LOSSES = ("mse", "cosine")
 PROJECTORS = ("linear", "identity")
 
@@ -42,9 +44,8 @@ def uniform_layer_map(n_student: int, n_teacher: int, include_embedding: bool = 
     4 / 12 → 3, 6, 9, 12; 3 / 4 → 1, 3, 4. The embedding output (index 0) is left out by default: it is a
     context-free per-token lookup, and matching it only copies the teacher's token table through a
     projector. include_embedding=True prepends (0, 0), TinyBERT-style."""
-    for name, v in (("n_student", n_student), ("n_teacher", n_teacher)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"uniform_layer_map: {name} must be a number of blocks >= 1, got {v!r}")
+    int_arg("uniform_layer_map: n_student", n_student, min=1)
+    int_arg("uniform_layer_map: n_teacher", n_teacher, min=1)
     pairs = tuple((i, max(1, (2 * i * n_teacher + n_student) // (2 * n_student))) for i in range(1, n_student + 1))
     return ((0, 0),) + pairs if include_embedding else pairs
 
@@ -75,68 +76,58 @@ class FeatureKDConfig:
 
     def __post_init__(self):
         for name in ("student_dim", "teacher_dim", "n_student_layers", "n_teacher_layers"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"FeatureKDConfig.{name} must be an int >= 1, got {v!r}")
-        for name, allowed in (("loss", LOSSES), ("projector", PROJECTORS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"FeatureKDConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+            int_arg(f"FeatureKDConfig.{name}", getattr(self, name), min=1)
+        choice_arg("FeatureKDConfig.loss", self.loss, LOSSES)
+        choice_arg("FeatureKDConfig.projector", self.projector, PROJECTORS)
         for name in ("bias", "normalize", "include_embedding"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"FeatureKDConfig.{name} must be a bool, got {getattr(self, name)!r}")
-        if self.projector == "identity" and self.student_dim != self.teacher_dim:
-            raise ValueError(f"FeatureKDConfig.projector='identity' needs student_dim == teacher_dim, got "
-                             f"{self.student_dim} and {self.teacher_dim}; use projector='linear'")
+            bool_arg(f"FeatureKDConfig.{name}", getattr(self, name))
+        check(self.projector == "linear" or self.student_dim == self.teacher_dim, "FeatureKDConfig.projector",
+              f"'linear' for student_dim={self.student_dim} != teacher_dim={self.teacher_dim} ('identity' needs "
+              f"equal widths)", self.projector)
         if isinstance(self.layer_map, str):
-            if self.layer_map != "uniform":
-                raise ValueError(f"FeatureKDConfig.layer_map must be 'uniform' or a list of (student index, "
-                                 f"teacher index) pairs, got {self.layer_map!r}")
+            check(self.layer_map == "uniform", "FeatureKDConfig.layer_map",
+                  "'uniform' or a list of (student index, teacher index) pairs", self.layer_map)
             object.__setattr__(self, "layer_map", uniform_layer_map(self.n_student_layers, self.n_teacher_layers,
                                                                     self.include_embedding))
             return
-        if self.include_embedding:
-            raise ValueError("FeatureKDConfig.include_embedding applies to layer_map='uniform' only; "
-                             "add the pair (0, 0) to an explicit layer_map instead")
+        check(not self.include_embedding, "FeatureKDConfig.include_embedding",
+              "False with an explicit layer_map (it applies to layer_map='uniform' only; add the pair (0, 0) to "
+              "the map instead)", self.include_embedding)
         object.__setattr__(self, "layer_map", self._check_pairs(self.layer_map))
 
     def _check_pairs(self, pairs) -> tuple[tuple[int, int], ...]:
-        want = (f"a non-empty list of (student index, teacher index) pairs with student index in "
-                f"[0, {self.n_student_layers}] and teacher index in [0, {self.n_teacher_layers}] "
-                f"(0: embedding output, i: block i)")
+        name, ns, nt = "FeatureKDConfig.layer_map", self.n_student_layers, self.n_teacher_layers
+        pair = (f"a (student index, teacher index) pair of ints, student index in [0, {ns}] and teacher index in "
+                f"[0, {nt}] (0: embedding output, i: block i)")
         try:
-            out = tuple((s, t) for s, t in pairs)
-        except (TypeError, ValueError):
-            raise ValueError(f"FeatureKDConfig.layer_map must be {want}, got {pairs!r}") from None
-        if not out:
-            raise ValueError(f"FeatureKDConfig.layer_map must be {want}, got an empty list")
-        for s, t in out:
-            if not all(isinstance(v, int) and not isinstance(v, bool) for v in (s, t)) or \
-                    not (0 <= s <= self.n_student_layers and 0 <= t <= self.n_teacher_layers):
-                raise ValueError(f"FeatureKDConfig.layer_map must be {want}, got the pair {(s, t)!r}")
-        if len(set(out)) != len(out):
-            dup = next(p for p in out if out.count(p) > 1)
-            raise ValueError(f"FeatureKDConfig.layer_map lists the pair {dup} more than once")
-        return out
+            items = list(pairs)
+        except TypeError:
+            items = []
+        check(bool(items), name, f"'uniform' or a non-empty list of pairs, each {pair}", pairs)
+        out: list[tuple[int, int]] = []
+        for i, p in enumerate(items):
+            ok = isinstance(p, (tuple, list)) and len(p) == 2 and all(is_int(v) for v in p) and \
+                0 <= p[0] <= ns and 0 <= p[1] <= nt
+            check(ok, f"{name}[{i}]", pair, p)
+            if tuple(p) in out:
+                fail(f"{name}[{i}]", f"a pair not listed before ({name}[{out.index(tuple(p))}] is the same)", p)
+            out.append(tuple(p))
+        return tuple(out)
 
 
 # --------------------------------------------------------------------------------------- shared input checks
 def check_states(who: str, side: str, states, count: int | None = None, width: int | None = None) -> tuple[int, int]:
     """Validate a hidden-state sequence (each [B, T, width], one B, T); returns (B, T)."""
-    if isinstance(states, torch.Tensor) or not isinstance(states, Sequence) or not states:
-        raise ValueError(f"{who}: {side} states must be a non-empty tuple/list of [B, T, D] tensors "
-                         f"(e.g. out.hidden_states), got {type(states).__name__}")
-    if count is not None and len(states) != count:
-        raise ValueError(f"{who}: expected {count} {side} hidden states (embedding output + {count - 1} blocks), "
-                         f"got {len(states)}")
+    name = f"{who}: {side} states"
+    check(not isinstance(states, torch.Tensor) and isinstance(states, Sequence) and len(states) > 0, name,
+          "a non-empty tuple/list of [B, T, D] tensors (e.g. out.hidden_states)", states)
+    check(count is None or len(states) == count, name,
+          f"{count} hidden states (embedding output + {(count or 1) - 1} blocks)", len(states))
     for i, h in enumerate(states):
-        if not isinstance(h, torch.Tensor) or not h.is_floating_point() or h.dim() != 3:
-            got = f"{h.dtype} {tuple(h.shape)}" if isinstance(h, torch.Tensor) else type(h).__name__
-            raise ValueError(f"{who}: {side} state {i} must be a float tensor [B, T, D], got {got}")
-        if h.shape[:2] != states[0].shape[:2]:
-            raise ValueError(f"{who}: {side} state {i} has [B, T] = {list(h.shape[:2])}, state 0 has "
-                             f"{list(states[0].shape[:2])}")
-        if width is not None and h.shape[-1] != width:
-            raise ValueError(f"{who}: {side} state {i} has width {h.shape[-1]}, expected {width}")
+        tensor_arg(f"{name}[{i}]", h, dim=3, floating=True, what="a float tensor [B, T, D]")
+        check(h.shape[:2] == states[0].shape[:2], f"{name}[{i}]",
+              f"[B, T] = {list(states[0].shape[:2])} like {side} states[0]", h)
+        check(width is None or h.shape[-1] == width, f"{name}[{i}]", f"a tensor of width D = {width}", h)
     return tuple(states[0].shape[:2])
 
 
@@ -144,10 +135,9 @@ def check_state_pair(who: str, student, teacher, counts=(None, None), widths=(No
     """Validate both models' state sequences: same [B, T] and device; returns (B, T)."""
     shape = check_states(who, "student", student, counts[0], widths[0])
     t_shape = check_states(who, "teacher", teacher, counts[1], widths[1])
-    if t_shape != shape:
-        raise ValueError(f"{who}: student states are [B, T] = {list(shape)}, teacher states {list(t_shape)}")
-    if student[0].device != teacher[0].device:
-        raise ValueError(f"{who}: student states are on {student[0].device}, teacher states on {teacher[0].device}")
+    check(t_shape == shape, f"{who}: teacher states", f"[B, T] = {list(shape)} like the student states", teacher[0])
+    check(teacher[0].device == student[0].device, f"{who}: teacher states",
+          f"tensors on the student states' device ({student[0].device})", teacher[0].device)
     return shape
 
 
@@ -155,11 +145,9 @@ def check_mask(who: str, mask, shape: tuple[int, int], device: torch.device) -> 
     """None or a bool [B, T] mask (True = valid token) on the states' device."""
     if mask is None:
         return None
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != tuple(shape):
-        got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise ValueError(f"{who}: mask must be a bool tensor of shape {list(shape)} (True = valid token), got {got}")
-    if mask.device != device:
-        raise ValueError(f"{who}: mask is on {mask.device}, the states on {device}")
+    tensor_arg(f"{who}: mask", mask, dtypes=(torch.bool,), shape=tuple(shape),
+               what=f"a bool tensor of shape {list(shape)} (True = valid token)")
+    check(mask.device == device, f"{who}: mask", f"a tensor on the states' device ({device})", mask.device)
     return mask
 
 

@@ -9,7 +9,8 @@ Teacher signal: dense logits [N, V] (read one chunk at a time) or a `TopKTeacher
 ignore_index are skipped entirely, so prompt tokens cost nothing.
 
 Row i of h predicts labels[i] and is compared with teacher row i: shift before calling (for a causal LM,
-h[:, :-1], labels[:, 1:], teacher[:, :-1]).
+h[:, :-1], labels[:, 1:], teacher[:, :-1]). Entries masked with -inf in the teacher and, through ±inf rows
+of W, in the student contribute nothing (losses.py); the weight's finiteness costs one read of W per call.
 
 Shape legend: N rows (tokens), D hidden width, V vocabulary, K top-k.
 """
@@ -18,7 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kdarch.distill.losses import KDLossConfig, KDTerms, check_teacher_and_labels, compute
+from kdarch.checks import check
+from kdarch.distill.losses import KDLossConfig, KDTerms, check_chunk, check_teacher_and_labels, compute
 
 
 def fused_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor | None, teacher, *,
@@ -30,23 +32,25 @@ def fused_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
     `model.head.weight`), labels [...] int or None, teacher [..., V] logits or a TopKTeacher. Differentiable
     in hidden and weight (first order). Returns the scalar loss, or KDTerms with return_terms."""
     cfg = KDLossConfig(kind, temperature, alpha, beta, ignore_index)
-    for name, t in (("hidden", hidden), ("weight", weight)):
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"fused_kd_loss: {name} must be a float tensor, got {got}")
-    if weight.dim() != 2 or hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"fused_kd_loss: expected hidden [..., D] and weight [V, D], got {tuple(hidden.shape)} and "
-                         f"{tuple(weight.shape)}")
-    if hidden.dtype != weight.dtype:
-        raise ValueError(f"fused_kd_loss: weight dtype must match hidden ({hidden.dtype}), got {weight.dtype}")
-    if hidden.device != weight.device:
-        raise ValueError(f"fused_kd_loss: hidden on {hidden.device}, weight on {weight.device}")
-    if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
-        raise ValueError(f"fused_kd_loss: chunk must be a positive int or None, got {chunk!r}")
+    check_head("fused_kd_loss", hidden, weight, chunk)
     V, D = weight.shape
     teacher, labels_N = check_teacher_and_labels("fused_kd_loss", hidden.shape[:-1], V, hidden.device, teacher,
                                                  labels, cfg)
     return compute(hidden.reshape(-1, D), weight, labels_N, teacher, cfg, chunk, return_terms)
+
+
+def check_head(who: str, hidden, weight, chunk, hidden_name: str = "hidden") -> None:
+    """hidden [..., D] and weight [V, D]: float tensors of one dtype and device; chunk None or an int >= 1."""
+    check(isinstance(weight, torch.Tensor) and weight.is_floating_point() and weight.dim() == 2, f"{who}: weight",
+          "a float tensor [V, D]", weight)
+    D = weight.shape[1]
+    check(isinstance(hidden, torch.Tensor) and hidden.is_floating_point() and hidden.dim() >= 1
+          and hidden.shape[-1] == D, f"{who}: {hidden_name}", f"a float tensor [..., D] with D = {D} like weight "
+          f"[V, D] = {list(weight.shape)}", hidden)
+    check(weight.dtype == hidden.dtype, f"{who}: weight", f"{hidden_name}'s dtype ({hidden.dtype})", weight.dtype)
+    check(weight.device == hidden.device, f"{who}: weight", f"a tensor on {hidden_name}'s device ({hidden.device})",
+          weight.device)
+    check_chunk(who, chunk)
 
 
 class DistillationHead(nn.Module):

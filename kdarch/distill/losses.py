@@ -17,8 +17,14 @@ The convention (p_t = teacher, p_s = student, both softmax(logits / T); means ov
 T² keeps the soft term's gradient magnitude independent of T (its gradient w.r.t. the logits scales as
 1/T²). TRL and Liger leave JSD unscaled; multiply their numbers by T² to compare. Rows whose label is
 ignore_index count in neither term; the loss is 0 (not NaN) if none is valid. Without labels every row is
-valid and α must be 1. The teacher never receives a gradient. A teacher logit of −inf (masked vocabulary)
-is probability 0 (0·log 0 = 0); reverse KL then explodes wherever the student still has mass, as it must.
+valid and α must be 1. The teacher never receives a gradient.
+
+A logit of −inf (a masked or padded vocabulary entry) is probability 0, on either side, with 0·log 0 = 0:
+logits are floored at `logit_floor(T)` as they are read into the chunk buffers (teacher_signal.py), so they
+have probability exactly 0 and a finite log-probability. Entries masked on both sides therefore contribute
+nothing, to the loss or its gradients (which are 0 there): the loss is the one on the vocabulary without them.
+An entry one side masks while the other gives it mass makes the divergence that weighs it by that mass explode
+(forward KL for a student −inf, reverse KL for a teacher −inf) to ≳ 1e37·p, as it must; it is never dropped.
 Student and teacher vocabularies must match: slice a padded one (e.g. 152,064 vs 151,936) to the shared
 tokenizer vocabulary. A top-k teacher is a `TopKTeacher` (teacher_signal.py).
 
@@ -27,7 +33,10 @@ probabilities, the gradient) and on the CPU every fresh large tensor also costs 
 through in chunks, each chunk's gradient w.r.t. the student logits is computed right away (as in
 `kdarch.ops.linear_ce`) into a few reused [C, V] buffers, and backward only scales the kept gradients.
 The same driver serves `kd_loss` (logits given) and the fused head (`head.py`: logits = h @ W.T per
-chunk, never [N, V]). For a divergence D over buckets b with w = p_s ⊙ ∂D/∂p_s:
+chunk, never [N, V]; a head weight with ±inf entries, the only way h @ W.T masks an entry, is found once per
+call, in the host sync that plans the chunks, and then the chunk logits are floored and dL/dh reads W with
+those entries zeroed).
+For a divergence D over buckets b with w = p_s ⊙ ∂D/∂p_s:
     forward_kl  w = −p_t          reverse_kl  w = p_s (log p_s − log p_t)
     jsd         w = (1 − β) p_s (log p_s − log m)          tvd  w = ½ p_s sign(p_s − p_t)
 and the softmax turns it into ∂D/∂u = w − p_s Σw (u = logits / T; ∂/∂logits = ∂/∂u / T).
@@ -41,7 +50,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kdarch.distill.teacher_signal import TopKTeacher, rows_into, student_logprobs, teacher_logprobs
+from kdarch.checks import check, check_index_range, choice_arg, fail, int_arg, is_int, number_arg, tensor_arg
+from kdarch.distill.teacher_signal import TopKTeacher, logit_floor, rows_into, student_logprobs, teacher_logprobs
 
 KINDS = ("forward_kl", "reverse_kl", "jsd", "tvd")
 
@@ -61,16 +71,11 @@ class KDLossConfig:
     """Label of rows that count in neither term."""
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
-        for name, lo, hi in (("temperature", 0.0, math.inf), ("alpha", 0.0, 1.0), ("beta", 0.0, 1.0)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or \
-                    not (lo < v if name == "temperature" else lo <= v <= hi):
-                want = "a finite number > 0" if name == "temperature" else f"a number in [{lo:g}, {hi:g}]"
-                raise ValueError(f"{name} must be {want}, got {v!r}")
-        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
-            raise ValueError(f"ignore_index must be an int, got {self.ignore_index!r}")
+        choice_arg("KDLossConfig.kind", self.kind, KINDS)
+        number_arg("KDLossConfig.temperature", self.temperature, min=0, min_open=True)
+        number_arg("KDLossConfig.alpha", self.alpha, min=0, max=1)
+        number_arg("KDLossConfig.beta", self.beta, min=0, max=1)
+        int_arg("KDLossConfig.ignore_index", self.ignore_index)
 
     @property
     def soft_scale(self) -> float:
@@ -179,20 +184,36 @@ def default_chunk(vocab_size: int) -> int:
     return max(256, 2**23 // vocab_size)
 
 
-def _plan(labels_N: torch.Tensor | None, n_rows: int, chunk: int, ignore_index: int):
-    """(row selections per chunk, number of valid rows): slices while every row is valid, else indices."""
-    if labels_N is not None:
-        valid_N = labels_N != ignore_index
-        if not bool(valid_N.all()):
-            idx = valid_N.nonzero().squeeze(1)
-            return [idx[i:i + chunk] for i in range(0, idx.numel(), chunk)], idx.numel()
-    return [slice(i, min(i + chunk, n_rows)) for i in range(0, n_rows, chunk)], n_rows
+def _finite_flag(w_VD: torch.Tensor) -> torch.Tensor:
+    """0-dim bool: W has no ±inf / NaN entry (one read of W, no host sync yet)."""
+    lo, hi = torch.aminmax(w_VD)
+    return torch.isfinite(lo) & torch.isfinite(hi)
+
+
+def weight_is_finite(w_VD: torch.Tensor) -> bool:
+    """Whether the head weight has no ±inf / NaN entry: the fused head asks once per call whether h @ W.T can mask
+    an entry (see the module docstring); one read of W and a host sync."""
+    return bool(_finite_flag(w_VD))
+
+
+def _plan(labels_N: torch.Tensor | None, n_rows: int, chunk: int, ignore_index: int, w_VD: torch.Tensor | None):
+    """(row selections per chunk, number of valid rows): slices while every row is valid, else indices; and with
+    w_VD, `weight_is_finite(w_VD)`, asked in the same host sync."""
+    valid_N = labels_N != ignore_index if labels_N is not None else None
+    asks = ([valid_N.all()] if valid_N is not None else []) + ([_finite_flag(w_VD)] if w_VD is not None else [])
+    answers = torch.stack(asks).tolist() if asks else []
+    w_finite = answers.pop() if w_VD is not None else None
+    if valid_N is not None and not answers[0]:
+        idx = valid_N.nonzero().squeeze(1)
+        return ([idx[i:i + chunk] for i in range(0, idx.numel(), chunk)], idx.numel()), w_finite
+    return ([slice(i, min(i + chunk, n_rows)) for i in range(0, n_rows, chunk)], n_rows), w_finite
 
 
 def _run(x, w_VD, labels_N, teacher, cfg: KDLossConfig, plan, chunk: int, want_gx: bool, want_gw: bool,
-         need_soft: bool, need_hard: bool):
+         need_soft: bool, need_hard: bool, w_finite: bool = True):
     """Mean soft and hard terms over the planned rows, with gradients of the total w.r.t. x and W.
-    x is the student's logits [N, V] (w_VD None) or its hidden states [N, D] (logits = x @ w_VD.T)."""
+    x is the student's logits [N, V] (w_VD None) or its hidden states [N, D] (logits = x @ w_VD.T); w_finite
+    False: W has ±inf entries (masked vocabulary rows), so the logits are floored and dL/dx reads W with them 0."""
     chunks, n = plan
     V = x.shape[1] if w_VD is None else w_VD.shape[0]
     dts = [x.dtype] + ([w_VD.dtype] if w_VD is not None else []) + \
@@ -205,19 +226,23 @@ def _run(x, w_VD, labels_N, teacher, cfg: KDLossConfig, plan, chunk: int, want_g
     covered = (a or b) and n == x.shape[0] and all(isinstance(r, slice) for r in chunks)  # every row written
     gx = (torch.empty_like(x) if covered else torch.zeros_like(x)) if want_gx else None
     gw = None  # the first chunk writes it (no zero-fill pass over [V, D])
+    floor = logit_floor(cfg.temperature)
+    w_gx = w_VD if w_finite or not want_gx else torch.where(torch.isinf(w_VD), 0, w_VD)  # 0 · inf = 0 in dL/dx
     soft_sum = torch.zeros((), dtype=cdt, device=x.device)
     hard_sum = torch.zeros((), dtype=cdt, device=x.device)
     for rows in chunks:
         C = ws.rows(rows)
         s_CV = ws("S", C, V)
         if w_VD is None:
-            rows_into(x, rows, s_CV)
+            rows_into(x, rows, s_CV, floor)
         else:
             x_CD = x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
             if x.dtype == cdt and w_VD.dtype == cdt:
                 torch.mm(x_CD, w_VD.T, out=s_CV)
             else:
                 s_CV.copy_(x_CD @ w_VD.T)
+            if not w_finite:
+                s_CV.clamp_min_(floor)
         y_C = None if labels_N is None else \
             labels_N[rows] if isinstance(rows, slice) else labels_N.index_select(0, rows)
         soft, hard, g_CV = _chunk(s_CV, teacher, rows, y_C, cfg, ws, a, b, need_soft, need_hard)
@@ -232,7 +257,7 @@ def _run(x, w_VD, labels_N, teacher, cfg: KDLossConfig, plan, chunk: int, want_g
         else:
             if want_gw:
                 gw = torch.mm(g_CV.T, x_CD.to(cdt)) if gw is None else gw.addmm_(g_CV.T, x_CD.to(cdt))
-            g_rows = (g_CV.to(w_VD.dtype) @ w_VD) if want_gx else None
+            g_rows = (g_CV.to(w_VD.dtype) @ w_gx) if want_gx else None
         if want_gx:
             if isinstance(rows, slice):
                 gx[rows] = g_rows
@@ -250,10 +275,10 @@ class _ChunkedKD(torch.autograd.Function):
     """Gradients are computed in forward (chunk by chunk) and kept; backward scales them."""
 
     @staticmethod
-    def forward(ctx, x, w_VD, labels_N, teacher, cfg, plan, chunk, need_soft, need_hard):
+    def forward(ctx, x, w_VD, labels_N, teacher, cfg, plan, chunk, need_soft, need_hard, w_finite):
         want_gw = w_VD is not None and ctx.needs_input_grad[1]
         total, soft, hard, gx, gw = _run(x, w_VD, labels_N, teacher, cfg, plan, chunk, ctx.needs_input_grad[0],
-                                         want_gw, need_soft, need_hard)
+                                         want_gw, need_soft, need_hard, w_finite)
         ctx.save_for_backward(gx, gw)
         ctx.w_dtype = w_VD.dtype if w_VD is not None else None
         ctx.mark_non_differentiable(soft, hard)
@@ -264,66 +289,67 @@ class _ChunkedKD(torch.autograd.Function):
         gx, gw = ctx.saved_tensors
         gx = gx * grad_total.to(gx.dtype) if gx is not None else None
         gw = (gw * grad_total).to(ctx.w_dtype) if gw is not None else None
-        return gx, gw, None, None, None, None, None, None, None
+        return gx, gw, None, None, None, None, None, None, None, None
 
 
-def compute(x, w_VD, labels_N, teacher, cfg: KDLossConfig, chunk: int | None, return_terms: bool):
-    """Shared entry of kd_loss and the fused head, on validated, flattened inputs."""
+def compute(x, w_VD, labels_N, teacher, cfg: KDLossConfig, chunk: int | None, return_terms: bool,
+            w_finite: bool | None = None):
+    """Shared entry of kd_loss and the fused head, on validated, flattened inputs (w_finite: a known
+    `weight_is_finite(w_VD)`, asked here when None)."""
     V = x.shape[1] if w_VD is None else w_VD.shape[0]
     chunk = chunk or default_chunk(V)
-    plan = _plan(labels_N, x.shape[0], chunk, cfg.ignore_index)
+    ask = w_VD is not None and w_finite is None
+    plan, w_ok = _plan(labels_N, x.shape[0], chunk, cfg.ignore_index, w_VD if ask else None)
+    w_finite = w_ok if ask else w_finite is not False
     need_soft = cfg.alpha > 0 or return_terms
     need_hard = labels_N is not None and (cfg.alpha < 1 or return_terms)
     teacher = teacher.detach()
     if torch.is_grad_enabled() and (x.requires_grad or (w_VD is not None and w_VD.requires_grad)):
-        total, soft, hard = _ChunkedKD.apply(x, w_VD, labels_N, teacher, cfg, plan, chunk, need_soft, need_hard)
+        total, soft, hard = _ChunkedKD.apply(x, w_VD, labels_N, teacher, cfg, plan, chunk, need_soft, need_hard,
+                                             w_finite)
     else:
-        total, soft, hard = _run(x, w_VD, labels_N, teacher, cfg, plan, chunk, False, False, need_soft, need_hard)[:3]
+        total, soft, hard = _run(x, w_VD, labels_N, teacher, cfg, plan, chunk, False, False, need_soft, need_hard,
+                                 w_finite)[:3]
     if not return_terms:
         return total
     return KDTerms(total, soft if need_soft else None, hard if need_hard else None, plan[1])
 
 
 # ------------------------------------------------------------------------------------------ validation
+def check_chunk(who: str, chunk) -> None:
+    check(chunk is None or (is_int(chunk) and chunk >= 1), f"{who}: chunk", "an int >= 1 or None", chunk)
+
+
 def check_teacher_and_labels(who: str, lead_shape: tuple, V: int, device, teacher, labels, cfg: KDLossConfig):
-    """Teacher [..., V] logits or a TopKTeacher, labels [...] ints in [0, V) or ignore_index; returns them
-    flattened to rows."""
+    """Teacher [..., V] logits or a TopKTeacher, labels [...] ints in [0, V) or ignore_index (the range only where
+    `value_checks_on`); returns them flattened to rows."""
+    lead = tuple(lead_shape)
     if isinstance(teacher, TopKTeacher):
-        teacher.check(V, lead_shape, who)
-        if teacher.ids.device != device or teacher.values.device != device:
-            raise ValueError(f"{who}: TopKTeacher must be on the student's device {device}")
+        teacher.check(V, lead, who)
+        check(teacher.ids.device == device and teacher.values.device == device, f"{who}: teacher",
+              f"a TopKTeacher on the student's device ({device})", teacher.values.device)
         teacher = teacher.flatten()
     elif isinstance(teacher, torch.Tensor):
-        if not teacher.is_floating_point():
-            raise ValueError(f"{who}: teacher logits must be a float tensor, got {teacher.dtype}")
-        if teacher.dim() >= 1 and tuple(teacher.shape[:-1]) == tuple(lead_shape) and teacher.shape[-1] != V:
-            raise ValueError(f"{who}: vocab size mismatch: student V={V}, teacher V={teacher.shape[-1]}. If one "
-                             f"is padded, slice both to the shared tokenizer vocab, e.g. teacher_logits[..., :{V}]")
-        if tuple(teacher.shape) != tuple(lead_shape) + (V,):
-            raise ValueError(f"{who}: teacher logits must have shape {tuple(lead_shape) + (V,)} like the student's "
-                             f"logits, got {tuple(teacher.shape)}")
-        if teacher.device != device:
-            raise ValueError(f"{who}: teacher logits on {teacher.device}, student on {device}")
+        check(teacher.is_floating_point(), f"{who}: teacher", "float logits [..., V] or a TopKTeacher", teacher)
+        if teacher.dim() >= 1 and tuple(teacher.shape[:-1]) == lead and teacher.shape[-1] != V:
+            fail(f"{who}: teacher", f"logits over the student's vocabulary, V={V} (vocab size mismatch; if one is "
+                 f"padded, slice both to the shared tokenizer vocab, e.g. teacher_logits[..., :{V}])", teacher)
+        check(tuple(teacher.shape) == lead + (V,), f"{who}: teacher",
+              f"logits of shape {lead + (V,)} like the student's", teacher)
+        check(teacher.device == device, f"{who}: teacher", f"a tensor on the student's device ({device})",
+              teacher.device)
         teacher = teacher.reshape(-1, V)
     else:
-        raise TypeError(f"{who}: teacher must be a logits tensor [..., V] or a TopKTeacher, "
-                        f"got {type(teacher).__name__}")
+        fail(f"{who}: teacher", "a logits tensor [..., V] or a TopKTeacher", teacher, error=TypeError)
     if labels is None:
-        if cfg.alpha < 1:
-            raise ValueError(f"{who}: the hard-label term (alpha={cfg.alpha} < 1) needs labels; pass labels or alpha=1")
+        check(cfg.alpha == 1, f"{who}: labels", f"a labels tensor (the hard-label term, alpha={cfg.alpha} < 1, "
+              f"needs labels; or pass alpha=1)", None)
         return teacher, None
-    if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32):
-        got = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
-        raise ValueError(f"{who}: labels must be an int64/int32 tensor, got {got}")
-    if tuple(labels.shape) != tuple(lead_shape):
-        raise ValueError(f"{who}: labels must have shape {tuple(lead_shape)}, got {tuple(labels.shape)}")
-    if labels.device != device:
-        raise ValueError(f"{who}: labels on {labels.device}, student on {device}")
+    tensor_arg(f"{who}: labels", labels, dtypes=(torch.int64, torch.int32), shape=lead,
+               what=f"an int64/int32 tensor of shape {lead}")
+    check(labels.device == device, f"{who}: labels", f"a tensor on the student's device ({device})", labels.device)
     labels = labels.reshape(-1)
-    bad = (labels != cfg.ignore_index) & ((labels < 0) | (labels >= V))
-    if bool(bad.any()):
-        raise ValueError(f"{who}: label {int(labels[bad][0])} out of range; expected ids in [0, {V}) or "
-                         f"ignore_index={cfg.ignore_index}")
+    check_index_range(f"{who}: labels", labels, V, ignore=cfg.ignore_index, what="token ids")
     return teacher, labels
 
 
@@ -337,13 +363,10 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits, labels: torch.Tensor |
     time (default: `default_chunk(V)`). Returns the scalar loss (fp32; fp64 for fp64 inputs)
     or, with return_terms, a KDTerms(total, soft, hard, n_tokens). First-order gradients only."""
     cfg = KDLossConfig(kind, temperature, alpha, beta, ignore_index)
-    if not isinstance(student_logits, torch.Tensor) or not student_logits.is_floating_point() \
-            or student_logits.dim() < 1 or student_logits.shape[-1] < 1:
-        got = f"{student_logits.dtype} {tuple(student_logits.shape)}" if isinstance(student_logits, torch.Tensor) \
-            else type(student_logits).__name__
-        raise ValueError(f"kd_loss: student_logits must be a float tensor [..., V], got {got}")
-    if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
-        raise ValueError(f"kd_loss: chunk must be a positive int or None, got {chunk!r}")
+    check(isinstance(student_logits, torch.Tensor) and student_logits.is_floating_point()
+          and student_logits.dim() >= 1 and student_logits.shape[-1] >= 1, "kd_loss: student_logits",
+          "a float tensor [..., V] with V >= 1", student_logits)
+    check_chunk("kd_loss", chunk)
     V = student_logits.shape[-1]
     teacher, labels_N = check_teacher_and_labels("kd_loss", student_logits.shape[:-1], V, student_logits.device,
                                                  teacher_logits, labels, cfg)

@@ -22,17 +22,17 @@ Shape legend: B batch, T sequence, D hidden width, V vocabulary, K top-k, X = T 
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from kdarch.checks import check, is_number, number_arg, tensor_arg
 from kdarch.config import ModelConfig
-from kdarch.distill.head import fused_kd_loss
-from kdarch.distill.losses import KDLossConfig, KDTerms
-from kdarch.distill.teacher_signal import TopKTeacher, _desc
+from kdarch.distill.head import check_head
+from kdarch.distill.losses import KDLossConfig, KDTerms, check_teacher_and_labels, compute, weight_is_finite
+from kdarch.distill.teacher_signal import TopKTeacher
 
 
 @dataclass
@@ -48,36 +48,34 @@ class MultiTokenKD:
     """Σ_k w_k · depths[k].total / Σ_k w_k (the model's `mtp_loss` at equal weights); None without MTP heads."""
 
 
-def _check(main_hidden_BTD, mtp_hidden, labels_BT, teacher, depth_weights, mtp_weight):
-    """Shapes of the heads, labels and teacher; returns the normalised depth weights."""
-    if not isinstance(main_hidden_BTD, torch.Tensor) or main_hidden_BTD.dim() != 3:
-        raise ValueError(f"multi_token_kd_loss: main_hidden must be a tensor [B, T, D], got {_desc(main_hidden_BTD)}")
+def _check(main_hidden_BTD, mtp_hidden, weight_VD, labels_BT, teacher, depth_weights, mtp_weight, chunk):
+    """Shapes of the heads, weight, labels and teacher (the teacher's signal and the label values are checked
+    once, with the loss config, by the caller); returns the normalised depth weights."""
+    who = "multi_token_kd_loss"
+    tensor_arg(f"{who}: main_hidden", main_hidden_BTD, dim=3, floating=True, what="a float tensor [B, T, D]")
+    check_head(who, main_hidden_BTD, weight_VD, chunk, hidden_name="main_hidden")
     B, T, D = main_hidden_BTD.shape
-    if not isinstance(mtp_hidden, (list, tuple)):
-        raise ValueError(f"multi_token_kd_loss: mtp_hidden must be a list of [B, T-k, D] tensors (k = 1, 2, ...), "
-                         f"got {type(mtp_hidden).__name__}")
+    check(isinstance(mtp_hidden, (list, tuple)), f"{who}: mtp_hidden", "a list of [B, T-k, D] tensors (k = 1, 2, ...)",
+          mtp_hidden)
+    dtype, device = main_hidden_BTD.dtype, main_hidden_BTD.device
     for k, h in enumerate(mtp_hidden, start=1):
-        if not isinstance(h, torch.Tensor) or tuple(h.shape) != (B, T - k, D):
-            raise ValueError(f"multi_token_kd_loss: mtp_hidden[{k - 1}] (depth {k}) must have shape {(B, T - k, D)}, "
-                             f"got {_desc(h)}")
+        check(isinstance(h, torch.Tensor) and tuple(h.shape) == (B, T - k, D) and h.dtype == dtype
+              and h.device == device, f"{who}: mtp_hidden[{k - 1}]",
+              f"depth {k}'s states like main_hidden's: a {str(dtype).removeprefix('torch.')} tensor of shape "
+              f"{(B, T - k, D)} on {device}", h)
     lead = tuple(teacher.ids.shape[:-1]) if isinstance(teacher, TopKTeacher) else \
         tuple(teacher.shape[:-1]) if isinstance(teacher, torch.Tensor) and teacher.dim() >= 1 else None
-    if lead is not None and lead != (B, T):
-        raise ValueError(f"multi_token_kd_loss: the teacher must have one row per position, [B, T, ...] = "
-                         f"[{B}, {T}, ...], got rows {lead}")
-    if labels_BT is not None and (not isinstance(labels_BT, torch.Tensor) or tuple(labels_BT.shape) != (B, T)):
-        raise ValueError(f"multi_token_kd_loss: labels must be the input ids [B, T] = [{B}, {T}] (shifted inside) or "
-                         f"None, got {_desc(labels_BT)}")
-    if isinstance(mtp_weight, bool) or not isinstance(mtp_weight, (int, float)) or not math.isfinite(mtp_weight) \
-            or mtp_weight < 0:
-        raise ValueError(f"multi_token_kd_loss: mtp_weight must be a finite number >= 0, got {mtp_weight!r}")
+    check(lead is None or lead == (B, T), f"{who}: teacher",
+          f"one row per position: rows [B, T] = [{B}, {T}] (logits [B, T, V] or a TopKTeacher [B, T, K])", lead)
+    check(labels_BT is None or (isinstance(labels_BT, torch.Tensor) and tuple(labels_BT.shape) == (B, T)),
+          f"{who}: labels", f"the input ids [B, T] = [{B}, {T}] (shifted inside) or None", labels_BT)
+    number_arg(f"{who}: mtp_weight", mtp_weight, min=0)
     if depth_weights is None:
         return [1.0 / len(mtp_hidden)] * len(mtp_hidden) if mtp_hidden else []
-    if not isinstance(depth_weights, Sequence) or len(depth_weights) != len(mtp_hidden) or any(
-            isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0
-            for w in depth_weights) or (depth_weights and sum(depth_weights) <= 0):
-        raise ValueError(f"multi_token_kd_loss: depth_weights must be {len(mtp_hidden)} finite numbers >= 0 (one per "
-                         f"MTP depth) with a positive sum, got {depth_weights!r}")
+    check(isinstance(depth_weights, Sequence) and len(depth_weights) == len(mtp_hidden)
+          and all(is_number(w) and w >= 0 for w in depth_weights) and (not depth_weights or sum(depth_weights) > 0),
+          f"{who}: depth_weights", f"{len(mtp_hidden)} finite numbers >= 0 (one per MTP depth) with a positive sum",
+          depth_weights)
     return [float(w) / sum(depth_weights) for w in depth_weights]
 
 
@@ -96,20 +94,21 @@ def multi_token_kd_loss(main_hidden_BTD: torch.Tensor, mtp_hidden: Sequence[torc
     ModelConfig's 0.3), pass `model.config.mtp_loss_weight` to match the model's loss. kind / temperature / alpha /
     beta / chunk as in `fused_kd_loss`. return_terms=False skips the term α leaves unused (α = 0 or 1; its field
     is then None; for 0 < α < 1 both are None); keep it True to feed `KDSchedule.observe` the soft term."""
-    KDLossConfig(kind, temperature, alpha, beta, ignore_index)  # validate before any work
-    w_depth = _check(main_hidden_BTD, mtp_hidden, labels_BT, teacher, depth_weights, mtp_weight)
-    B, T, _ = main_hidden_BTD.shape
+    cfg = KDLossConfig(kind, temperature, alpha, beta, ignore_index)  # validate before any work
+    w_depth = _check(main_hidden_BTD, mtp_hidden, weight_VD, labels_BT, teacher, depth_weights, mtp_weight, chunk)
+    B, T, D = main_hidden_BTD.shape
     if labels_BT is None:
-        if alpha < 1:
-            raise ValueError(f"multi_token_kd_loss: the hard-label term (alpha={alpha} < 1) needs labels; pass the "
-                             f"input ids as labels or alpha=1")
         ignore = -1  # the targets below only mark rows: every position with a student row has a teacher row
         target_BT = torch.zeros(B, T, dtype=torch.long, device=main_hidden_BTD.device)
     else:
         ignore = ignore_index  # position j predicts input_ids[j+1]; position T-1 has no target
         target_BT = torch.cat([labels_BT[:, 1:], labels_BT.new_full((B, 1), ignore_index)], 1)
-    opts = dict(kind=kind, temperature=temperature, alpha=alpha, beta=beta, ignore_index=ignore, chunk=chunk,
-                return_terms=return_terms and labels_BT is not None)
+    # the teacher and the targets are checked once here; every head then runs the fused loss unchecked
+    teacher_N, _ = check_teacher_and_labels("multi_token_kd_loss", (B, T), weight_VD.shape[0], main_hidden_BTD.device,
+                                            teacher, None if labels_BT is None else target_BT, cfg)
+    cfg = KDLossConfig(kind, temperature, alpha, beta, ignore)
+    terms = return_terms and labels_BT is not None
+    w_finite = weight_is_finite(weight_VD)
 
     def head(h_BXD: torch.Tensor, k: int) -> KDTerms:
         """Depth k (0: the main head): row i goes to position i + k, positions < k are ignored."""
@@ -119,7 +118,7 @@ def multi_token_kd_loss(main_hidden_BTD: torch.Tensor, mtp_hidden: Sequence[torc
             target_BT_k[:, :k] = ignore
         else:
             target_BT_k = target_BT
-        res = fused_kd_loss(h_BXD, weight_VD, target_BT_k, teacher, **opts)
+        res = compute(h_BXD.reshape(-1, D), weight_VD, target_BT_k.reshape(-1), teacher_N, cfg, chunk, terms, w_finite)
         if isinstance(res, KDTerms):
             return res
         n = int((target_BT_k != ignore).sum())

@@ -9,16 +9,18 @@ of a wide teacher directly. Three losses on student points [N, S] vs teacher poi
                                 Invariant to translating, rotating and scaling either side.
     rkd_angle_loss              RKD-A: for every ordered triplet of distinct points with apex j,
                                 cos∠(x_i − x_j, x_k − x_j); smooth-L1, mean over the N(N−1)(N−2) triplets.
-                                Same invariances. O(N³) time and memory, so N is capped (max_n, default 128;
-                                the module subsamples, the function refuses).
+                                Same invariances. O(N³ + N²·width) time and memory, so N is capped (max_n,
+                                default 128; the module subsamples, the function refuses).
     similarity_preserving_loss  SP (Tung & Mori 2019): G = F Fᵀ with every row L2-normalised;
                                 ‖G_s − G_t‖²_F / N². Invariant to scaling or rotating either side.
 
-The cosines come from the Gram matrix of the centred points, (x_i − x_j)·(x_k − x_j) =
-G_ik − G_ij − G_jk + G_jj, so no [N, N, width] tensor of differences is ever built: memory is O(N³ + N·width).
-That sum cancels when two points are close relative to the spread of the set (an outlier token with huge
-activations beside near-duplicates): in fp32 it was off by tens of percent. It is computed in fp64 (exact for
-fp32 inputs up to fp64 rounding, ~1e-16 of the largest Gram entry) and the cosines cast back.
+The cosines come from the differences themselves: u_ji = (x_i − x_j) / ‖x_i − x_j‖, cos = u_ji · u_jk, one
+[N, N, width] tensor of differences (N = 128 points of width 4096: 256 MiB in fp32). The Gram-matrix form,
+(x_i − x_j)·(x_k − x_j) = G_ik − G_ij − G_jk + G_jj, would need only O(N·width), but its terms cancel when two
+points are close relative to the spread of the set, e.g. an outlier token with huge activations (an attention
+sink) beside near-duplicates, common with over="tokens": in fp32 it was off by 17–160% in value and up to 100%
+in gradient, and fp64 only moves the threshold. A difference of two floats is exact to its own rounding
+however close they are, so the directions are too.
 An angle at a point that coincides with the apex counts as cos = 0 (a zero-length side has no direction).
 
 `RelationDistiller` applies one loss to [B, T, width] states: over="samples" relates the sequences of a
@@ -41,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdarch.checks import check, choice_arg, int_arg, is_int
+from kdarch.checks import check, choice_arg, fail, int_arg, is_int, tensor_arg
 from kdarch.distill.features import check_mask, check_state_pair, compute_dtype
 
 KINDS = ("rkd_distance", "rkd_angle", "similarity_preserving")
@@ -53,16 +55,13 @@ SOURCES = ("hidden", "mla")
 def _points(who: str, student, teacher, min_n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Validated (student [N, S], detached teacher [N, D]) in the compute dtype."""
     for side, x in (("student", student), ("teacher", teacher)):
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 2:
-            got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"{who}: {side} must be a float tensor [N, width], got {got}")
-    if student.shape[0] != teacher.shape[0]:
-        raise ValueError(f"{who}: student has {student.shape[0]} points, teacher {teacher.shape[0]}; "
-                         f"expected the same N (widths may differ)")
-    if student.shape[0] < min_n:
-        raise ValueError(f"{who}: needs at least {min_n} points, got N={student.shape[0]}")
-    if student.device != teacher.device:
-        raise ValueError(f"{who}: student is on {student.device}, teacher on {teacher.device}")
+        tensor_arg(f"{who}: {side}", x, dim=2, floating=True, what="a float tensor [N, width]")
+    N = student.shape[0]
+    check(N >= min_n, f"{who}: student", f"at least {min_n} points [N, width]", student)
+    check(teacher.shape[0] == N, f"{who}: teacher", f"the student's N={N} points [N, width] (widths may differ)",
+          teacher)
+    check(teacher.device == student.device, f"{who}: teacher", f"a tensor on the student's device ({student.device})",
+          teacher.device)
     dt = compute_dtype(student, teacher)
     return student.to(dt), teacher.detach().to(dt)
 
@@ -79,30 +78,25 @@ def rkd_distance_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Ten
 
 
 def _triplet_cosines(x_NW: torch.Tensor) -> torch.Tensor:
-    """cos_JIK[j, i, k] = cos∠(x_i − x_j, x_k − x_j), 0 where x_i or x_k coincides with x_j; in x's dtype,
-    computed in fp64 (see the module docstring)."""
-    dtype = x_NW.dtype
-    x_NW = x_NW.double()
-    x_NW = x_NW - x_NW.mean(0)  # translation-free; keeps the Gram entries small
-    g_NN = x_NW @ x_NW.T
-    sq_N = g_NN.diagonal()
-    d2_NN = (sq_N[:, None] + sq_N[None, :] - 2 * g_NN).clamp_min(0)  # ‖x_i − x_j‖², symmetric
-    apart_NN = d2_NN > 16 * torch.finfo(x_NW.dtype).eps * sq_N.max()  # beyond rounding of the Gram entries
-    len_NN = torch.where(apart_NN, d2_NN, 1.0).sqrt()
-    dot_JIK = g_NN[None] - g_NN[:, :, None] - g_NN[:, None, :] + sq_N[:, None, None]
-    cos_JIK = dot_JIK / (len_NN[:, :, None] * len_NN[:, None, :])
-    return torch.where(apart_NN[:, :, None] & apart_NN[:, None, :], cos_JIK.clamp(-1, 1), 0.0).to(dtype)
+    """cos_JIK[j, i, k] = cos∠(x_i − x_j, x_k − x_j), 0 where x_i or x_k coincides with x_j, from the differences
+    themselves (see the module docstring)."""
+    d_JIW = x_NW[None, :, :] - x_NW[:, None, :]  # x_i − x_j, exact to rounding however close the points
+    sq_JI = d_JIW.square().sum(-1)
+    apart_JI = sq_JI > 0
+    inv_JI = torch.where(apart_JI, torch.where(apart_JI, sq_JI, 1.0).rsqrt(), 0.0)  # 0: a coincident pair, no grad
+    u_JIW = d_JIW * inv_JI[..., None]  # unit directions from each apex j
+    return torch.bmm(u_JIW, u_JIW.transpose(1, 2)).clamp(-1, 1)
 
 
 def rkd_angle_loss(student: torch.Tensor, teacher: torch.Tensor, max_n: int = 128) -> torch.Tensor:
     """RKD-A between student [N, S] and teacher [N, D] points (3 ≤ N ≤ max_n); see the module docstring.
-    Builds a few [N, N, N] tensors: N = 128 is ~2M triplets, N = 512 would be ~134M."""
+    Builds a few [N, N, N] tensors (N = 128 is ~2M triplets, N = 512 would be ~134M) and the [N, N, width]
+    differences of each side."""
     int_arg("rkd_angle_loss: max_n", max_n, min=3)
     s_NS, t_ND = _points("rkd_angle_loss", student, teacher, 3)
     N = s_NS.shape[0]
-    if N > max_n:
-        raise ValueError(f"rkd_angle_loss: N={N} points make {N * (N - 1) * (N - 2)} triplets (O(N³) memory); "
-                         f"at most max_n={max_n} allowed: subsample the points or raise max_n")
+    check(N <= max_n, "rkd_angle_loss: student", f"at most max_n={max_n} points (N={N} points make "
+          f"{N * (N - 1) * (N - 2)} triplets, O(N³) memory): subsample the points or raise max_n", student)
     eye_NN = torch.eye(N, dtype=torch.bool, device=s_NS.device)
     distinct_JIK = ~(eye_NN[:, :, None] | eye_NN[:, None, :] | eye_NN[None])
     err_JIK = F.smooth_l1_loss(_triplet_cosines(s_NS), _triplet_cosines(t_ND), reduction="none")
@@ -123,8 +117,7 @@ _LATENT_NORM = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:attn\.kv_norm|self_attn\.k
 def mla_latent_norms(model: nn.Module) -> list[nn.Module]:
     """The KV-latent norms of the main blocks in layer order: kdarch `layers.<i>.attn.kv_norm`, Hugging Face
     DeepseekV3 `layers.<i>.self_attn.kv_a_layernorm` (MTP blocks are not main layers and are left out)."""
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"mla_latent_norms: expected an nn.Module, got {type(model).__name__}")
+    check(isinstance(model, nn.Module), "mla_latent_norms: model", "an nn.Module", model)
     found: dict[int, tuple[str, nn.Module]] = {}
     for name, module in model.named_modules():
         hit = _LATENT_NORM.search(name)
@@ -132,13 +125,12 @@ def mla_latent_norms(model: nn.Module) -> list[nn.Module]:
             continue
         i = int(hit.group(1))
         if i in found:
-            raise ValueError(f"mla_latent_norms: two latent norms for layer {i} ({found[i][0]!r}, {name!r}); "
-                             f"pass the model itself, not a module holding several models")
+            fail("mla_latent_norms: model", f"one MLA latent norm per layer, not two for layer {i} (pass the model "
+                 f"itself, not a module holding several models)", [found[i][0], name])
         found[i] = (name, module)
-    if not found:
-        raise ValueError(f"mla_latent_norms: {type(model).__name__} has no MLA latent norm; expected modules named "
-                         f"layers.<i>.attn.kv_norm (kdarch) or layers.<i>.self_attn.kv_a_layernorm "
-                         f"(Hugging Face DeepseekV3)")
+    check(bool(found), "mla_latent_norms: model", "MLA latent norms: modules named layers.<i>.attn.kv_norm (kdarch) "
+          "or layers.<i>.self_attn.kv_a_layernorm (Hugging Face DeepseekV3)",
+          f"a {type(model).__name__} that has no MLA latent norm")
     return [found[i][1] for i in sorted(found)]
 
 
@@ -185,7 +177,8 @@ class RelationKDConfig:
     layers: tuple[int, int] = (-1, -1)
     """(student index, teacher index) into those sequences; negative indices count from the end."""
     max_points: int = 128
-    """kind="rkd_angle": groups with more points use this many, evenly spaced (deterministic); O(N³) cost."""
+    """kind="rkd_angle": groups with more points use this many, evenly spaced (deterministic); O(N³ + N²·width)
+    cost."""
 
     def __post_init__(self):
         for name, allowed in (("kind", KINDS), ("over", OVER), ("source", SOURCES)):
@@ -231,10 +224,10 @@ class RelationDistiller(nn.Module):
         cfg, who = self.config, "RelationDistiller"
         what = "hidden states" if cfg.source == "hidden" else "MLA latents"
         shape = check_state_pair(f"{who} (source={cfg.source!r})", student_states, teacher_states)
-        for side, states, i in (("student", student_states, cfg.layers[0]), ("teacher", teacher_states, cfg.layers[1])):
-            if not -len(states) <= i < len(states):
-                raise ValueError(f"{who}: {side} index {i} out of range for {len(states)} {what}; expected "
-                                 f"an index in [{-len(states)}, {len(states) - 1}]")
+        for j, (side, states) in enumerate((("student", student_states), ("teacher", teacher_states))):
+            n = len(states)
+            check(-n <= cfg.layers[j] < n, f"{who}: RelationKDConfig.layers[{j}]",
+                  f"a {side} index in [{-n}, {n - 1}] into its {n} {what}", cfg.layers[j])
         h_s, h_t = student_states[cfg.layers[0]], teacher_states[cfg.layers[1]].detach()
         mask_BT = check_mask(who, mask, shape, h_s.device)
         if mask_BT is None:
@@ -243,8 +236,7 @@ class RelationDistiller(nn.Module):
         groups = shape[0] if cfg.over == "samples" else shape[1]
         if groups < min_n:
             unit = "sequences per batch (batch size)" if cfg.over == "samples" else "tokens per sequence"
-            raise ValueError(f"{who}: kind={cfg.kind!r} over={cfg.over!r} needs at least {min_n} {unit}, got "
-                             f"{groups}")
+            fail(f"{who}: student states", f"at least {min_n} {unit} for kind={cfg.kind!r} over={cfg.over!r}", h_s)
         zero = h_s.flatten()[:0].sum().to(compute_dtype(h_s, h_t))  # 0 attached to the student's graph
         if cfg.over == "samples":
             n_B1 = mask_BT.sum(1, keepdim=True)

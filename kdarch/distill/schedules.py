@@ -33,25 +33,15 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from kdarch.checks import check, choice_arg, fail, int_arg, is_int, number_arg
+
 SCHEDULE_KINDS = ("constant", "linear", "cosine")
 SPEC_KINDS = SCHEDULE_KINDS + ("adaptive",)
 SYNTAX = '"KIND:START->END[,name=value...]" (KIND one of linear, cosine, adaptive), "constant:VALUE" or a number'
 
 
-def _number(who: str, v, lo: float = -math.inf, hi: float = math.inf, lo_open: bool = False,
-            hi_open: bool = False, integer: bool = False) -> None:
-    """Raise unless v is a finite (integer) number in the interval, naming `who` and the interval."""
-    ok = not isinstance(v, bool) and isinstance(v, int if integer else (int, float)) and math.isfinite(v) and \
-        (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
-    if not ok:
-        what = "an integer" if integer else "a finite number"
-        bounds = [f"{'>' if lo_open else '>='} {lo:g}"] if lo > -math.inf else []
-        bounds += [f"{'<' if hi_open else '<='} {hi:g}"] if hi < math.inf else []
-        raise ValueError(f"{who} must be {what}{' ' + ' and '.join(bounds) if bounds else ''}, got {v!r}")
-
-
 def _fmt(v) -> str:
-    return str(v) if isinstance(v, int) and not isinstance(v, bool) else repr(float(v))
+    return str(v) if is_int(v) else repr(float(v))
 
 
 @dataclass(frozen=True)
@@ -67,23 +57,21 @@ class Schedule:
     """Fraction of training in [0, 1) that keeps `start` before the ramp begins."""
 
     def __post_init__(self):
-        if self.kind not in SCHEDULE_KINDS:
-            raise ValueError(f"Schedule.kind must be one of {SCHEDULE_KINDS}, got {self.kind!r}")
-        _number("Schedule.start", self.start)
+        choice_arg("Schedule.kind", self.kind, SCHEDULE_KINDS)
+        number_arg("Schedule.start", self.start)
         if self.kind == "constant":
-            if self.end is not None and self.end != self.start:
-                raise ValueError(f"Schedule.end: a constant schedule has only a start ({self.start!r}); got "
-                                 f"end={self.end!r}. Use kind='linear' or 'cosine' to move between values")
-            if self.hold != 0:
-                raise ValueError(f"Schedule.hold: a constant schedule has nothing to hold; got hold={self.hold!r}")
+            check(self.end is None or self.end == self.start, "Schedule.end",
+                  f"None or the start ({self.start!r}): a constant schedule has only a start (use kind='linear' or "
+                  f"'cosine' to move between values)", self.end)
+            check(self.hold == 0, "Schedule.hold", "0: a constant schedule has nothing to hold", self.hold)
             object.__setattr__(self, "end", self.start)
-        elif self.end is None:
-            raise ValueError(f"Schedule.end is required for kind={self.kind!r} (the value at the end of training)")
-        _number("Schedule.end", self.end)
-        _number("Schedule.hold", self.hold, 0.0, 1.0, hi_open=True)
+        check(self.end is not None, "Schedule.end", f"the value at the end of training (required for "
+              f"kind={self.kind!r})", self.end)
+        number_arg("Schedule.end", self.end)
+        number_arg("Schedule.hold", self.hold, min=0, max=1, max_open=True)
 
     def __call__(self, progress: float) -> float:
-        _number("progress", progress, 0.0, 1.0)
+        number_arg("Schedule: progress", progress, min=0, max=1)
         if self.kind == "constant" or progress <= self.hold:
             return float(self.start)
         q = (progress - self.hold) / (1 - self.hold)
@@ -121,11 +109,11 @@ class AdaptiveAlpha:
     kind: ClassVar[str] = "adaptive"
 
     def __post_init__(self):
-        _number("AdaptiveAlpha.start", self.start, 0.0, 1.0)
-        _number("AdaptiveAlpha.end", self.end, 0.0, 1.0)
-        _number("AdaptiveAlpha.floor", self.floor, 0.0, 1.0, hi_open=True)
-        _number("AdaptiveAlpha.decay", self.decay, 0.0, 1.0, hi_open=True)
-        _number("AdaptiveAlpha.reference_steps", self.reference_steps, 1, integer=True)
+        number_arg("AdaptiveAlpha.start", self.start, min=0, max=1)
+        number_arg("AdaptiveAlpha.end", self.end, min=0, max=1)
+        number_arg("AdaptiveAlpha.floor", self.floor, min=0, max=1, max_open=True)
+        number_arg("AdaptiveAlpha.decay", self.decay, min=0, max=1, max_open=True)
+        int_arg("AdaptiveAlpha.reference_steps", self.reference_steps, min=1)
 
     def alpha(self, ratio: float) -> float:
         """α(r) = end + (start − end) · clip((r − floor) / (1 − floor), 0, 1)."""
@@ -148,18 +136,16 @@ def _parse_number(text: str, spec: str) -> float | int:
     try:
         return int(text) if text.lstrip("+-").isdigit() else float(text)
     except ValueError:
-        raise ValueError(f"schedule {spec!r}: {text!r} is not a number; expected {SYNTAX}") from None
+        pass
+    fail(f"schedule {spec!r}", f"numbers (syntax: {SYNTAX})", text)
 
 
 def _from_dict(d: dict, spec) -> Schedule | AdaptiveAlpha:
-    kind = d.get("kind")
-    if kind not in SPEC_KINDS:
-        raise ValueError(f"schedule {spec!r}: 'kind' must be one of {SPEC_KINDS}, got {kind!r}")
+    kind = choice_arg(f"schedule {spec!r}: kind", d.get("kind"), SPEC_KINDS)
     names = {f.name for f in dataclasses.fields(AdaptiveAlpha if kind == "adaptive" else Schedule)} - {"kind"}
     rest = {k: v for k, v in d.items() if k != "kind"}
-    if set(rest) - names:
-        raise ValueError(f"schedule {spec!r}: unknown keys {sorted(set(rest) - names)}; a {kind} schedule takes "
-                         f"{sorted(names)}")
+    check(not set(rest) - names, f"schedule {spec!r}", f"only the keys {sorted(names)} (and kind) of a {kind} "
+          f"schedule", sorted(set(rest) - names))
     return AdaptiveAlpha(**rest) if kind == "adaptive" else Schedule(kind, **rest)
 
 
@@ -168,30 +154,27 @@ def parse_schedule(spec) -> Schedule | AdaptiveAlpha:
     or AdaptiveAlpha is returned as is."""
     if isinstance(spec, (Schedule, AdaptiveAlpha)):
         return spec
-    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+    if is_int(spec) or isinstance(spec, float):
         return Schedule("constant", spec)
     if isinstance(spec, dict):
         return _from_dict(spec, spec)
-    if not isinstance(spec, str):
-        raise ValueError(f"schedule must be a number, a string or a dict, got {type(spec).__name__}")
+    check(isinstance(spec, str), "schedule", "a number, a string or a dict", spec)
     text = spec.replace(" ", "")
     if ":" not in text:
         return Schedule("constant", _parse_number(text, spec))
     kind, _, rest = text.partition(":")
-    if kind not in SPEC_KINDS:
-        raise ValueError(f"schedule {spec!r}: kind must be one of {SPEC_KINDS}, got {kind!r}; expected {SYNTAX}")
+    check(kind in SPEC_KINDS, f"schedule {spec!r}: kind",
+          f"one of {', '.join(map(repr, SPEC_KINDS))} (syntax: {SYNTAX})", kind)
     values, *options = rest.split(",")
     ends = values.split("->")
-    if len(ends) != (1 if kind == "constant" else 2):
-        want = "one value" if kind == "constant" else "START->END"
-        raise ValueError(f"schedule {spec!r}: a {kind} schedule needs {want}; expected {SYNTAX}")
+    check(len(ends) == (1 if kind == "constant" else 2), f"schedule {spec!r}",
+          f"{'one value' if kind == 'constant' else 'START->END'} after '{kind}:' (syntax: {SYNTAX})", values)
     fields = {"kind": kind, "start": _parse_number(ends[0], spec)} | \
         ({"end": _parse_number(ends[1], spec)} if len(ends) == 2 else {})
     for opt in options:
         name, eq, value = opt.partition("=")
-        if not eq or name in fields:
-            raise ValueError(f"schedule {spec!r}: options after the values are name=value pairs (not start, end, "
-                             f"kind), got {opt!r}")
+        check(bool(eq) and name not in fields, f"schedule {spec!r}",
+              "name=value options after the values (not start, end or kind)", opt)
         fields[name] = _parse_number(value, spec)
     return _from_dict(fields, spec)
 
@@ -207,13 +190,12 @@ class KDSchedule:
         self.alpha = parse_schedule(alpha)
         self.temperature = parse_schedule(temperature)
         lo, hi = self.alpha.bounds()
-        if lo < 0 or hi > 1:
-            raise ValueError(f"KDSchedule.alpha: values must lie in [0, 1], got {self.alpha}")
-        if isinstance(self.temperature, AdaptiveAlpha):
-            raise ValueError(f"KDSchedule.temperature: the adaptive rule is for alpha only; use one of "
-                             f"{SCHEDULE_KINDS}, got {self.temperature}")
-        if self.temperature.bounds()[0] <= 0:
-            raise ValueError(f"KDSchedule.temperature: values must be > 0, got {self.temperature}")
+        check(lo >= 0 and hi <= 1, "KDSchedule.alpha", "a schedule with values in [0, 1]", str(self.alpha))
+        check(not isinstance(self.temperature, AdaptiveAlpha), "KDSchedule.temperature",
+              f"a schedule of kind {', '.join(SCHEDULE_KINDS)} (the adaptive rule is for alpha only)",
+              str(self.temperature))
+        check(self.temperature.bounds()[0] > 0, "KDSchedule.temperature", "a schedule with values > 0",
+              str(self.temperature))
         self._n, self._ema, self._ref_sum = 0, 0.0, 0.0
 
     @property
@@ -230,8 +212,8 @@ class KDSchedule:
 
     def at(self, step: int, total_steps: int) -> tuple[float, float]:
         """(alpha, temperature) for `step` of `total_steps` (0 <= step <= total_steps)."""
-        _number("KDSchedule.at: total_steps", total_steps, 1, integer=True)
-        _number("KDSchedule.at: step", step, 0, total_steps, integer=True)
+        int_arg("KDSchedule.at: total_steps", total_steps, min=1)
+        int_arg("KDSchedule.at: step", step, min=0, max=total_steps)
         p = step / total_steps
         if self.adaptive:
             r = self.ratio
@@ -244,9 +226,7 @@ class KDSchedule:
         """Record this step's soft KD divergence (a float or a 0-dim tensor; negative rounding noise counts as 0)."""
         if not self.adaptive:
             return
-        d = float(soft_divergence)
-        _number("KDSchedule.observe: soft_divergence", d)
-        d = max(d, 0.0)
+        d = max(number_arg("KDSchedule.observe: soft_divergence", float(soft_divergence)), 0.0)
         self._n += 1
         self._ema = d if self._n == 1 else self.alpha.decay * self._ema + (1 - self.alpha.decay) * d
         if self._n <= self.alpha.reference_steps:
@@ -258,14 +238,13 @@ class KDSchedule:
 
     def load_state_dict(self, state: dict) -> None:
         want = set(self.state_dict())
-        if not isinstance(state, dict) or set(state) != want:
-            got = sorted(state) if isinstance(state, dict) else type(state).__name__
-            raise ValueError(f"KDSchedule.load_state_dict: expected keys {sorted(want)} for alpha={self.alpha}, "
-                             f"got {got}")
+        check(isinstance(state, dict) and set(state) == want, "KDSchedule.load_state_dict: state",
+              f"a dict with the keys {sorted(want)} (alpha={self.alpha})",
+              sorted(state) if isinstance(state, dict) else state)
         if want:
-            _number("KDSchedule state 'observations'", state["observations"], 0, integer=True)
-            _number("KDSchedule state 'ema'", state["ema"], 0.0)
-            _number("KDSchedule state 'reference_sum'", state["reference_sum"], 0.0)
+            int_arg("KDSchedule.load_state_dict: state['observations']", state["observations"], min=0)
+            number_arg("KDSchedule.load_state_dict: state['ema']", state["ema"], min=0)
+            number_arg("KDSchedule.load_state_dict: state['reference_sum']", state["reference_sum"], min=0)
             self._n, self._ema = state["observations"], float(state["ema"])
             self._ref_sum = float(state["reference_sum"])
 

@@ -14,6 +14,12 @@ at a temperature T != 1 is a choice; two are offered, and both equal the dense l
   or tail_mass. A teacher tail of exactly 0 (rounding, when the top-k holds ~all the mass) is floored at
   TAIL_FLOOR so that reverse KL / JSD stay finite.
 
+Masked entries: a logit of -inf (a padded or masked vocabulary entry) is probability 0. Logits are floored at
+`logit_floor(T)` (-finfo(float32).max / 4 · min(T, 1)) as they are read into the chunk buffers: the entry keeps
+probability exactly 0 but gets a finite log-probability, so that the 0 · log 0 terms of the divergences are 0,
+not NaN. The floor is the copy itself where it can be (`rows_into`), and the fused head's logits h @ W.T need
+none unless W has ±inf entries (losses.py), so the hot path has no pass for it.
+
 The functions below work on one chunk of rows in the loss's compute dtype (fp32, or fp64 when an input is
 fp64), writing [C, V] results into reusable workspace buffers `ws(name, rows, cols)`. The student side
 returns its bucket log-probs and probs with `back`, which turns w = p_s ⊙ dD/dp_s (per bucket) into dD/du
@@ -28,10 +34,21 @@ from dataclasses import dataclass
 
 import torch
 
+from kdarch.checks import check, check_index_range, choice_arg, fail, value_checks_on
+
 MODES = ("tail", "renormalise")
 VALUES_ARE = ("logprobs", "logits")
 TAIL_FLOOR = 1e-30
 """Smallest teacher tail mass used in mode="tail" (log = -69)."""
+LOGIT_FLOOR = torch.finfo(torch.float32).min / 4
+"""Logits are floored at LOGIT_FLOOR · min(T, 1): -inf becomes a finite logit of probability exactly 0."""
+_ID_DTYPES = (torch.int64, torch.int32)
+
+
+def logit_floor(T: float) -> float:
+    """The floor for logits read at temperature T: far below any real logit, its log-probability at T stays
+    finite (>= -finfo(float32).max / 4 - logsumexp) and its probability underflows to exactly 0."""
+    return LOGIT_FLOOR * min(T, 1.0)
 
 
 @dataclass(frozen=True)
@@ -49,25 +66,19 @@ class TopKTeacher:
     """How the mass outside the top-k is treated at T: "tail" (one extra bucket) or "renormalise"."""
 
     def __post_init__(self):
-        if self.values_are not in VALUES_ARE:
-            raise ValueError(f"TopKTeacher.values_are must be one of {VALUES_ARE}, got {self.values_are!r}")
-        if self.mode not in MODES:
-            raise ValueError(f"TopKTeacher.mode must be one of {MODES}, got {self.mode!r}")
+        choice_arg("TopKTeacher.values_are", self.values_are, VALUES_ARE)
+        choice_arg("TopKTeacher.mode", self.mode, MODES)
         ids, vals, tail = self.ids, self.values, self.tail_mass
-        if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32) or ids.dim() < 1:
-            raise ValueError(f"TopKTeacher.ids must be an int64/int32 tensor [..., K], got {_desc(ids)}")
-        if ids.shape[-1] < 1:
-            raise ValueError(f"TopKTeacher: k must be >= 1, got ids of shape {tuple(ids.shape)}")
-        if not isinstance(vals, torch.Tensor) or not vals.is_floating_point() or vals.shape != ids.shape:
-            raise ValueError(f"TopKTeacher.values must be a float tensor shaped like ids {tuple(ids.shape)}, "
-                             f"got {_desc(vals)}")
-        if tail is not None and (not isinstance(tail, torch.Tensor) or not tail.is_floating_point()
-                                 or tail.shape != ids.shape[:-1]):
-            raise ValueError(f"TopKTeacher.tail_mass must be a float tensor of shape {tuple(ids.shape[:-1])}, "
-                             f"got {_desc(tail)}")
-        if self.mode == "tail" and self.values_are == "logits" and tail is None:
-            raise ValueError('TopKTeacher: mode="tail" needs log-probs or tail_mass; with bare logits pass '
-                             'tail_mass or use mode="renormalise"')
+        check(isinstance(ids, torch.Tensor) and ids.dtype in _ID_DTYPES and ids.dim() >= 1 and ids.shape[-1] >= 1,
+              "TopKTeacher.ids", "an int64/int32 tensor [..., K] with K >= 1", ids)
+        check(isinstance(vals, torch.Tensor) and vals.is_floating_point() and vals.shape == ids.shape,
+              "TopKTeacher.values", f"a float tensor shaped like ids {tuple(ids.shape)}", vals)
+        check(tail is None or (isinstance(tail, torch.Tensor) and tail.is_floating_point()
+                               and tail.shape == ids.shape[:-1]),
+              "TopKTeacher.tail_mass", f"None or a float tensor of shape {tuple(ids.shape[:-1])}", tail)
+        check(not (self.mode == "tail" and self.values_are == "logits" and tail is None), "TopKTeacher.tail_mass",
+              'a tensor for mode="tail" with values_are="logits" (or log-probs as values, or mode="renormalise")',
+              tail)
 
     @classmethod
     def from_logits(cls, logits: torch.Tensor, k: int, *, mode: str = "tail") -> TopKTeacher:
@@ -82,87 +93,95 @@ class TopKTeacher:
     def k(self) -> int:
         return self.ids.shape[-1]
 
+    def _derived(self, **tensors) -> TopKTeacher:
+        """A copy with views / rows of its own tensors, not validated again (`dataclasses.replace` would)."""
+        new = object.__new__(TopKTeacher)
+        for f in dataclasses.fields(self):
+            object.__setattr__(new, f.name, tensors.get(f.name, getattr(self, f.name)))
+        return new
+
     def detach(self) -> TopKTeacher:
         tail = self.tail_mass.detach() if self.tail_mass is not None else None
-        return dataclasses.replace(self, values=self.values.detach(), tail_mass=tail)
+        return self._derived(values=self.values.detach(), tail_mass=tail)
 
     def flatten(self) -> TopKTeacher:
         """The same signal with rows flattened: ids/values [N, K], tail_mass [N]."""
         tail = self.tail_mass.reshape(-1) if self.tail_mass is not None else None
-        return dataclasses.replace(self, ids=self.ids.reshape(-1, self.k), values=self.values.reshape(-1, self.k),
-                                   tail_mass=tail)
+        return self._derived(ids=self.ids.reshape(-1, self.k), values=self.values.reshape(-1, self.k), tail_mass=tail)
 
     def take(self, rows) -> TopKTeacher:
         """Rows of a flattened signal (a slice or an index tensor)."""
         pick = (lambda t: t[rows]) if isinstance(rows, slice) else (lambda t: t.index_select(0, rows))
         tail = pick(self.tail_mass) if self.tail_mass is not None else None
-        return dataclasses.replace(self, ids=pick(self.ids), values=pick(self.values), tail_mass=tail)
+        return self._derived(ids=pick(self.ids), values=pick(self.values), tail_mass=tail)
 
     def check(self, vocab_size: int, lead_shape: tuple, who: str) -> None:
-        """Checks against the student (one pass over [N, K]): shapes, id range and uniqueness, log-probs."""
-        if tuple(self.ids.shape[:-1]) != tuple(lead_shape):
-            raise ValueError(f"{who}: TopKTeacher rows {tuple(self.ids.shape[:-1])} must match the student's "
-                             f"leading shape {tuple(lead_shape)}")
-        if self.k > vocab_size:
-            raise ValueError(f"{who}: TopKTeacher has k={self.k} > the student's vocab size V={vocab_size}")
-        if self.ids.numel() == 0:
+        """Checks against the student: shapes (always), and, where `value_checks_on` (one pass over [N, K]), id
+        range and uniqueness, log-probs that sum to at most 1, tail mass in [0, 1]."""
+        lead = tuple(lead_shape)
+        check(tuple(self.ids.shape[:-1]) == lead, f"{who}: TopKTeacher.ids",
+              f"a tensor of shape {lead} + (K,), one row per student row", self.ids)
+        check(self.k <= vocab_size, f"{who}: TopKTeacher.k", f"an int <= the student's vocab size V={vocab_size}",
+              self.k)
+        if self.ids.numel() == 0 or not value_checks_on(self.ids):
             return
-        lo, hi = torch.aminmax(self.ids)
-        if lo < 0 or hi >= vocab_size:
-            raise ValueError(f"{who}: TopKTeacher.ids must lie in [0, V={vocab_size}), got values in "
-                             f"[{int(lo)}, {int(hi)}] (teacher and student vocabularies must match)")
+        check_index_range(f"{who}: TopKTeacher.ids", self.ids, vocab_size,
+                          what="ids of the student's vocabulary (teacher and student vocabularies must match)")
         if self.k > 1:
-            srt = self.ids.reshape(-1, self.k).sort(-1).values
-            if (srt[:, 1:] == srt[:, :-1]).any():
-                raise ValueError(f"{who}: TopKTeacher.ids repeat an id within a row; top-k ids must be distinct")
+            ids_NK = self.ids.reshape(-1, self.k)
+            srt_NK = ids_NK.sort(-1).values
+            dup_N = (srt_NK[:, 1:] == srt_NK[:, :-1]).any(-1)
+            if dup_N.any():
+                fail(f"{who}: TopKTeacher.ids", "distinct ids within each row", ids_NK[dup_N.nonzero()[0, 0]].tolist())
         if self.values_are == "logprobs":
-            mass = self.values.double().logsumexp(-1).exp().max()
-            if mass > 1.01:
-                raise ValueError(f"{who}: TopKTeacher.values_are='logprobs' but exp(values) sums to {float(mass):.3g}"
-                                 f" > 1 in some row; pass logits with values_are='logits'")
+            mass = float(self.values.detach().double().logsumexp(-1).exp().max())
+            check(mass <= 1.01, f"{who}: TopKTeacher.values", "log-probs (values_are='logprobs') whose exp sums to "
+                  "<= 1 in every row; pass logits with values_are='logits'", f"a row whose exp sums to {mass:.3g}")
         if self.tail_mass is not None:
-            lo, hi = torch.aminmax(self.tail_mass)
-            if lo < -1e-3 or hi > 1 + 1e-3:
-                raise ValueError(f"{who}: TopKTeacher.tail_mass must lie in [0, 1], got [{float(lo):.3g}, "
-                                 f"{float(hi):.3g}]")
-
-
-def _desc(x) -> str:
-    return f"{x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            lo, hi = (float(v) for v in torch.aminmax(self.tail_mass.detach()))
+            check(lo >= -1e-3 and hi <= 1 + 1e-3, f"{who}: TopKTeacher.tail_mass", "values in [0, 1]",
+                  float(f"{lo if lo < -1e-3 else hi:.4g}"))
 
 
 def uses_tail(teacher: TopKTeacher, vocab_size: int) -> bool:
     return teacher.mode == "tail" and teacher.k < vocab_size  # k = V: no tail; both modes are the dense loss
 
 
-def rows_into(x_NV: torch.Tensor, rows, out_CV: torch.Tensor) -> torch.Tensor:
-    """out <- x[rows] (a slice or an index tensor) without a fresh [C, V] allocation where possible."""
+def rows_into(x_NV: torch.Tensor, rows, out_CV: torch.Tensor, floor: float | None = None) -> torch.Tensor:
+    """out <- x[rows] (a slice or an index tensor), floored at `floor` if given (`logit_floor`), without a fresh
+    [C, V] allocation where possible. The floor is the copy itself (torch.clamp(out=)) when x has out's dtype and
+    rows is a slice; otherwise one in-place pass over out."""
+    same = x_NV.dtype == out_CV.dtype
     if isinstance(rows, slice):
-        return out_CV.copy_(x_NV[rows])
-    if x_NV.dtype == out_CV.dtype:
-        return torch.index_select(x_NV, 0, rows, out=out_CV)
-    return out_CV.copy_(x_NV.index_select(0, rows))
+        if floor is not None and same:
+            return torch.clamp(x_NV[rows], min=floor, out=out_CV)
+        out_CV.copy_(x_NV[rows])
+    elif same:
+        torch.index_select(x_NV, 0, rows, out=out_CV)
+    else:
+        out_CV.copy_(x_NV.index_select(0, rows))
+    return out_CV if floor is None else out_CV.clamp_min_(floor)
 
 
 def log_softmax_(x_CV: torch.Tensor, p_CV: torch.Tensor, T: float = 1.0) -> torch.Tensor:
     """x <- log_softmax(x / T) in place and p <- softmax(x / T); returns logsumexp(x / T) [C, 1]. One exp pass,
-    no log over [C, V], and the 1/T folded into passes that are needed anyway. Log-probs are clamped to the
-    dtype's finite range: a -inf logit (a masked entry) has probability 0 and a finite log, so that 0 · log 0
-    terms of the divergences are 0, not NaN, when both sides mask the same entries."""
+    no log over [C, V], and the 1/T folded into passes that are needed anyway. Floored logits (`logit_floor`) give
+    finite log-probs."""
     m_C1 = x_CV.amax(-1, keepdim=True) / T
     z_C1 = torch.add(-m_C1, x_CV, alpha=1 / T, out=p_CV).exp_().sum(-1, keepdim=True)
     p_CV.div_(z_C1)
     lse_C1 = z_C1.log_().add_(m_C1)
-    torch.add(-lse_C1, x_CV, alpha=1 / T, out=x_CV).clamp_min_(torch.finfo(x_CV.dtype).min)
+    torch.add(-lse_C1, x_CV, alpha=1 / T, out=x_CV)
     return lse_C1
 
 
 def teacher_logprobs(teacher, rows, T: float, vocab_size: int, ws):
     """The teacher's log-probs and probs at T over its buckets: [C, V] (dense), [C, K] or [C, K + 1]. Log-probs
-    are clamped to the dtype's finite range (a -inf logit gives probability 0 and a finite log)."""
+    are finite: dense logits are floored as they are read, top-k ones clamped ([C, K], cheap)."""
     if isinstance(teacher, torch.Tensor):
         C = ws.rows(rows)
-        lt_CV, pt_CV = rows_into(teacher, rows, ws("TT", C, vocab_size)), ws("Q", C, vocab_size)
+        lt_CV = rows_into(teacher, rows, ws("TT", C, vocab_size), logit_floor(T))
+        pt_CV = ws("Q", C, vocab_size)
         log_softmax_(lt_CV, pt_CV, T)
         return lt_CV, pt_CV
     tk = teacher.take(rows)
@@ -180,15 +199,16 @@ def teacher_logprobs(teacher, rows, T: float, vocab_size: int, ws):
 
 
 def student_logprobs(s_CV: torch.Tensor, teacher, rows, T: float, ws):
-    """The student's log-probs and probs at T over the teacher's buckets, from its logits s (a workspace buffer);
-    back(w_CB) -> dD/du [C, V] for w = p_s ⊙ dD/dp_s and u = s / T (for a plain softmax that is w - p_s·Σw;
-    a bucket sums its tokens' probabilities), written outside buffer "P"; and lse = logsumexp(s / T) [C, 1]
-    when s was overwritten by log_softmax(s / T) (dense and tail), None when s is intact (renormalise)."""
+    """The student's log-probs and probs at T over the teacher's buckets, from its logits s (a workspace buffer,
+    floored at `logit_floor(T)`); back(w_CB) -> dD/du [C, V] for w = p_s ⊙ dD/dp_s and u = s / T (for a plain
+    softmax that is w - p_s·Σw; a bucket sums its tokens' probabilities), written outside buffer "P"; and
+    lse = logsumexp(s / T) [C, 1] when s was overwritten by log_softmax(s / T) (dense and tail), None when s is
+    intact (renormalise)."""
     C, V = s_CV.shape
     if isinstance(teacher, TopKTeacher):
         ids_CK = teacher.take(rows).ids.long()
         if not uses_tail(teacher, V):  # renormalise over the k ids
-            ls_CK = (s_CV.gather(1, ids_CK) / T).log_softmax(-1).clamp_min_(torch.finfo(s_CV.dtype).min)
+            ls_CK = (s_CV.gather(1, ids_CK) / T).log_softmax(-1)
             ps_CK = ls_CK.exp()
 
             def back(w_CK):

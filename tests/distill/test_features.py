@@ -65,7 +65,7 @@ def test_uniform_layer_map_is_nearest_relative_depth():
 
 @pytest.mark.parametrize("args", [(0, 4), (4, 0), (2.0, 4), (True, 4), (-1, 3)])
 def test_uniform_layer_map_rejects(args):
-    with pytest.raises(ValueError, match="uniform_layer_map"):
+    with pytest.raises(ValueError, match=r"^uniform_layer_map: n_(student|teacher): expected an int >= 1, got "):
         uniform_layer_map(*args)
 
 
@@ -164,20 +164,33 @@ def test_low_precision_states():
 
 
 # ------------------------------------------------------------------------------------------ validation
+PAIR = (r"a \(student index, teacher index\) pair of ints, student index in \[0, 2\] and teacher index in \[0, 3\] "
+        r"\(0: embedding output, i: block i\)")
+
+
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(layer_map=[(3, 1)]), r"layer_map must be .*student index in \[0, 2\].*got the pair \(3, 1\)"),
-    (dict(layer_map=[(1, 4)]), r"teacher index in \[0, 3\].*got the pair \(1, 4\)"),
-    (dict(layer_map=[(-1, 1)]), r"got the pair \(-1, 1\)"),
-    (dict(layer_map=[(1.0, 1)]), r"got the pair \(1.0, 1\)"),
-    (dict(layer_map=[(1, 1, 1)]), r"layer_map must be"),
-    (dict(layer_map=[]), r"got an empty list"),
-    (dict(layer_map=[(1, 1), (1, 1)]), r"pair \(1, 1\) more than once"),
-    (dict(layer_map="last"), r"layer_map must be 'uniform' or a list"),
-    (dict(layer_map=[(1, 1)], include_embedding=True), r"include_embedding applies to layer_map='uniform'"),
-    (dict(loss="l1"), r"loss must be one of \('mse', 'cosine'\), got 'l1'"),
-    (dict(projector="mlp"), r"projector must be one of \('linear', 'identity'\)"),
-    (dict(projector="identity"), r"projector='identity' needs student_dim == teacher_dim, got 6 and 8"),
-    (dict(normalize=1), r"normalize must be a bool"),
+    (dict(layer_map=[(3, 1)]), rf"^FeatureKDConfig.layer_map\[0\]: expected {PAIR}, got \(3, 1\)$"),
+    (dict(layer_map=[(1, 1), (1, 4)]), rf"^FeatureKDConfig.layer_map\[1\]: expected {PAIR}, got \(1, 4\)$"),
+    (dict(layer_map=[(-1, 1)]), rf"^FeatureKDConfig.layer_map\[0\]: expected {PAIR}, got \(-1, 1\)$"),
+    (dict(layer_map=[(1.0, 1)]), rf"^FeatureKDConfig.layer_map\[0\]: expected {PAIR}, got \(1.0, 1\)$"),
+    (dict(layer_map=[(True, 1)]), rf"^FeatureKDConfig.layer_map\[0\]: expected {PAIR}, got \(True, 1\)$"),
+    (dict(layer_map=[(1, 1, 1)]), rf"^FeatureKDConfig.layer_map\[0\]: expected {PAIR}, got \(1, 1, 1\)$"),
+    (dict(layer_map=[]), rf"^FeatureKDConfig.layer_map: expected 'uniform' or a non-empty list of pairs, each {PAIR}, "
+                         r"got \[\]$"),
+    (dict(layer_map=3), r"^FeatureKDConfig.layer_map: expected 'uniform' or a non-empty list of pairs, .*, got 3$"),
+    (dict(layer_map=[(1, 1), (1, 1)]), r"^FeatureKDConfig.layer_map\[1\]: expected a pair not listed before "
+                                       r"\(FeatureKDConfig.layer_map\[0\] is the same\), got \(1, 1\)$"),
+    (dict(layer_map="last"), r"^FeatureKDConfig.layer_map: expected 'uniform' or a list of \(student index, teacher "
+                             r"index\) pairs, got 'last'$"),
+    (dict(layer_map=[(1, 1)], include_embedding=True),
+     r"^FeatureKDConfig.include_embedding: expected False with an explicit layer_map \(it applies to "
+     r"layer_map='uniform' only; add the pair \(0, 0\) to the map instead\), got True$"),
+    (dict(loss="l1"), r"^FeatureKDConfig.loss: expected one of 'mse', 'cosine', got 'l1'$"),
+    (dict(projector="mlp"), r"^FeatureKDConfig.projector: expected one of 'linear', 'identity', got 'mlp'$"),
+    (dict(projector="identity"), r"^FeatureKDConfig.projector: expected 'linear' for student_dim=6 != teacher_dim=8 "
+                                 r"\('identity' needs equal widths\), got 'identity'$"),
+    (dict(normalize=1), r"^FeatureKDConfig.normalize: expected true or false, got 1$"),
+    (dict(bias="no"), r"^FeatureKDConfig.bias: expected true or false, got 'no'$"),
 ])
 def test_config_rejects(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -187,28 +200,35 @@ def test_config_rejects(kwargs, match):
 @pytest.mark.parametrize("field", ["student_dim", "teacher_dim", "n_student_layers", "n_teacher_layers"])
 def test_config_rejects_sizes(field):
     args = dict(student_dim=S, teacher_dim=D, n_student_layers=2, n_teacher_layers=3)
-    with pytest.raises(ValueError, match=f"FeatureKDConfig.{field} must be an int >= 1, got 0"):
+    with pytest.raises(ValueError, match=f"^FeatureKDConfig.{field}: expected an int >= 1, got 0$"):
         FeatureKDConfig(**{**args, field: 0})
 
 
 def test_forward_rejects_bad_states_and_masks():
     fd = FeatureDistiller(S, D, 2, 3)
     hs, ht = states(3, S, 0, torch.float32), states(4, D, 1, torch.float32)
-    with pytest.raises(ValueError, match=r"expected 3 student hidden states \(embedding output \+ 2 blocks\), got 2"):
+    with pytest.raises(ValueError, match=r"^FeatureDistiller: student states: expected 3 hidden states \(embedding "
+                                         r"output \+ 2 blocks\), got 2$"):
         fd(hs[:2], ht)
-    with pytest.raises(ValueError, match=r"teacher state 1 has width 6, expected 8"):
+    with pytest.raises(ValueError, match=r"^FeatureDistiller: teacher states\[1\]: expected a tensor of width D = 8, "
+                                         r"got a float32 tensor of shape \(2, 5, 6\)$"):
         fd(hs, (ht[0], hs[0], ht[2], ht[3]))
-    with pytest.raises(ValueError, match=r"student state 2 has \[B, T\] = \[2, 4\]"):
+    with pytest.raises(ValueError, match=r"^FeatureDistiller: student states\[2\]: expected \[B, T\] = \[2, 5\] like "
+                                         r"student states\[0\], got a float32 tensor of shape \(2, 4, 6\)$"):
         fd((hs[0], hs[1], hs[2][:, :4]), ht)
-    with pytest.raises(ValueError, match=r"student states are \[B, T\] = \[2, 5\], teacher states \[1, 5\]"):
+    with pytest.raises(ValueError, match=r"^FeatureDistiller: teacher states: expected \[B, T\] = \[2, 5\] like the "
+                                         r"student states, got a float32 tensor of shape \(1, 5, 8\)$"):
         fd(hs, [h[:1] for h in ht])
-    with pytest.raises(ValueError, match=r"student states must be a non-empty tuple/list"):
+    with pytest.raises(ValueError, match=r"^FeatureDistiller: student states: expected a non-empty tuple/list of "
+                                         r"\[B, T, D\] tensors \(e.g. out.hidden_states\), got a float32 tensor"):
         fd(hs[0], ht)
-    with pytest.raises(ValueError, match=r"student state 0 must be a float tensor \[B, T, D\]"):
+    with pytest.raises(ValueError, match=r"^FeatureDistiller: student states\[0\]: expected a float tensor "
+                                         r"\[B, T, D\], got a float32 tensor of shape \(5, 6\)$"):
         fd((hs[0][0], hs[1], hs[2]), ht)
-    with pytest.raises(ValueError, match=r"mask must be a bool tensor of shape \[2, 5\]"):
+    with pytest.raises(ValueError, match=r"^FeatureDistiller: mask: expected a bool tensor of shape \[2, 5\] \(True = "
+                                         r"valid token\), got a float32 tensor of shape \(2, 5\)$"):
         fd(hs, ht, torch.ones(B, T))
-    with pytest.raises(ValueError, match=r"mask must be a bool tensor of shape \[2, 5\]"):
+    with pytest.raises(ValueError, match=r"^FeatureDistiller: mask: expected a bool tensor of shape \[2, 5\]"):
         fd(hs, ht, torch.ones(B, T + 1, dtype=torch.bool))
 
 

@@ -160,17 +160,66 @@ def test_on_a_kdarch_student():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("signal", ["dense", "tail", "renormalise", "k=V"])
+def test_entries_masked_on_both_sides_contribute_nothing(kind, signal):
+    """A head weight whose masked rows give -inf logits (h[:, 0] = 1, row = [-inf, 0, ...]) and a teacher masked
+    on the same entries: loss, dL/dh and dL/dW equal the fused loss on the vocabulary without them, dL/dW is 0 on
+    the masked rows, nothing is NaN; the same through DistillationHead."""
+    h, w, t, y = make(dtype=torch.float64, seed=3)
+    masked = torch.tensor([1, 7, 30])
+    keep = torch.tensor([v for v in range(w.shape[0]) if v not in masked.tolist()])
+    h[:, 0] = 1.0
+    w_m, t_m = w.clone(), t.clone()
+    w_m[masked] = 0.0
+    w_m[masked, 0] = float("-inf")
+    t_m[:, masked] = float("-inf")
+    assert torch.isneginf(h @ w_m.T)[:, masked].all()
+    y = torch.where(torch.isin(y, masked), 0, y)
+    remap = torch.full((w.shape[0],), -1, dtype=torch.long)
+    remap[keep] = torch.arange(len(keep))
+    y_k = torch.where(y == IGNORE, IGNORE, remap[y.clamp_min(0)])
+
+    def teacher(logits):
+        if signal == "dense":
+            return logits
+        k = logits.shape[-1] if signal == "k=V" else 5
+        return TopKTeacher.from_logits(logits, k, mode="renormalise" if signal == "renormalise" else "tail")
+    opts = dict(kind=kind, temperature=2.0, alpha=0.6, beta=0.3)
+    got = run(lambda h, w: fused_kd_loss(h, w, y, teacher(t_m), chunk=4, **opts), h, w_m)
+    want = run(lambda h, w: fused_kd_loss(h, w, y_k, teacher(t[:, keep]), chunk=4, **opts), h, w[keep])
+    assert all(torch.isfinite(x).all() for x in got)
+    assert_same(got[:2], want[:2])
+    torch.testing.assert_close(got[2][keep], want[2])
+    assert (got[2][masked] == 0).all()
+    head = DistillationHead(chunk=3, **opts)
+    assert_same(run(lambda h, w: head(h, w, y, teacher(t_m)), h, w_m)[:2], want[:2])
+
+
 def test_bad_inputs():
     h, w, t, y = make()
-    with pytest.raises(ValueError, match=r"expected hidden \[..., D\] and weight \[V, D\]"):
+    with pytest.raises(ValueError, match=r"^fused_kd_loss: hidden: expected a float tensor \[\.\.\., D\] with "
+                                         r"D = 5 like weight \[V, D\] = \[31, 5\], got a float32 tensor of shape "
+                                         r"\(19, 12\)$"):
         fused_kd_loss(h, w[:, :5], y, t)
-    with pytest.raises(ValueError, match="weight dtype must match hidden"):
+    with pytest.raises(ValueError, match=r"^fused_kd_loss: weight: expected hidden's dtype \(torch.float32\), "
+                                         r"got torch.float64$"):
         fused_kd_loss(h, w.double(), y, t)
-    with pytest.raises(ValueError, match="hidden must be a float tensor"):
+    with pytest.raises(ValueError, match=r"^fused_kd_loss: hidden: expected a float tensor \[\.\.\., D\] with "
+                                         r"D = 12 like weight \[V, D\] = \[31, 12\], got an int64 tensor of shape "
+                                         r"\(19, 12\)$"):
         fused_kd_loss(h.long(), w, y, t)
-    with pytest.raises(ValueError, match="vocab size mismatch: student V=31, teacher V=40"):
+    with pytest.raises(ValueError, match=r"^fused_kd_loss: weight: expected a float tensor \[V, D\], got a float32 "
+                                         r"tensor of shape \(31,\)$"):
+        fused_kd_loss(h, w[:, 0], y, t)
+    with pytest.raises(ValueError, match=r"^fused_kd_loss: chunk: expected an int >= 1 or None, got -1$"):
+        fused_kd_loss(h, w, y, t, chunk=-1)
+    with pytest.raises(ValueError, match=r"^fused_kd_loss: teacher: expected logits over the student's vocabulary, "
+                                         r"V=31 \(vocab size mismatch.*, got a float32 tensor of shape \(19, 40\)$"):
         fused_kd_loss(h, w, y, F.pad(t, (0, 9)))
-    with pytest.raises(ValueError, match=r"labels must have shape \(19,\)"):
+    with pytest.raises(ValueError, match=r"^fused_kd_loss: labels: expected an int64/int32 tensor of shape \(19,\), "
+                                         r"got an int64 tensor of shape \(5,\)$"):
         fused_kd_loss(h, w, y[:5], t)
-    with pytest.raises(ValueError, match=r"kind must be one of"):
+    with pytest.raises(ValueError, match=r"^KDLossConfig.kind: expected one of 'forward_kl', 'reverse_kl', 'jsd', "
+                                         r"'tvd', got 'kl_div'$"):
         DistillationHead(kind="kl_div")

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kdarch.checks import set_value_checks
 from kdarch.distill import KINDS, KDLossConfig, TopKTeacher, kd_loss
 
 IGNORE = -100
@@ -230,97 +231,214 @@ def test_topk_gradcheck_and_zero_tail(mode):
 # ------------------------------------------------------------------------------------------ bad input
 def test_config_errors_name_the_allowed_values():
     s, t, y = make()
-    with pytest.raises(ValueError, match=r"kind must be one of \('forward_kl', 'reverse_kl', 'jsd', 'tvd'\)"):
+    with pytest.raises(ValueError, match=r"^KDLossConfig.kind: expected one of 'forward_kl', 'reverse_kl', 'jsd', "
+                                         r"'tvd', got 'kl'$"):
         kd_loss(s, t, y, kind="kl")
-    for kw, msg in ((dict(temperature=0.0), "temperature must be a finite number > 0"),
-                    (dict(temperature=math.inf), "temperature"),
-                    (dict(alpha=1.5), r"alpha must be a number in \[0, 1\]"),
-                    (dict(beta=-0.1), r"beta must be a number in \[0, 1\]"),
-                    (dict(chunk=0), "chunk must be a positive int")):
-        with pytest.raises(ValueError, match=msg):
+    for kw, msg in ((dict(temperature=0.0), r"KDLossConfig.temperature: expected a finite number > 0, got 0.0"),
+                    (dict(temperature=math.inf), r"KDLossConfig.temperature: expected a finite number > 0, got inf"),
+                    (dict(temperature=True), r"KDLossConfig.temperature: expected a finite number > 0, got True"),
+                    (dict(alpha=1.5), r"KDLossConfig.alpha: expected a finite number in \[0, 1\], got 1.5"),
+                    (dict(beta=-0.1), r"KDLossConfig.beta: expected a finite number in \[0, 1\], got -0.1"),
+                    (dict(chunk=0), r"kd_loss: chunk: expected an int >= 1 or None, got 0"),
+                    (dict(chunk=2.0), r"kd_loss: chunk: expected an int >= 1 or None, got 2.0")):
+        with pytest.raises(ValueError, match="^" + msg + "$"):
             kd_loss(s, t, y, **kw)
-    with pytest.raises(ValueError, match="ignore_index must be an int"):
+    with pytest.raises(ValueError, match=r"^KDLossConfig.ignore_index: expected an int, got 1.5$"):
         KDLossConfig(ignore_index=1.5)
 
 
 def test_input_errors():
     s, t, y = make()
     V = s.shape[-1]
-    with pytest.raises(ValueError,
-                       match=r"vocab size mismatch: student V=29, teacher V=32.*teacher_logits\[\.\.\., :29"):
+    with pytest.raises(ValueError, match=r"^kd_loss: teacher: expected logits over the student's vocabulary, V=29 "
+                                         r"\(vocab size mismatch.*teacher_logits\[\.\.\., :29\]\), got a float32 "
+                                         r"tensor of shape \(2, 7, 32\)$"):
         kd_loss(s, F.pad(t, (0, 3)), y)
-    with pytest.raises(ValueError, match=r"teacher logits must have shape \(2, 7, 29\)"):
+    with pytest.raises(ValueError, match=r"^kd_loss: teacher: expected logits of shape \(2, 7, 29\) like the "
+                                         r"student's, got a float32 tensor of shape \(1, 7, 29\)$"):
         kd_loss(s, t[:1], y)
-    with pytest.raises(ValueError, match="teacher logits must be a float tensor"):
+    with pytest.raises(ValueError, match=r"^kd_loss: teacher: expected float logits \[\.\.\., V\] or a TopKTeacher, "
+                                         r"got an int64 tensor of shape \(2, 7, 29\)$"):
         kd_loss(s, t.long(), y)
-    with pytest.raises(TypeError, match="teacher must be a logits tensor"):
+    with pytest.raises(TypeError, match=r"^kd_loss: teacher: expected a logits tensor \[\.\.\., V\] or a "
+                                        r"TopKTeacher, got \[\["):
         kd_loss(s, t.tolist(), y)
-    with pytest.raises(ValueError, match="student_logits must be a float tensor"):
+    with pytest.raises(ValueError, match=r"^kd_loss: student_logits: expected a float tensor \[\.\.\., V\] with "
+                                         r"V >= 1, got an int64 tensor of shape \(2, 7, 29\)$"):
         kd_loss(s.long(), t, y)
-    with pytest.raises(ValueError, match=r"labels must have shape \(2, 7\)"):
+    with pytest.raises(ValueError, match=r"^kd_loss: labels: expected an int64/int32 tensor of shape \(2, 7\), got an "
+                                         r"int64 tensor of shape \(2, 3\)$"):
         kd_loss(s, t, y[:, :3])
-    with pytest.raises(ValueError, match="labels must be an int64/int32 tensor"):
+    with pytest.raises(ValueError, match=r"^kd_loss: labels: expected an int64/int32 tensor of shape \(2, 7\), got a "
+                                         r"float32 tensor of shape \(2, 7\)$"):
         kd_loss(s, t, y.float())
     bad = y.clone()
     bad[0, 1] = V
-    with pytest.raises(ValueError, match=r"label 29 out of range; expected ids in \[0, 29\) or ignore_index=-100"):
+    with pytest.raises(ValueError, match=r"^kd_loss: labels: expected token ids in \[0, 29\) \(or -100 to ignore\), "
+                                         r"got 29$"):
         kd_loss(s, t, bad)
-    with pytest.raises(ValueError, match="needs labels"):
+    with pytest.raises(ValueError, match=r"^kd_loss: labels: expected a labels tensor \(the hard-label term, "
+                                         r"alpha=0.5 < 1, needs labels; or pass alpha=1\), got None$"):
         kd_loss(s, t, None, alpha=0.5)
 
 
 def test_topk_errors():
     s, t, y = make()
     sig = TopKTeacher.from_logits(t, 4)
-    with pytest.raises(ValueError, match=r"TopKTeacher.ids must lie in \[0, V=20\)"):
+    with pytest.raises(ValueError, match=r"^kd_loss: TopKTeacher.ids: expected ids of the student's vocabulary "
+                                         r"\(teacher and student vocabularies must match\) in \[0, 20\), got 2\d$"):
         kd_loss(s[..., :20], sig, y.clamp_max(19))
     dup = sig.ids.clone()
     dup[..., 1] = dup[..., 0]
-    with pytest.raises(ValueError, match="repeat an id"):
+    with pytest.raises(ValueError, match=r"^kd_loss: TopKTeacher.ids: expected distinct ids within each row, "
+                                         r"got \[(\d+), \1, \d+, \d+\]$"):
         kd_loss(s, TopKTeacher(dup, sig.values), y)
-    with pytest.raises(ValueError, match="values_are='logprobs' but exp"):
+    with pytest.raises(ValueError, match=r"^kd_loss: TopKTeacher.values: expected log-probs \(values_are='logprobs'\) "
+                                         r"whose exp sums to <= 1 in every row; pass logits with values_are='logits', "
+                                         r"got 'a row whose exp sums to \d+(\.\d+)?'$"):
         kd_loss(s, TopKTeacher(sig.ids, sig.values + 3.0), y)
-    with pytest.raises(ValueError, match=r"k=4 > the student's vocab size V=3"):
+    with pytest.raises(ValueError, match=r"^kd_loss: TopKTeacher.k: expected an int <= the student's vocab size V=3, "
+                                         r"got 4$"):
         kd_loss(s[..., :3], sig, y.clamp_max(2))
-    with pytest.raises(ValueError, match=r"rows \(2, 7\) must match the student's leading shape \(14,\)"):
+    with pytest.raises(ValueError, match=r"^kd_loss: TopKTeacher.ids: expected a tensor of shape \(14,\) \+ \(K,\), "
+                                         r"one row per student row, got an int64 tensor of shape \(2, 7, 4\)$"):
         kd_loss(s.reshape(14, -1), sig, y.reshape(-1))
-    with pytest.raises(ValueError, match='mode="tail" needs log-probs or tail_mass'):
+    with pytest.raises(ValueError, match=r'^TopKTeacher.tail_mass: expected a tensor for mode="tail" with '
+                                         r'values_are="logits" \(or log-probs as values, or mode="renormalise"\), '
+                                         r'got None$'):
         TopKTeacher(sig.ids, sig.values, "logits")
-    with pytest.raises(ValueError, match=r"mode must be one of \('tail', 'renormalise'\)"):
+    with pytest.raises(ValueError, match=r"^TopKTeacher.mode: expected one of 'tail', 'renormalise', got 'renorm'$"):
         TopKTeacher(sig.ids, sig.values, mode="renorm")
-    with pytest.raises(ValueError, match="values must be a float tensor shaped like ids"):
+    with pytest.raises(ValueError, match=r"^TopKTeacher.values: expected a float tensor shaped like ids \(2, 7, 4\), "
+                                         r"got a float32 tensor of shape \(2, 7, 2\)$"):
         TopKTeacher(sig.ids, sig.values[..., :2])
-    with pytest.raises(ValueError, match=r"tail_mass must lie in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"^TopKTeacher.ids: expected an int64/int32 tensor \[\.\.\., K\] with "
+                                         r"K >= 1, got a float32 tensor of shape \(2, 7, 4\)$"):
+        TopKTeacher(sig.values, sig.values)
+    with pytest.raises(ValueError, match=r"^kd_loss: TopKTeacher.tail_mass: expected values in \[0, 1\], got 2\.\d+$"):
         kd_loss(s, TopKTeacher(sig.ids, sig.values, tail_mass=sig.tail_mass + 2), y)
 
 
+def test_value_checks_only_where_switched_on():
+    """Label ranges and the top-k signal's ids / mass are value checks (a host sync): skipped when switched off
+    (`kdarch.checks.set_value_checks(False)`, as KDARCH_CHECKS=0 does), while shape checks stay on."""
+    s, t, y = make()
+    sig = TopKTeacher.from_logits(t, 4)
+    dup = sig.ids.clone()
+    dup[..., 1] = dup[..., 0]
+    bad = y.clone()
+    bad[0, 1] = 10**6  # never gathered below: alpha=1 computes no hard term
+    try:
+        set_value_checks(False)
+        kd_loss(s, TopKTeacher(dup, sig.values), y)
+        kd_loss(s, TopKTeacher(sig.ids, sig.values + 3.0, tail_mass=sig.tail_mass + 2), y)
+        kd_loss(s, t, bad, alpha=1.0)
+        with pytest.raises(ValueError, match=r"^kd_loss: labels: expected an int64/int32 tensor of shape \(2, 7\)"):
+            kd_loss(s, t, y[:, :3])
+        set_value_checks(True)
+        with pytest.raises(ValueError, match=r"labels: expected token ids in \[0, 29\)"):
+            kd_loss(s, t, bad, alpha=1.0)
+    finally:
+        set_value_checks(None)
+
+
 # ---------------------------------------------------------------------------------------------- masked vocabulary
-@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd", "tvd"])
-@pytest.mark.parametrize("signal", ["dense", "tail", "renormalise"])
-def test_entries_masked_on_both_sides_contribute_nothing(kind, signal):
-    """A padded vocabulary masked with -inf in student and teacher alike: the loss and its gradients equal those
-    on the vocabulary with the masked columns dropped (0 · log 0 = 0, never NaN)."""
-    g = torch.Generator().manual_seed(7)
-    s, t = torch.randn(6, 12, generator=g, dtype=torch.float64), torch.randn(6, 12, generator=g, dtype=torch.float64)
-    masked = torch.tensor([2, 9, 10])
-    keep = torch.tensor([i for i in range(12) if i not in masked.tolist()])
+def masked_pair(dtype, V=12, masked=(2, 9, 10), seed=7):
+    """Student and teacher logits [6, V] (student in `dtype`, teacher fp64 or fp32) masked with -inf on the same
+    columns, the same logits with those columns dropped, labels (one row ignored) and their remap."""
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(6, V, generator=g, dtype=torch.float64).to(dtype)
+    t = torch.randn(6, V, generator=g, dtype=torch.float64).to(torch.float64 if dtype == torch.float64 else
+                                                                 torch.float32)
+    masked = torch.tensor(masked)
+    keep = torch.tensor([i for i in range(V) if i not in masked.tolist()])
     s_m, t_m = s.clone(), t.clone()
     s_m[:, masked], t_m[:, masked] = float("-inf"), float("-inf")
-    labels = torch.tensor([0, 1, 3, 4, 5, 11])
-    remap = torch.full((12,), -1, dtype=torch.long)
+    labels = torch.tensor([0, 1, IGNORE, 4, 5, 11])
+    remap = torch.full((V,), IGNORE, dtype=torch.long)
     remap[keep] = torch.arange(len(keep))
+    labels_k = torch.where(labels == IGNORE, IGNORE, remap[labels.clamp_min(0)])
+    return s_m, t_m, s[:, keep], t[:, keep], labels, labels_k, masked, keep
 
-    def teacher(logits):  # the same 4 tokens lead in both vocabularies (masked entries never do)
-        return logits if signal == "dense" else dataclasses.replace(TopKTeacher.from_logits(logits, 4), mode=signal)
 
-    opts = dict(kind=kind, temperature=2.0, alpha=0.7)
-    a, b = s_m.clone().requires_grad_(), s[:, keep].clone().requires_grad_()
-    got = kd_loss(a, teacher(t_m), labels, **opts)
-    want = kd_loss(b, teacher(t[:, keep]), remap[labels], **opts)
+def topk_signal(logits, signal):
+    """The teacher as `signal`: dense logits, or its top-4 ("tail" / "renormalise"), or all of it as a top-k."""
+    if signal == "dense":
+        return logits
+    if signal == "k=V":  # includes the masked entries (log-prob -inf) when there are any
+        return TopKTeacher.from_logits(logits, logits.shape[-1])
+    return dataclasses.replace(TopKTeacher.from_logits(logits, 4), mode=signal)  # masked entries never lead
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("signal", ["dense", "tail", "renormalise", "k=V"])
+@pytest.mark.parametrize("T", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_entries_masked_on_both_sides_contribute_nothing(kind, signal, T, dtype):
+    """A padded vocabulary masked with -inf in student and teacher alike: the loss and its gradients equal those
+    on the vocabulary with the masked columns dropped (0 · log 0 = 0, never NaN), and the masked columns get
+    gradient 0. T = 1 with a dense teacher takes the hard CE from the soft term's softmax; chunk=2 with an
+    ignored row reads rows by index."""
+    s_m, t_m, s_k, t_k, y, y_k, masked, keep = masked_pair(dtype)
+    opts = dict(kind=kind, temperature=T, alpha=0.7, beta=0.3, chunk=2)
+    a, b = s_m.clone().requires_grad_(), s_k.clone().requires_grad_()
+    got = kd_loss(a, topk_signal(t_m, signal), y, **opts)
+    want = kd_loss(b, topk_signal(t_k, signal), y_k, **opts)
     assert torch.isfinite(got)
     torch.testing.assert_close(got, want)
-    got.backward()
-    want.backward()
+    (3.0 * got).backward()
+    (3.0 * want).backward()
     assert torch.isfinite(a.grad).all()
     torch.testing.assert_close(a.grad[:, keep], b.grad)
     assert (a.grad[:, masked] == 0).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_masked_entries_match_the_reference_on_the_kept_vocabulary(kind):
+    """The same, against the plain formulas of this file on the kept columns (not kdarch on them)."""
+    s_m, t_m, s_k, t_k, y, y_k, masked, keep = masked_pair(torch.float64)
+    loss, g = loss_and_grad(lambda x: kd_loss(x, t_m, y, kind=kind, temperature=2.0, beta=0.3), s_m)
+    ref, g_ref = loss_and_grad(lambda x: dense_ref(x, t_k, y_k, kind, 2.0, 0.5, 0.3), s_k)
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(g[:, keep], g_ref)
+    assert (g[:, masked] == 0).all()
+
+
+def test_one_sided_mask_is_not_hidden():
+    """Only entries masked on both sides are exempt. A student -inf where the teacher has mass makes forward KL
+    explode (it is infinite) while reverse KL and JSD, which weigh it by the student's 0, stay exact; a teacher
+    -inf where the student has mass does the same the other way round."""
+    s, t, y = make(dtype=torch.float64)
+    valid = y != IGNORE
+    s_m, t_m = s.clone(), t.clone()
+    s_m[..., 3] = float("-inf")
+    t_m[..., 5] = float("-inf")
+    opts = dict(temperature=1.0, alpha=1.0)
+    assert kd_loss(s_m, t, y, kind="forward_kl", **opts) > 1e30
+    assert kd_loss(s, t_m, y, kind="reverse_kl", **opts) > 1e30
+
+    def xlogy_ref(ls, lt, kind, beta=0.5):  # Σ p log(p / q) with 0 log 0 = 0, written with where
+        ps, pt = ls.exp(), lt.exp()
+        kl = lambda p, lp, lq: torch.where(p > 0, p * (lp - lq), 0).sum(-1)  # noqa: E731
+        if kind == "reverse_kl":
+            return kl(ps, ls, lt)
+        if kind == "forward_kl":
+            return kl(pt, lt, ls)
+        lm = (beta * pt + (1 - beta) * ps).log()
+        return beta * kl(pt, lt, lm) + (1 - beta) * kl(ps, ls, lm)
+    for kind, ls, lt, s_in, t_in in (("reverse_kl", s_m, t, s_m, t), ("jsd", s_m, t, s_m, t),
+                                      ("forward_kl", s, t_m, s, t_m), ("jsd", s, t_m, s, t_m)):
+        want = xlogy_ref(F.log_softmax(ls, -1), F.log_softmax(lt, -1), kind)[valid].mean()
+        torch.testing.assert_close(kd_loss(s_in, t_in, y, kind=kind, **opts), want)
+    # the exact gradient of reverse KL with the student's masked entry: its kept entries, the teacher's full softmax
+    keep = torch.tensor([i for i in range(s.shape[-1]) if i != 3])
+
+    def rev_kept(x):
+        ls = F.log_softmax(x, -1)
+        lt = F.log_softmax(t, -1)[..., keep]
+        return (ls.exp() * (ls - lt)).sum(-1)[valid].mean()
+    loss, g = loss_and_grad(lambda x: kd_loss(x, t, y, kind="reverse_kl", **opts), s_m)
+    ref, g_ref = loss_and_grad(rev_kept, s[..., keep])
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(g[..., keep], g_ref)
+    assert (g[..., 3] == 0).all()

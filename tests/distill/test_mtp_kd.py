@@ -168,7 +168,8 @@ def test_without_labels_every_teacher_row_counts(student, signal):
         torch.testing.assert_close(a, b)
     assert [res.main.n_tokens] + [d.n_tokens for d in res.depths] == [18, 16, 14]
     assert res.main.hard is None
-    with pytest.raises(ValueError, match="needs labels"):
+    with pytest.raises(ValueError, match=r"^multi_token_kd_loss: labels: expected a labels tensor \(the hard-label "
+                                         r"term, alpha=0.5 < 1, needs labels; or pass alpha=1\), got None$"):
         multi_token_kd_loss(s["hs"], s["mtp"], s["w"], None, teacher, alpha=0.5)
 
 
@@ -237,28 +238,77 @@ def test_return_terms_false_keeps_the_used_term(student):
         assert lean.main.n_tokens == full.main.n_tokens == 16
 
 
+@pytest.mark.parametrize("kind,signal", [("forward_kl", "dense"), ("reverse_kl", "tail"), ("jsd", "renormalise")])
+def test_masked_vocabulary_contributes_nothing(student, kind, signal):
+    """Head-weight rows that give -inf logits and a teacher masked on the same entries: every head's loss and the
+    gradients equal those on the vocabulary without them (the weight's finiteness is found once per call)."""
+    s = student
+    V = s["cfg"].vocab_size
+    masked = torch.tensor([v for v in range(V) if v not in s["ids"].unique().tolist()][:3])
+    keep = torch.tensor([v for v in range(V) if v not in masked.tolist()])
+    remap = torch.full((V,), -1, dtype=torch.long)
+    remap[keep] = torch.arange(len(keep))
+    hs, mtp = s["hs"].clone(), [h.clone() for h in s["mtp"]]
+    for h in [hs] + mtp:
+        h[..., 0] = 1.0
+    w_m, t_m = s["w"].clone(), s["teacher"].clone()
+    w_m[masked] = 0.0
+    w_m[masked, 0] = float("-inf")
+    t_m[..., masked] = float("-inf")
+    y = labels_with_ignored(s["ids"])
+    y_k = torch.where(y == IGNORE, IGNORE, remap[y.clamp_min(0)])
+    opts = dict(kind=kind, temperature=2.0, alpha=0.6, depth_weights=[1.0, 3.0])
+    got, g_got = grads(lambda a, b, c, w: multi_token_kd_loss(a, [b, c], w, y, make_teacher(t_m, signal), **opts),
+                       [hs, *mtp, w_m])
+    want, g_want = grads(lambda a, b, c, w: multi_token_kd_loss(a, [b, c], w, y_k,
+                                                                make_teacher(t_m[..., keep], signal), **opts),
+                         [hs, *mtp, s["w"][keep]])
+    torch.testing.assert_close(got.total, want.total)
+    for a, b in zip([got.main] + got.depths, [want.main] + want.depths):
+        torch.testing.assert_close(a.total, b.total)
+    for a, b in zip(g_got[:3], g_want[:3]):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(g_got[3][keep], g_want[3])
+    assert (g_got[3][masked] == 0).all()
+
+
 def test_bad_input(student):
     s = student
     hs, mtp, w, ids, t = s["hs"], s["mtp"], s["w"], s["ids"], s["teacher"]
     cases = [
-        (dict(mtp_hidden=[mtp[1], mtp[0]]), r"mtp_hidden\[0\] \(depth 1\) must have shape \(2, 8, 64\)"),
-        (dict(mtp_hidden=mtp[0]), "must be a list"),
-        (dict(main_hidden_BTD=hs[0]), r"main_hidden must be a tensor \[B, T, D\]"),
-        (dict(teacher=t[:, 1:]), r"one row per position, \[B, T, \.\.\.\] = \[2, 9, \.\.\.\], got rows \(2, 8\)"),
-        (dict(teacher=TopKTeacher.from_logits(t[:, :-1], 3)), r"got rows \(2, 8\)"),
-        (dict(teacher=t[..., :-1]), "vocab size mismatch"),
-        (dict(labels_BT=ids[:, 1:]), r"labels must be the input ids \[B, T\]"),
-        (dict(labels_BT=ids.float()), "labels must be an int64/int32 tensor"),
-        (dict(depth_weights=[1.0]), "depth_weights must be 2 finite numbers >= 0"),
-        (dict(depth_weights=[1.0, -1.0]), "depth_weights must be 2"),
-        (dict(depth_weights=[0, 0]), "positive sum"),
-        (dict(mtp_weight=-0.1), "mtp_weight must be a finite number >= 0"),
-        (dict(kind="kl"), "kind must be one of"),
-        (dict(temperature=0.0), "temperature must be a finite number > 0"),
+        (dict(mtp_hidden=[mtp[1], mtp[0]]), r"^multi_token_kd_loss: mtp_hidden\[0\]: expected depth 1's states like "
+                                            r"main_hidden's: a float32 tensor of shape \(2, 8, 64\) on cpu, got a "
+                                            r"float32 tensor of shape \(2, 7, 64\)$"),
+        (dict(mtp_hidden=[mtp[0].double(), mtp[1]]), r"mtp_hidden\[0\]: expected .* a float32 tensor .* got a float64"),
+        (dict(mtp_hidden=mtp[0]), r"^multi_token_kd_loss: mtp_hidden: expected a list of \[B, T-k, D\] tensors "
+                                  r"\(k = 1, 2, \.\.\.\), got a float32 tensor of shape \(2, 8, 64\)$"),
+        (dict(main_hidden_BTD=hs[0]), r"^multi_token_kd_loss: main_hidden: expected a float tensor \[B, T, D\], got a "
+                                      r"float32 tensor of shape \(9, 64\)$"),
+        (dict(weight_VD=w[:, :8]), r"^multi_token_kd_loss: main_hidden: expected a float tensor \[\.\.\., D\] with "
+                                   r"D = 8 like weight"),
+        (dict(teacher=t[:, 1:]), r"^multi_token_kd_loss: teacher: expected one row per position: rows \[B, T\] = "
+                                 r"\[2, 9\] .*, got \(2, 8\)$"),
+        (dict(teacher=TopKTeacher.from_logits(t[:, :-1], 3)), r"teacher: expected one row per position.*got \(2, 8\)$"),
+        (dict(teacher=t[..., :-1]), r"^multi_token_kd_loss: teacher: expected logits over the student's vocabulary, "
+                                    r"V=\d+ \(vocab size mismatch"),
+        (dict(labels_BT=ids[:, 1:]), r"^multi_token_kd_loss: labels: expected the input ids \[B, T\] = \[2, 9\] "
+                                     r"\(shifted inside\) or None, got an int64 tensor of shape \(2, 8\)$"),
+        (dict(labels_BT=ids.float()), r"^multi_token_kd_loss: labels: expected an int64/int32 tensor of shape "
+                                      r"\(2, 9\)"),
+        (dict(depth_weights=[1.0]), r"^multi_token_kd_loss: depth_weights: expected 2 finite numbers >= 0 \(one per "
+                                    r"MTP depth\) with a positive sum, got \[1.0\]$"),
+        (dict(depth_weights=[1.0, -1.0]), r"depth_weights: expected 2 .*, got \[1.0, -1.0\]$"),
+        (dict(depth_weights=[0, 0]), r"depth_weights: expected .*positive sum, got \[0, 0\]$"),
+        (dict(mtp_weight=-0.1), r"^multi_token_kd_loss: mtp_weight: expected a finite number >= 0, got -0.1$"),
+        (dict(kind="kl"), r"^KDLossConfig.kind: expected one of"),
+        (dict(temperature=0.0), r"^KDLossConfig.temperature: expected a finite number > 0, got 0.0$"),
+        (dict(chunk=0), r"^multi_token_kd_loss: chunk: expected an int >= 1 or None, got 0$"),
     ]
     base = dict(main_hidden_BTD=hs, mtp_hidden=mtp, weight_VD=w, labels_BT=ids, teacher=t)
     for change, msg in cases:
         with pytest.raises(ValueError, match=msg):
             multi_token_kd_loss(**(base | change))
-    with pytest.raises(TypeError, match="teacher must be a logits tensor"):
+    with pytest.raises(TypeError, match=r"^multi_token_kd_loss: teacher: expected a logits tensor \[\.\.\., V\] or a "
+                                        r"TopKTeacher, got \[1.0\]$"):
         multi_token_kd_loss(**(base | dict(teacher=[1.0])))

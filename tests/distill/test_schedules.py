@@ -69,23 +69,38 @@ def test_canonical_strings():
     assert str(AdaptiveAlpha(0.9, 0.2, decay=0.9)) == "adaptive:0.9->0.2,decay=0.9"
 
 
+SYNTAX = (r'\(syntax: "KIND:START->END\[,name=value\.\.\.\]" \(KIND one of linear, cosine, adaptive\), '
+          r'"constant:VALUE" or a number\)')
+
+
 @pytest.mark.parametrize("spec,msg", [
-    ("cosin:0.9->0.3", "kind must be one of"),
-    ("linear:0.9", "needs START->END"),
-    ("constant:0.9->0.3", "needs one value"),
-    ("linear:a->0.3", "'a' is not a number"),
-    ("cosine:0.9->0.3,hold", "name=value pairs"),
-    ("cosine:0.9->0.3,start=1", "name=value pairs"),
-    ("cosine:0.9->0.3,warm=0.1", r"unknown keys \['warm'\]"),
-    ("cosine:0.9->0.3,hold=1", "Schedule.hold must be a finite number >= 0 and < 1"),
-    ("linear:nan->1", "Schedule.start must be a finite number"),
-    ({"kind": "linear", "start": 0.9}, "Schedule.end is required"),
-    ({"start": 0.9}, "'kind' must be one of"),
-    ({"kind": "constant", "start": 0.5, "end": 0.4}, "a constant schedule has only a start"),
-    ("adaptive:1.5->0.1", r"AdaptiveAlpha.start must be a finite number >= 0 and <= 1"),
-    ("adaptive:0.9->0.1,floor=1", "AdaptiveAlpha.floor must be"),
-    ("adaptive:0.9->0.1,reference_steps=0.5", "AdaptiveAlpha.reference_steps must be an integer >= 1"),
-    ([0.5], "must be a number, a string or a dict"),
+    ("cosin:0.9->0.3", r"^schedule 'cosin:0\.9->0\.3': kind: expected one of 'constant', 'linear', 'cosine', "
+                       rf"'adaptive' {SYNTAX}, got 'cosin'$"),
+    ("linear:0.9", rf"^schedule 'linear:0\.9': expected START->END after 'linear:' {SYNTAX}, got '0\.9'$"),
+    ("constant:0.9->0.3", rf"^schedule 'constant:0\.9->0\.3': expected one value after 'constant:' {SYNTAX}, "
+                          r"got '0\.9->0\.3'$"),
+    ("linear:a->0.3", rf"^schedule 'linear:a->0\.3': expected numbers {SYNTAX}, got 'a'$"),
+    ("cosine:0.9->0.3,hold", r"^schedule 'cosine:0\.9->0\.3,hold': expected name=value options after the values "
+                             r"\(not start, end or kind\), got 'hold'$"),
+    ("cosine:0.9->0.3,start=1", r"expected name=value options after the values \(not start, end or kind\), "
+                                r"got 'start=1'$"),
+    ("cosine:0.9->0.3,warm=0.1", r"^schedule 'cosine:0\.9->0\.3,warm=0\.1': expected only the keys \['end', 'hold', "
+                                 r"'start'\] \(and kind\) of a cosine schedule, got \['warm'\]$"),
+    ("cosine:0.9->0.3,hold=1", r"^Schedule.hold: expected a finite number in \[0, 1\), got 1$"),
+    ("linear:nan->1", r"^Schedule.start: expected a finite number, got nan$"),
+    ({"kind": "linear", "start": 0.9}, r"^Schedule.end: expected the value at the end of training \(required for "
+                                       r"kind='linear'\), got None$"),
+    ({"start": 0.9}, r"^schedule \{'start': 0\.9\}: kind: expected one of 'constant', 'linear', 'cosine', "
+                     r"'adaptive', got None$"),
+    ({"kind": "constant", "start": 0.5, "end": 0.4}, r"^Schedule.end: expected None or the start \(0\.5\): a constant "
+                                                     r"schedule has only a start .*, got 0\.4$"),
+    ({"kind": "constant", "start": 0.5, "hold": 0.1}, r"^Schedule.hold: expected 0: a constant schedule has nothing "
+                                                      r"to hold, got 0\.1$"),
+    ({"kind": "linear", "start": True, "end": 0.1}, r"^Schedule.start: expected a finite number, got True$"),
+    ("adaptive:1.5->0.1", r"^AdaptiveAlpha.start: expected a finite number in \[0, 1\], got 1\.5$"),
+    ("adaptive:0.9->0.1,floor=1", r"^AdaptiveAlpha.floor: expected a finite number in \[0, 1\), got 1$"),
+    ("adaptive:0.9->0.1,reference_steps=0.5", r"^AdaptiveAlpha.reference_steps: expected an int >= 1, got 0\.5$"),
+    ([0.5], r"^schedule: expected a number, a string or a dict, got \[0\.5\]$"),
 ])
 def test_parse_errors(spec, msg):
     with pytest.raises(ValueError, match=msg):
@@ -104,18 +119,27 @@ def test_kd_schedule_at():
 
 
 @pytest.mark.parametrize("kw,msg", [
-    (dict(alpha="linear:0.5->1.5"), r"KDSchedule.alpha: values must lie in \[0, 1\]"),
-    (dict(alpha=-0.1), r"values must lie in \[0, 1\]"),
-    (dict(temperature="cosine:2->0"), "KDSchedule.temperature: values must be > 0"),
-    (dict(temperature="adaptive:0.9->0.1"), "adaptive rule is for alpha only"),
+    (dict(alpha="linear:0.5->1.5"), r"^KDSchedule.alpha: expected a schedule with values in \[0, 1\], got "
+                                    r"'linear:0\.5->1\.5'$"),
+    (dict(alpha=-0.1), r"^KDSchedule.alpha: expected a schedule with values in \[0, 1\], got 'constant:-0\.1'$"),
+    (dict(temperature="cosine:2->0"), r"^KDSchedule.temperature: expected a schedule with values > 0, got "
+                                      r"'cosine:2->0'$"),
+    (dict(temperature="adaptive:0.9->0.1"), r"^KDSchedule.temperature: expected a schedule of kind constant, linear, "
+                                            r"cosine \(the adaptive rule is for alpha only\), got "
+                                            r"'adaptive:0\.9->0\.1'$"),
 ])
 def test_kd_schedule_errors(kw, msg):
     with pytest.raises(ValueError, match=msg):
         KDSchedule(**kw)
 
 
-@pytest.mark.parametrize("step,total,msg", [(-1, 10, "step must be an integer >= 0"), (11, 10, "<= 10"),
-                                            (0, 0, "total_steps must be an integer >= 1"), (0.5, 10, "integer")])
+@pytest.mark.parametrize("step,total,msg", [
+    (-1, 10, r"^KDSchedule.at: step: expected an int in \[0, 10\], got -1$"),
+    (11, 10, r"^KDSchedule.at: step: expected an int in \[0, 10\], got 11$"),
+    (0, 0, r"^KDSchedule.at: total_steps: expected an int >= 1, got 0$"),
+    (0.5, 10, r"^KDSchedule.at: step: expected an int in \[0, 10\], got 0\.5$"),
+    (True, 10, r"^KDSchedule.at: step: expected an int in \[0, 10\], got True$"),
+])
 def test_at_errors(step, total, msg):
     with pytest.raises(ValueError, match=msg):
         KDSchedule().at(step, total)
@@ -152,7 +176,7 @@ def test_adaptive_alpha_follows_the_divergence():
     assert all(b <= a for a, b in zip(alphas, alphas[1:])) and alphas[0] < 0.9 and alphas[-1] == 0.1
     sched.observe(50.0)  # the divergence jumps back above the reference: α is capped at start
     assert sched.at(60, 100)[0] == 0.9
-    with pytest.raises(ValueError, match="soft_divergence must be a finite number"):
+    with pytest.raises(ValueError, match=r"^KDSchedule.observe: soft_divergence: expected a finite number, got nan$"):
         sched.observe(float("nan"))
 
 
@@ -173,11 +197,15 @@ def test_adaptive_state_round_trip_is_an_exact_resume():
 
 def test_load_state_dict_errors():
     sched = KDSchedule("adaptive:0.9->0.1")
-    with pytest.raises(ValueError, match=r"expected keys \['ema', 'observations', 'reference_sum'\]"):
+    with pytest.raises(ValueError, match=r"^KDSchedule.load_state_dict: state: expected a dict with the keys \['ema', "
+                                         r"'observations', 'reference_sum'\] \(alpha=adaptive:0\.9->0\.1\), got \[\]$"):
         sched.load_state_dict({})
-    with pytest.raises(ValueError, match="expected keys \\[\\]"):
+    with pytest.raises(ValueError, match=r"^KDSchedule.load_state_dict: state: expected a dict with the keys \[\] "
+                                         r"\(alpha=constant:0\.5\), got \['ema', 'observations', 'reference_sum'\]$"):
         KDSchedule(0.5).load_state_dict(sched.state_dict())
-    with pytest.raises(ValueError, match="'observations' must be an integer >= 0"):
+    with pytest.raises(ValueError, match=r"^KDSchedule.load_state_dict: state\['observations'\]: expected an int >= 0, "
+                                         r"got -1$"):
         sched.load_state_dict({"observations": -1, "ema": 0.0, "reference_sum": 0.0})
-    with pytest.raises(ValueError, match="'ema' must be a finite number >= 0"):
+    with pytest.raises(ValueError, match=r"^KDSchedule.load_state_dict: state\['ema'\]: expected a finite number >= 0, "
+                                         r"got inf$"):
         sched.load_state_dict({"observations": 3, "ema": float("inf"), "reference_sum": 1.0})
