@@ -4,8 +4,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = [("kdarch.checks", "kdarch.io", "kdarch.config"), ("kdarch.kernels",), ("kdarch.ops",), ("kdarch.model",),
-          ("kdarch.convert",), ("kdarch.pretrained",), ("kdarch.distill",), ("kdarch.train",),
+LAYERS = [("kdarch.checks", "kdarch.io", "kdarch.config", "kdarch.testing"), ("kdarch.kernels",), ("kdarch.ops",),
+          ("kdarch.model",), ("kdarch.convert",), ("kdarch.pretrained",), ("kdarch.distill",), ("kdarch.train",),
           ("kdarch.cli", "kdarch.__main__", "kdarch")]
 
 

@@ -50,7 +50,17 @@ from dataclasses import dataclass
 
 import torch
 
-from kdarch.checks import check, check_index_range, choice_arg, fail, int_arg, is_int, number_arg, tensor_arg
+from kdarch.checks import (
+    check,
+    check_index_range,
+    choice_arg,
+    fail,
+    int_arg,
+    is_int,
+    number_arg,
+    tensor_arg,
+    value_checks_on,
+)
 from kdarch.distill.teacher_signal import TopKTeacher, logit_floor, rows_into, student_logprobs, teacher_logprobs
 
 KINDS = ("forward_kl", "reverse_kl", "jsd", "tvd")
@@ -97,8 +107,9 @@ class KDTerms:
     """soft_scale · mean divergence over valid tokens (None when not computed)."""
     hard: torch.Tensor | None
     """Mean hard-label CE at T = 1 over valid tokens (None without labels)."""
-    n_tokens: int
-    """Valid tokens the means ran over."""
+    n_tokens: int | torch.Tensor
+    """Valid tokens the means ran over (a 0-dim tensor when labels mark some as ignored: counting them on the
+    host would be a sync)."""
 
 
 # ----------------------------------------------------------------------------------------------- math
@@ -184,74 +195,71 @@ def default_chunk(vocab_size: int) -> int:
     return max(256, 2**23 // vocab_size)
 
 
-def _finite_flag(w_VD: torch.Tensor) -> torch.Tensor:
-    """0-dim bool: W has no ±inf / NaN entry (one read of W, no host sync yet)."""
-    lo, hi = torch.aminmax(w_VD)
-    return torch.isfinite(lo) & torch.isfinite(hi)
-
-
 def weight_is_finite(w_VD: torch.Tensor) -> bool:
-    """Whether the head weight has no ±inf / NaN entry: the fused head asks once per call whether h @ W.T can mask
-    an entry (see the module docstring); one read of W and a host sync."""
-    return bool(_finite_flag(w_VD))
+    """Whether the head weight has no ±inf / NaN entry (such rows mask vocabulary entries of h @ W.T; see the
+    module docstring). It reads W back, so it is asked only where value checks are on (`kdarch.checks`): on
+    the CPU by default and under KDARCH_CHECKS=1; elsewhere the weight is taken as finite."""
+    if not value_checks_on(w_VD):
+        return True
+    lo, hi = torch.aminmax(w_VD)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
-def _plan(labels_N: torch.Tensor | None, n_rows: int, chunk: int, ignore_index: int, w_VD: torch.Tensor | None):
-    """(row selections per chunk, number of valid rows): slices while every row is valid, else indices; and with
-    w_VD, `weight_is_finite(w_VD)`, asked in the same host sync."""
-    valid_N = labels_N != ignore_index if labels_N is not None else None
-    asks = ([valid_N.all()] if valid_N is not None else []) + ([_finite_flag(w_VD)] if w_VD is not None else [])
-    answers = torch.stack(asks).tolist() if asks else []
-    w_finite = answers.pop() if w_VD is not None else None
-    if valid_N is not None and not answers[0]:
-        idx = valid_N.nonzero().squeeze(1)
-        return ([idx[i:i + chunk] for i in range(0, idx.numel(), chunk)], idx.numel()), w_finite
-    return ([slice(i, min(i + chunk, n_rows)) for i in range(0, n_rows, chunk)], n_rows), w_finite
+def _chunks(n_rows: int, chunk: int) -> list[slice]:
+    """Every row, in chunks: ignored rows are computed and masked out, so no plan depends on the labels' values
+    (a host sync) and every shape is fixed (what torch.compile and CUDA graphs want)."""
+    return [slice(i, min(i + chunk, n_rows)) for i in range(0, n_rows, chunk)]
 
 
-def _run(x, w_VD, labels_N, teacher, cfg: KDLossConfig, plan, chunk: int, want_gx: bool, want_gw: bool,
+def _run(x, w_VD, labels_N, teacher, cfg: KDLossConfig, chunk: int, want_gx: bool, want_gw: bool,
          need_soft: bool, need_hard: bool, w_finite: bool = True):
-    """Mean soft and hard terms over the planned rows, with gradients of the total w.r.t. x and W.
+    """Mean soft and hard terms over the valid rows (label != ignore_index), with gradients of the total w.r.t.
+    x and W, and the number of valid rows (a 0-dim tensor with labels, else an int).
     x is the student's logits [N, V] (w_VD None) or its hidden states [N, D] (logits = x @ w_VD.T); w_finite
     False: W has ±inf entries (masked vocabulary rows), so the logits are floored and dL/dx reads W with them 0."""
-    chunks, n = plan
+    N = x.shape[0]
     V = x.shape[1] if w_VD is None else w_VD.shape[0]
     dts = [x.dtype] + ([w_VD.dtype] if w_VD is not None else []) + \
         [teacher.dtype if isinstance(teacher, torch.Tensor) else teacher.values.dtype]
     cdt = torch.float64 if torch.float64 in dts else torch.float32
-    ws = _Workspace(min(chunk, max(n, 1)), cdt, x.device)
-    inv_n = 1.0 / max(n, 1)
-    a = cfg.alpha * cfg.soft_scale * inv_n if want_gx or want_gw else 0.0
-    b = (1 - cfg.alpha) * inv_n if (want_gx or want_gw) and need_hard else 0.0
-    covered = (a or b) and n == x.shape[0] and all(isinstance(r, slice) for r in chunks)  # every row written
-    gx = (torch.empty_like(x) if covered else torch.zeros_like(x)) if want_gx else None
+    ws = _Workspace(min(chunk, max(N, 1)), cdt, x.device)
+    valid_N = labels_N != cfg.ignore_index if labels_N is not None else None
+    n = valid_N.sum() if valid_N is not None else N
+    inv_n = 1.0 / n.clamp_min(1).to(cdt) if valid_N is not None else 1.0 / max(N, 1)
+    a = cfg.alpha * cfg.soft_scale if want_gx or want_gw else 0.0  # per-row weights, times valid / n below
+    b = (1 - cfg.alpha) if (want_gx or want_gw) and need_hard else 0.0
+    gx = (torch.empty_like(x) if (a or b) else torch.zeros_like(x)) if want_gx else None
     gw = None  # the first chunk writes it (no zero-fill pass over [V, D])
     floor = logit_floor(cfg.temperature)
     w_gx = w_VD if w_finite or not want_gx else torch.where(torch.isinf(w_VD), 0, w_VD)  # 0 · inf = 0 in dL/dx
     soft_sum = torch.zeros((), dtype=cdt, device=x.device)
     hard_sum = torch.zeros((), dtype=cdt, device=x.device)
-    for rows in chunks:
-        C = ws.rows(rows)
+    for rows in _chunks(N, chunk):
+        C = rows.stop - rows.start
         s_CV = ws("S", C, V)
         if w_VD is None:
             rows_into(x, rows, s_CV, floor)
         else:
-            x_CD = x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
+            x_CD = x[rows]
             if x.dtype == cdt and w_VD.dtype == cdt:
                 torch.mm(x_CD, w_VD.T, out=s_CV)
             else:
                 s_CV.copy_(x_CD @ w_VD.T)
             if not w_finite:
                 s_CV.clamp_min_(floor)
-        y_C = None if labels_N is None else \
-            labels_N[rows] if isinstance(rows, slice) else labels_N.index_select(0, rows)
+        valid_C = valid_N[rows] if valid_N is not None else None
+        y_C = None if labels_N is None else torch.where(valid_C, labels_N[rows], 0)  # any id on ignored rows
         soft, hard, g_CV = _chunk(s_CV, teacher, rows, y_C, cfg, ws, a, b, need_soft, need_hard)
+        # ignored rows are selected out (not multiplied by 0: whatever they hold, NaN included, never leaks)
         if soft is not None:
-            soft_sum += soft.sum()
+            soft_sum += (torch.where(valid_C, soft, 0) if valid_C is not None else soft).sum()
         if hard is not None:
-            hard_sum += hard.sum()
+            hard_sum += (torch.where(valid_C, hard, 0) if valid_C is not None else hard).sum()
         if g_CV is None:
             continue
+        if valid_C is not None:
+            g_CV.masked_fill_(~valid_C[:, None], 0)
+        g_CV.mul_(inv_n)
         if w_VD is None:
             g_rows = g_CV
         else:
@@ -259,26 +267,23 @@ def _run(x, w_VD, labels_N, teacher, cfg: KDLossConfig, plan, chunk: int, want_g
                 gw = torch.mm(g_CV.T, x_CD.to(cdt)) if gw is None else gw.addmm_(g_CV.T, x_CD.to(cdt))
             g_rows = (g_CV.to(w_VD.dtype) @ w_gx) if want_gx else None
         if want_gx:
-            if isinstance(rows, slice):
-                gx[rows] = g_rows
-            else:
-                gx.index_copy_(0, rows, g_rows.to(gx.dtype))
+            gx[rows] = g_rows
     if want_gw and gw is None:
         gw = torch.zeros(w_VD.shape, dtype=cdt, device=x.device)
     soft = soft_sum * (cfg.soft_scale * inv_n)
     hard = hard_sum * inv_n
     total = cfg.alpha * soft + (1 - cfg.alpha) * hard if need_hard else cfg.alpha * soft
-    return total, soft, hard, gx, gw
+    return total, soft, hard, gx, gw, n
 
 
 class _ChunkedKD(torch.autograd.Function):
     """Gradients are computed in forward (chunk by chunk) and kept; backward scales them."""
 
     @staticmethod
-    def forward(ctx, x, w_VD, labels_N, teacher, cfg, plan, chunk, need_soft, need_hard, w_finite):
+    def forward(ctx, x, w_VD, labels_N, teacher, cfg, chunk, need_soft, need_hard, w_finite):
         want_gw = w_VD is not None and ctx.needs_input_grad[1]
-        total, soft, hard, gx, gw = _run(x, w_VD, labels_N, teacher, cfg, plan, chunk, ctx.needs_input_grad[0],
-                                         want_gw, need_soft, need_hard, w_finite)
+        total, soft, hard, gx, gw, n = _run(x, w_VD, labels_N, teacher, cfg, chunk, ctx.needs_input_grad[0],
+                                            want_gw, need_soft, need_hard, w_finite)
         ctx.save_for_backward(gx, gw)
         ctx.w_dtype = w_VD.dtype if w_VD is not None else None
         ctx.mark_non_differentiable(soft, hard)
@@ -289,7 +294,7 @@ class _ChunkedKD(torch.autograd.Function):
         gx, gw = ctx.saved_tensors
         gx = gx * grad_total.to(gx.dtype) if gx is not None else None
         gw = (gw * grad_total).to(ctx.w_dtype) if gw is not None else None
-        return gx, gw, None, None, None, None, None, None, None, None
+        return gx, gw, None, None, None, None, None, None, None
 
 
 def compute(x, w_VD, labels_N, teacher, cfg: KDLossConfig, chunk: int | None, return_terms: bool,
@@ -298,21 +303,20 @@ def compute(x, w_VD, labels_N, teacher, cfg: KDLossConfig, chunk: int | None, re
     `weight_is_finite(w_VD)`, asked here when None)."""
     V = x.shape[1] if w_VD is None else w_VD.shape[0]
     chunk = chunk or default_chunk(V)
-    ask = w_VD is not None and w_finite is None
-    plan, w_ok = _plan(labels_N, x.shape[0], chunk, cfg.ignore_index, w_VD if ask else None)
-    w_finite = w_ok if ask else w_finite is not False
+    if w_finite is None:
+        w_finite = w_VD is None or weight_is_finite(w_VD)
     need_soft = cfg.alpha > 0 or return_terms
     need_hard = labels_N is not None and (cfg.alpha < 1 or return_terms)
     teacher = teacher.detach()
     if torch.is_grad_enabled() and (x.requires_grad or (w_VD is not None and w_VD.requires_grad)):
-        total, soft, hard = _ChunkedKD.apply(x, w_VD, labels_N, teacher, cfg, plan, chunk, need_soft, need_hard,
-                                             w_finite)
+        total, soft, hard = _ChunkedKD.apply(x, w_VD, labels_N, teacher, cfg, chunk, need_soft, need_hard, w_finite)
+        n = labels_N.ne(cfg.ignore_index).sum() if labels_N is not None else x.shape[0]
     else:
-        total, soft, hard = _run(x, w_VD, labels_N, teacher, cfg, plan, chunk, False, False, need_soft, need_hard,
-                                 w_finite)[:3]
+        total, soft, hard, _, _, n = _run(x, w_VD, labels_N, teacher, cfg, chunk, False, False, need_soft,
+                                          need_hard, w_finite)
     if not return_terms:
         return total
-    return KDTerms(total, soft if need_soft else None, hard if need_hard else None, plan[1])
+    return KDTerms(total, soft if need_soft else None, hard if need_hard else None, n)
 
 
 # ------------------------------------------------------------------------------------------ validation

@@ -121,7 +121,7 @@ def multi_token_kd_loss(main_hidden_BTD: torch.Tensor, mtp_hidden: Sequence[torc
         res = compute(h_BXD.reshape(-1, D), weight_VD, target_BT_k.reshape(-1), teacher_N, cfg, chunk, terms, w_finite)
         if isinstance(res, KDTerms):
             return res
-        n = int((target_BT_k != ignore).sum())
+        n = (target_BT_k != ignore).sum()  # a tensor: counting on the host would be a sync
         return KDTerms(res, res if alpha == 1 else None, res if alpha == 0 else None, n)
 
     main = head(main_hidden_BTD, 0)

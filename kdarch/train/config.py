@@ -131,6 +131,9 @@ class TrainSection:
     field (model.fp8 = true)."""
     seed: int = 0
     """Seed of initialisation, data order and sampling."""
+    compile: bool = False
+    """Compile each transformer block with torch.compile (regional compilation: blocks of one kind share a
+    graph, so compile time stays small); inductor generates C++ on the CPU and Triton on CUDA."""
     deterministic: bool = False
     """torch.use_deterministic_algorithms(True) (exact reruns; resumption is exact either way on the CPU)."""
     threads: int = 0

@@ -109,6 +109,15 @@ def _newest_intact(run_dir: Path, name: str, **objects):
     return None, None
 
 
+def compile_blocks(model: nn.Module) -> None:
+    """Regional compilation: `torch.compile` each transformer block (main and MTP) in place. Blocks of the same
+    kind compile to one graph (parameters are graph inputs), so compiling costs a few graphs, not one per layer;
+    the custom ops' fakes let either MoE backend trace."""
+    blocks = list(getattr(model, "layers", [])) + [m.block for m in getattr(model, "mtp", [])]
+    for block in blocks:
+        block.compile(dynamic=False)
+
+
 def _accumulate(sums: dict, metrics: dict, weight: float) -> None:
     for k, v in metrics.items():
         sums[k] = sums.get(k, 0.0) + (v.detach().float() if isinstance(v, torch.Tensor) else v) * weight
@@ -139,6 +148,8 @@ def train(model: nn.Module, cfg: TrainSection, train_NT: torch.Tensor, run_dir: 
     model.to(device)
     for m in objective.modules.values():
         m.to(device)
+    if cfg.compile:
+        compile_blocks(model)
     params = list(model.named_parameters()) + [(f"{k}.{n}", p) for k, m in objective.modules.items()
                                                for n, p in m.named_parameters()]
     opt, sched = build_optimizer(params, cfg)

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from kdarch import CausalLM, get_preset
-from kdarch.checks import ConfigError
+from kdarch.checks import ConfigError, set_value_checks
+from kdarch.distill import TopKTeacher, multi_token_kd_loss
+from kdarch.testing import HostSyncError, no_host_syncs
 from kdarch.train.config import TrainSection
 from kdarch.train.device import PeakMemory, check_device, resolve_device, to_device
 from kdarch.train.loop import train
@@ -65,6 +67,66 @@ def test_a_training_step_compiles_whole_and_matches_eager():
     got = torch.autograd.grad(compiled, params, allow_unused=True)
     assert sum(g is not None for g in want) > 20
     for g, w in zip(got, want):
+        assert (g is None) == (w is None)
+        if w is not None:
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+# --- no host syncs ---------------------------------------------------------------------------------------------
+
+
+def test_the_sync_detector_catches_reads_and_value_shapes():
+    x = torch.arange(6.0)
+    for read in (lambda: x.sum().item(), lambda: int(x.max()), lambda: bool(x.any()), lambda: x.tolist(),
+                 lambda: x[x > 2], lambda: x.nonzero(), lambda: torch.bincount(x.long())):
+        with pytest.raises(HostSyncError), no_host_syncs():
+            read()
+    with no_host_syncs():  # fixed-shape work on the device is fine
+        (x * 2).softmax(0).scatter_add(0, torch.tensor([0, 0]), torch.ones(2))
+
+
+@pytest.fixture
+def value_checks_off():
+    """As on an accelerator: value checks (which read values by design) are off unless KDARCH_CHECKS=1."""
+    set_value_checks(False)
+    yield
+    set_value_checks(None)
+
+
+def _distill_loss(model, ids, signal):
+    out = model(ids, output_mtp_hidden_states=True, return_logits=False)
+    return multi_token_kd_loss(out.last_hidden_state, out.mtp_hidden_states, model.head.weight, ids, signal,
+                               kind="forward_kl", temperature=2.0, alpha=0.5, mtp_weight=0.3).total
+
+
+def test_training_steps_read_nothing_back(value_checks_off):
+    """Forward with labels + MTP + balance loss, and a distillation step against dense and top-k teachers with
+    MTP-aware KD, each with its backward: not one value read back, not one value-dependent shape."""
+    torch.manual_seed(0)
+    model = CausalLM(get_preset("debug", seq_aux_loss_coef=1e-3))
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    ids[0, -3:] = 7
+    labels = ids.masked_fill(ids == 7, -100)  # ignored targets: masked, never planned around on the host
+    teacher = torch.randn(2, 16, 256, generator=torch.Generator().manual_seed(2))
+    with no_host_syncs():
+        model(ids, labels=labels, return_logits=False).loss.backward()
+        for signal in (teacher, TopKTeacher.from_logits(teacher, 8)):
+            _distill_loss(model, ids, signal).backward()
+
+
+@pytest.mark.parametrize("signal", ["dense", "topk"])
+def test_a_distillation_step_compiles_whole_and_matches_eager(signal):
+    torch.manual_seed(0)
+    model = CausalLM(get_preset("debug"))
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    t = torch.randn(2, 16, 256, generator=torch.Generator().manual_seed(2))
+    sig = t if signal == "dense" else TopKTeacher.from_logits(t, 8)
+    params = list(model.parameters())
+    eager = _distill_loss(model, ids, sig)
+    want = torch.autograd.grad(eager, params, allow_unused=True)
+    compiled = torch.compile(_distill_loss, fullgraph=True, backend="aot_eager")(model, ids, sig)
+    torch.testing.assert_close(compiled, eager)
+    for g, w in zip(torch.autograd.grad(compiled, params, allow_unused=True), want):
         assert (g is None) == (w is None)
         if w is not None:
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
