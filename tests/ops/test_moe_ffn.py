@@ -222,3 +222,23 @@ def test_registry_auto_order_and_availability(monkeypatch):
         ops_backend.register("_toy", "cpp", lambda: None)
     with pytest.raises(ValueError, match=r"^resolve: op_name: expected a registered op, one of \[.*'moe_ffn'"):
         ops_backend.resolve("_no_such_op")
+
+
+def test_torch_backend_ops_pass_opcheck_and_compile_in_fp32():
+    """The grouped-mm FFN is a pair of custom ops with fakes: opcheck passes, and a compiled fp32 MoE (whose
+    torch._grouped_mm fake accepts only bf16) traces whole and matches eager, forward and backward."""
+    from kdarch.ops.moe.torch_backend import grouped_ffn_bwd, grouped_ffn_fwd
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    x, ids, w, wgu, wd = make_inputs(7, 32, 16, 4, 2, "random")
+    _, offsets, sorted_idx, inv = routing_metadata(ids, 4)
+    ends = offsets[1:].to(torch.int32)
+    leaves = [t.clone().requires_grad_() for t in (x, w, wgu, wd)]
+    torch.library.opcheck(grouped_ffn_fwd, (*leaves, sorted_idx, inv, ends), test_utils=checks)
+    _, h = grouped_ffn_fwd(x, w, wgu, wd, sorted_idx, inv, ends)
+    torch.library.opcheck(grouped_ffn_bwd, (torch.randn(7, 32), x, w, wgu, wd, sorted_idx, inv, ends, h),
+                          test_utils=checks)
+    fn = lambda *a: ops.moe_ffn(*a, backend="torch")  # noqa: E731
+    eager = fwd_bwd(fn, x, ids, w, wgu, wd)
+    compiled = fwd_bwd(torch.compile(fn, fullgraph=True, backend="aot_eager"), x, ids, w, wgu, wd)
+    for name, a, b in zip(MOE_GRAD_NAMES, compiled, eager):
+        torch.testing.assert_close(a, b, msg=name)

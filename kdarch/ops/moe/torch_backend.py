@@ -75,11 +75,10 @@ def grouped_mm_ok(dtype: torch.dtype, *w_END: torch.Tensor) -> bool:
     It needs 16-byte aligned rows in every operand and gradient: each weight's two inner
     sizes (which are also the activations' row lengths) must be multiples of 16 bytes.
     """
-    if torch.compiler.is_compiling() and dtype != torch.bfloat16:
-        return False  # its fake (meta) kernel only accepts bf16 in torch 2.13
     step = 16 // torch.empty((), dtype=dtype).element_size()
+    tracing = torch.compiler.is_compiling()  # no pointers to look at: the op copies a misaligned weight itself
     return (hasattr(torch, "_grouped_mm") and dtype in _GROUPED_MM_DTYPES
-            and all(w.dtype == dtype and _aligned(w) and all(n % step == 0 for n in w.shape[1:])
+            and all(w.dtype == dtype and (tracing or _aligned(w)) and all(n % step == 0 for n in w.shape[1:])
                     for w in w_END))
 
 
@@ -91,53 +90,88 @@ def _padded_expert_linear(x_MD, w_END, slot_M, n_pad):
     return y_pad.reshape(E * n_pad, N).index_select(0, slot_M)
 
 
-class _GroupedExpertFFN(torch.autograd.Function):
-    """The whole routed-expert FFN on torch._grouped_mm with a hand-written backward.
+# The whole routed-expert FFN on torch._grouped_mm, forward and a hand-written backward, as two custom ops.
+#
+# The routing weight is folded into the down-projection's input (sum_k w_k down(a_k) = sum_k down(w_k a_k)), so
+# the combine is a plain sum of K rows and the weight's gradient is <d(w a), a>, which needs only a. Backward
+# keeps just the [M, 2I] gate/up pre-activations and recomputes the gathered rows and the SwiGLU output: about
+# a quarter of the activation memory autograd would keep, and one GEMM fewer than differentiating through the
+# combine. As custom ops with fakes they are opaque to torch.compile, which then traces the model around them
+# in any dtype (torch._grouped_mm's own fake kernel accepts only bf16 in torch 2.13).
 
-    The routing weight is folded into the down-projection's input (sum_k w_k down(a_k) =
-    sum_k down(w_k a_k)), so the combine is a plain sum of K rows and the weight's gradient is
-    <d(w a), a>, which needs only a. Backward keeps just the [M, 2I] gate/up pre-activations and
-    recomputes the gathered rows and the SwiGLU output: about a quarter of the activation memory
-    autograd would keep, and one GEMM fewer than differentiating through the combine.
-    """
+def _aligned_copy(t: torch.Tensor) -> torch.Tensor:
+    return t if _aligned(t) else t.clone()
 
-    @staticmethod
-    def forward(ctx, x_TH, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, sorted_idx_M, inv_idx_M, ends_E):
-        T, K = topk_weights_TK.shape
-        token_M = sorted_idx_M // K
-        w_M1 = topk_weights_TK.reshape(-1)[sorted_idx_M].float()[:, None]
-        h_M2I = torch._grouped_mm(x_TH[token_M], w_gate_up_E2IH.transpose(-1, -2), offs=ends_E)
-        gate_MI, up_MI = h_M2I.chunk(2, dim=-1)
-        act_MI = (F.silu(gate_MI.float()) * up_MI.float() * w_M1).to(x_TH.dtype)
-        y_MH = torch._grouped_mm(act_MI, w_down_EHI.transpose(-1, -2), offs=ends_E)
-        ctx.save_for_backward(x_TH, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, sorted_idx_M, inv_idx_M, ends_E,
-                              h_M2I)
-        return y_MH.float()[inv_idx_M].view(T, K, -1).sum(dim=1).to(x_TH.dtype)
 
-    @staticmethod
-    def backward(ctx, grad_out_TH):
-        x_TH, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, sorted_idx_M, inv_idx_M, ends_E, h_M2I = ctx.saved_tensors
-        T, K = topk_weights_TK.shape
-        token_M = sorted_idx_M // K
-        w_M1 = topk_weights_TK.reshape(-1)[sorted_idx_M].float()[:, None]
-        gate_MI, up_MI = h_M2I.float().chunk(2, dim=-1)
-        sig_MI = torch.sigmoid(gate_MI)
-        silu_MI = gate_MI * sig_MI
-        act_MI = silu_MI * up_MI  # SwiGLU output before the routing weight
+@torch.library.custom_op("kdarch::moe_grouped_ffn_fwd", mutates_args=())
+def grouped_ffn_fwd(x_TH: torch.Tensor, topk_weights_TK: torch.Tensor, w_gate_up_E2IH: torch.Tensor,
+                    w_down_EHI: torch.Tensor, sorted_idx_M: torch.Tensor, inv_idx_M: torch.Tensor,
+                    ends_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [T, H], h [M, 2I] gate/up pre-activations kept for backward)."""
+    T, K = topk_weights_TK.shape
+    w_gate_up_E2IH, w_down_EHI = _aligned_copy(w_gate_up_E2IH), _aligned_copy(w_down_EHI)
+    token_M = sorted_idx_M // K
+    w_M1 = topk_weights_TK.reshape(-1)[sorted_idx_M].float()[:, None]
+    h_M2I = torch._grouped_mm(x_TH[token_M], w_gate_up_E2IH.transpose(-1, -2), offs=ends_E)
+    gate_MI, up_MI = h_M2I.chunk(2, dim=-1)
+    act_MI = (F.silu(gate_MI.float()) * up_MI.float() * w_M1).to(x_TH.dtype)
+    y_MH = torch._grouped_mm(act_MI, w_down_EHI.transpose(-1, -2), offs=ends_E)
+    return y_MH.float()[inv_idx_M].view(T, K, -1).sum(dim=1).to(x_TH.dtype), h_M2I
 
-        grad_y_MH = grad_out_TH.contiguous()[token_M]
-        d_w_down = torch._grouped_mm(grad_y_MH.t(), (act_MI * w_M1).to(x_TH.dtype), offs=ends_E)  # [E, H, I]
-        # d(w * act) in fp32 (a no-op cast for fp32): it feeds the routing weights' gradient
-        grad_act_w_MI = torch._grouped_mm(grad_y_MH.float(), w_down_EHI.float(), offs=ends_E)
-        grad_w_M = (grad_act_w_MI * act_MI).sum(dim=-1)
-        grad_act_MI = grad_act_w_MI * w_M1
-        grad_gate_MI = grad_act_MI * up_MI * sig_MI * (1 + gate_MI * (1 - sig_MI))
-        grad_h_M2I = torch.cat((grad_gate_MI, grad_act_MI * silu_MI), dim=-1).to(x_TH.dtype)
-        d_w_gate_up = torch._grouped_mm(grad_h_M2I.t(), x_TH[token_M], offs=ends_E)  # [E, 2I, H]
-        grad_x_MH = torch._grouped_mm(grad_h_M2I, w_gate_up_E2IH, offs=ends_E)
-        grad_x_TH = grad_x_MH.float()[inv_idx_M].view(T, K, -1).sum(dim=1).to(x_TH.dtype)
-        grad_weights_TK = grad_w_M[inv_idx_M].view(T, K).to(topk_weights_TK.dtype)
-        return grad_x_TH, grad_weights_TK, d_w_gate_up, d_w_down, None, None, None
+
+@grouped_ffn_fwd.register_fake
+def _(x_TH, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, sorted_idx_M, inv_idx_M, ends_E):
+    return x_TH.new_empty(x_TH.shape), x_TH.new_empty(inv_idx_M.shape[0], w_gate_up_E2IH.shape[1])
+
+
+@torch.library.custom_op("kdarch::moe_grouped_ffn_bwd", mutates_args=())
+def grouped_ffn_bwd(grad_out_TH: torch.Tensor, x_TH: torch.Tensor, topk_weights_TK: torch.Tensor,
+                    w_gate_up_E2IH: torch.Tensor, w_down_EHI: torch.Tensor, sorted_idx_M: torch.Tensor,
+                    inv_idx_M: torch.Tensor, ends_E: torch.Tensor, h_M2I: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d x, d topk_weights, d w_gate_up, d w_down)."""
+    T, K = topk_weights_TK.shape
+    w_gate_up_E2IH, w_down_EHI = _aligned_copy(w_gate_up_E2IH), _aligned_copy(w_down_EHI)
+    token_M = sorted_idx_M // K
+    w_M1 = topk_weights_TK.reshape(-1)[sorted_idx_M].float()[:, None]
+    gate_MI, up_MI = h_M2I.float().chunk(2, dim=-1)
+    sig_MI = torch.sigmoid(gate_MI)
+    silu_MI = gate_MI * sig_MI
+    act_MI = silu_MI * up_MI  # SwiGLU output before the routing weight
+
+    grad_y_MH = grad_out_TH.contiguous()[token_M]
+    d_w_down = torch._grouped_mm(grad_y_MH.t(), (act_MI * w_M1).to(x_TH.dtype), offs=ends_E)  # [E, H, I]
+    # d(w * act) in fp32 (a no-op cast for fp32): it feeds the routing weights' gradient
+    grad_act_w_MI = torch._grouped_mm(grad_y_MH.float(), w_down_EHI.float(), offs=ends_E)
+    grad_w_M = (grad_act_w_MI * act_MI).sum(dim=-1)
+    grad_act_MI = grad_act_w_MI * w_M1
+    grad_gate_MI = grad_act_MI * up_MI * sig_MI * (1 + gate_MI * (1 - sig_MI))
+    grad_h_M2I = torch.cat((grad_gate_MI, grad_act_MI * silu_MI), dim=-1).to(x_TH.dtype)
+    d_w_gate_up = torch._grouped_mm(grad_h_M2I.t(), x_TH[token_M], offs=ends_E)  # [E, 2I, H]
+    grad_x_MH = torch._grouped_mm(grad_h_M2I, w_gate_up_E2IH, offs=ends_E)
+    grad_x_TH = grad_x_MH.float()[inv_idx_M].view(T, K, -1).sum(dim=1).to(x_TH.dtype)
+    grad_weights_TK = grad_w_M[inv_idx_M].view(T, K).to(topk_weights_TK.dtype)
+    return grad_x_TH, grad_weights_TK, d_w_gate_up.to(w_gate_up_E2IH.dtype), d_w_down.to(w_down_EHI.dtype)
+
+
+@grouped_ffn_bwd.register_fake
+def _(grad_out_TH, x_TH, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, *_):
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=x_TH.device)
+                 for t in (x_TH, topk_weights_TK, w_gate_up_E2IH, w_down_EHI))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_out_TH, _grad_h):
+    x, topk_weights, w_gate_up, w_down, sorted_idx, inv_idx, ends, h = ctx.saved_tensors
+    grads = grouped_ffn_bwd(grad_out_TH, x, topk_weights, w_gate_up, w_down, sorted_idx, inv_idx, ends, h)
+    return *grads, None, None, None
+
+
+grouped_ffn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def moe_ffn_torch(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI,
@@ -156,8 +190,7 @@ def moe_ffn_torch(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI
         impl == "auto" and grouped_mm_ok(x_TH.dtype, w_gate_up_E2IH, w_down_EHI))
     if use_gmm:
         ends_E = offsets_E1[1:].to(torch.int32)
-        return _GroupedExpertFFN.apply(x_TH, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, sorted_idx_M, inv_idx_M,
-                                       ends_E)
+        return grouped_ffn_fwd(x_TH, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, sorted_idx_M, inv_idx_M, ends_E)[0]
 
     x_MH = _PermuteRows.apply(x_TH, sorted_idx_M, inv_idx_M, K)  # rows in expert order
     expert_M = topk_ids_TK.reshape(-1).long()[sorted_idx_M]  # sorted expert id per row

@@ -4,8 +4,9 @@ Why custom ops: torch.compile must trace the model through this backend without 
 Triton launchers, so routing metadata, forward and backward are each one `torch.library.custom_op`
 (namespace "kdarch") with a fake implementation that gives output shapes without running anything;
 the forward op's autograd (register_autograd) calls the backward op, so the compiled backward graph
-holds an opaque op too. The dataflow mirrors the torch backend's `_GroupedExpertFFN`: routing weight
-folded into the down projection's input, only the [M, 2I] gate/up pre-activations kept for backward.
+holds an opaque op too. The dataflow mirrors the torch backend's `grouped_ffn_fwd` / `grouped_ffn_bwd`:
+routing weight folded into the down projection's input, only the [M, 2I] gate/up pre-activations kept for
+backward.
 
 `moe_ffn_fp8` on Triton is the torch backend's FP8 composition with the routing custom op below and the
 "triton" FP8 ops of kdarch.ops.fp8; it is available where FP8 Triton is (sm89+ GPUs, or the interpreter).
