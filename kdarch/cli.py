@@ -193,14 +193,18 @@ def cmd_generate(args) -> int:
     if not prompt:
         raise ValueError("--prompt: expected some text, got an empty prompt")
     t0 = time.perf_counter()
+    if args.speculative and args.compile:
+        raise ValueError("--compile: expected without --speculative (drafting runs on a growing cache)")
     if args.speculative:
         from kdarch.model import generate_speculative
         new, stats = generate_speculative(model, prompt, args.max_new_tokens)
         extra = f"MTP drafting: acceptance {stats.acceptance:.0%}, {stats.main_steps} main-model steps"
     else:
+        generator = torch.Generator(model.embed.weight.device).manual_seed(args.seed)
         new = model.generate([prompt], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                             top_p=args.top_p, generator=torch.Generator().manual_seed(args.seed))[0]
-        extra = f"temperature {args.temperature}, top-k {args.top_k}, top-p {args.top_p}"
+                             top_p=args.top_p, generator=generator, compile=args.compile)[0]
+        extra = f"temperature {args.temperature}, top-k {args.top_k}, top-p {args.top_p}" + (
+            ", compiled (time includes compilation)" if args.compile else "")
     dt = time.perf_counter() - t0
     print(args.prompt + tok.decode(new))
     print(f"[{len(new)} tokens in {dt:.2f}s, {len(new) / dt:.0f} tok/s; {extra}]", file=sys.stderr)
@@ -312,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
     ge.add_argument("--seed", type=int, default=0, help="sampling seed")
     ge.add_argument("--speculative", action="store_true", help="greedy decoding with the MTP modules drafting")
+    ge.add_argument("--compile", action="store_true",
+                    help="decode on a static cache with a compiled step (a CUDA graph on CUDA)")
     ge.add_argument("--device", default="auto", help=DEVICE_HELP)
     ge.set_defaults(fn=cmd_generate)
 

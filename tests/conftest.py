@@ -2,9 +2,20 @@
 every value check runs (KDARCH_CHECKS=1; see kdarch.checks)."""
 import os
 
+import pytest
 import torch
+
+from kdarch.checks import set_value_checks
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ["KDARCH_CHECKS"] = "1"
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def value_checks_off():
+    """As on an accelerator: value checks (which read values by design) are off unless KDARCH_CHECKS=1."""
+    set_value_checks(False)
+    yield
+    set_value_checks(None)

@@ -4,6 +4,11 @@ That is kv_lora_rank + qk_rope_head_dim values per token per layer instead of H*
 for a full-head cache: the point of MLA at inference. Slots are shared across the batch (prompts are
 left-padded), and `valid` marks which slots hold a real token for each row.
 
+`StaticLatentKVCache` is the same cache for a decode step that compiles into one fixed graph (a CUDA graph
+under `torch.compile(mode="reduce-overhead")`): the next free slot lives in a device tensor, not a Python
+int, new tokens are written with `index_copy_`, and attention always spans all S slots, so no shape or
+guard changes from one step to the next and nothing is read back to the host.
+
 Shape legend: L layers, B batch, S cache slots, T new tokens, C kv latent width, R rope width.
 """
 from __future__ import annotations
@@ -14,6 +19,8 @@ from kdarch.config import ModelConfig
 
 
 class LatentKVCache:
+    static = False
+
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, *, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", first_layer: int = 0, n_layers: int | None = None):
         """Slots for `max_len` tokens of blocks first_layer .. first_layer + n_layers - 1 (default: the main
@@ -53,11 +60,7 @@ class LatentKVCache:
         """[B, 1, T, S] bool: query i (slot length+i) sees the valid slots before it and always its own slot
         (so a padding query attends to itself and stays finite instead of softmaxing over nothing)."""
         end = self.length + t
-        q_slot_T = torch.arange(self.length, end, device=self.valid_BS.device)
-        k_slot_S = torch.arange(end, device=self.valid_BS.device)
-        causal_TS = q_slot_T[:, None] >= k_slot_S[None, :]
-        self_TS = q_slot_T[:, None] == k_slot_S[None, :]
-        return ((causal_TS[None] & self.valid_BS[:, None, :end]) | self_TS[None])[:, None]
+        return _mask(torch.arange(self.length, end, device=self.valid_BS.device), self.valid_BS[:, :end])
 
     def advance(self, t: int) -> None:
         self.length += t
@@ -68,3 +71,50 @@ class LatentKVCache:
             raise ValueError(f"LatentKVCache.truncate: expected 0 <= length <= {self.length}, got {length}")
         self.valid_BS[:, length:] = False
         self.length = length
+
+
+class StaticLatentKVCache(LatentKVCache):
+    """A LatentKVCache whose step has fixed shapes: forwards on it must pass `position_ids`."""
+    static = True
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, **kwargs):
+        super().__init__(cfg, batch_size, max_len, **kwargs)
+        self.next_slot = torch.zeros((), dtype=torch.long, device=self.valid_BS.device)
+        del self.length  # the host does not know it without a read: next_slot holds it
+        for buffer in (self.latent_LBSC, self.k_rope_LBSR, self.valid_BS, self.next_slot):
+            torch._dynamo.mark_static_address(buffer)  # mutated in place by a captured graph
+
+    def _new_slots(self, t: int) -> torch.Tensor:
+        return self.next_slot + torch.arange(t, device=self.next_slot.device)
+
+    def begin(self, valid_BT: torch.Tensor) -> None:
+        self.valid_BS.index_copy_(1, self._new_slots(valid_BT.shape[1]), valid_BT)
+
+    def update(self, layer: int, latent_BTC: torch.Tensor, k_rope_BTR: torch.Tensor):
+        """Write the new tokens of one layer at the next slots; return the layer's whole cache (all S slots)."""
+        i, slots_T = layer - self.first_layer, self._new_slots(latent_BTC.shape[1])
+        self.latent_LBSC[i].index_copy_(1, slots_T, latent_BTC)
+        self.k_rope_LBSR[i].index_copy_(1, slots_T, k_rope_BTR)
+        return self.latent_LBSC[i], self.k_rope_LBSR[i]
+
+    def attention_mask(self, t: int) -> torch.Tensor:
+        """[B, 1, T, S] over all S slots, by the rule of LatentKVCache.attention_mask."""
+        return _mask(self._new_slots(t), self.valid_BS)
+
+    def advance(self, t: int) -> None:
+        self.next_slot.add_(t)
+
+    def truncate(self, length: int) -> None:
+        """Forget every slot from `length` on (the host cannot check it against the fill without a read)."""
+        if not 0 <= length <= self.max_len:
+            raise ValueError(f"StaticLatentKVCache.truncate: expected 0 <= length <= {self.max_len}, got {length}")
+        self.valid_BS[:, length:] = False
+        self.next_slot.fill_(length)
+
+
+def _mask(q_slot_T: torch.Tensor, valid_BS: torch.Tensor) -> torch.Tensor:
+    """[B, 1, T, S] bool: query slot q sees the valid slots s <= q, and always itself."""
+    k_slot_S = torch.arange(valid_BS.shape[1], device=valid_BS.device)
+    causal_TS = q_slot_T[:, None] >= k_slot_S[None, :]
+    self_TS = q_slot_T[:, None] == k_slot_S[None, :]
+    return ((causal_TS[None] & valid_BS[:, None, :]) | self_TS[None])[:, None]

@@ -1,4 +1,5 @@
-"""Autoregressive generation on the latent KV cache: greedy, temperature, top-k and top-p sampling.
+"""Autoregressive generation on the latent KV cache: greedy, temperature, top-k and top-p sampling,
+eager on a growing cache or compiled on a static one.
 
 Prompts of different lengths are left-padded into one batch; padding slots are masked out of attention
 and every row gets its own rope positions, so a row's tokens do not depend on what it is batched with.
@@ -7,11 +8,12 @@ Shape legend: B batch, T tokens, V vocabulary.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 
-from kdarch.model.cache import LatentKVCache
+from kdarch.model.cache import LatentKVCache, StaticLatentKVCache
 
 
 def sample_next(logits_BV: torch.Tensor, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
@@ -53,12 +55,34 @@ def left_pad(prompts: Sequence[Sequence[int]] | torch.Tensor, pad_id: int = 0, d
     return ids.to(device), valid.to(device), positions.to(device)
 
 
+STATIC_CACHE_BUCKET = 256
+"""A static cache's slot count is rounded up to a multiple of this, so prompts of similar lengths share one
+compiled graph."""
+DONE_CHECK_EVERY = 8
+"""Steps between the host's looks at whether every row has ended: each look is a read, which drains the stream."""
+
+
+def decode_step(model, tok_B1: torch.Tensor, pos_B1: torch.Tensor, cache: LatentKVCache) -> torch.Tensor:
+    """Append one token per row at `pos_B1` and return the next-token logits [B, V]. On a
+    StaticLatentKVCache every shape is fixed and nothing is read back: the unit `generate(compile=True)`
+    compiles (a CUDA graph with mode="reduce-overhead")."""
+    return model(tok_B1, cache=cache, position_ids=pos_B1).logits[:, -1]
+
+
+@functools.cache
+def compiled_decode_step(device_type: str):
+    """`decode_step` compiled once per device type; on CUDA captured as a CUDA graph."""
+    mode = "reduce-overhead" if device_type == "cuda" else None
+    return torch.compile(decode_step, fullgraph=True, mode=mode)
+
+
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, eos_token_id: int | None = None, generator: torch.Generator | None = None,
-             cache_dtype: torch.dtype | None = None) -> list[list[int]]:
+             cache_dtype: torch.dtype | None = None, compile: bool = False) -> list[list[int]]:
     """Continue each prompt by up to `max_new_tokens` tokens; returns the new tokens per prompt, ending
-    with `eos_token_id` (default: the config's) where it was produced."""
+    with `eos_token_id` (default: the config's) where it was produced. `compile=True` decodes on a
+    preallocated StaticLatentKVCache with the compiled `decode_step` (same tokens, fixed shapes)."""
     cfg = model.config
     eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
     device = next(model.parameters()).device
@@ -71,20 +95,25 @@ def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0, t
                          f"ModelConfig.max_seq_len={cfg.max_seq_len}")
     was_training = model.training
     model.eval()
-    cache = LatentKVCache(cfg, B, T + max_new_tokens, dtype=cache_dtype or model.embed.weight.dtype, device=device)
+    dtype = cache_dtype or model.embed.weight.dtype
+    if compile:
+        slots = min(cfg.max_seq_len, -(-(T + max_new_tokens) // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET)
+        cache = StaticLatentKVCache(cfg, B, slots, dtype=dtype, device=device)
+        step_fn = compiled_decode_step(device.type)
+    else:
+        cache, step_fn = LatentKVCache(cfg, B, T + max_new_tokens, dtype=dtype, device=device), decode_step
     logits_BV = model(ids_BT, cache=cache, position_ids=pos_BT, valid_mask=valid_BT).logits[:, -1]
-    next_pos_B1 = pos_BT[:, -1:] + 1
-    out: list[list[int]] = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    pos_B1 = pos_BT[:, -1:] + 1
+    new_BN = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
+    done_B = torch.zeros(B, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
         tok_B = sample_next(logits_BV, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-        for i in (~done).nonzero().flatten().tolist():
-            out[i].append(int(tok_B[i]))
+        new_BN[:, step] = tok_B
         if eos is not None:
-            done |= tok_B == eos
-        if bool(done.all()) or step == max_new_tokens - 1:
+            done_B |= tok_B == eos
+        if step == max_new_tokens - 1 or (step % DONE_CHECK_EVERY == DONE_CHECK_EVERY - 1 and bool(done_B.all())):
             break
-        logits_BV = model(tok_B[:, None], cache=cache, position_ids=next_pos_B1).logits[:, -1]
-        next_pos_B1 = next_pos_B1 + 1
+        logits_BV = step_fn(model, tok_B[:, None], pos_B1, cache)
+        pos_B1 = pos_B1 + 1
     model.train(was_training)
-    return out
+    return [row[:row.index(eos) + 1] if eos in row else row for row in new_BN[:, :step + 1].tolist()]

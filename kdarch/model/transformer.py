@@ -157,9 +157,15 @@ class CausalLM(nn.Module):
         tokens at `position_ids` ([B, T]; `valid_mask` marks non-padding tokens)."""
         self._check_ids("input_ids", input_ids)
         B, T = input_ids.shape
-        start = cache.length if cache is not None else 0
-        if start + T > self.config.max_seq_len:
-            raise ValueError(f"input_ids: {start + T} tokens exceed ModelConfig.max_seq_len={self.config.max_seq_len}")
+        if cache is not None and cache.static:  # slots and positions live on the device: nothing to read here
+            if position_ids is None:
+                raise ValueError("position_ids: expected a [batch, seq_len] tensor with a StaticLatentKVCache")
+            start = 0
+        else:
+            start = cache.length if cache is not None else 0
+            if start + T > self.config.max_seq_len:
+                raise ValueError(f"input_ids: {start + T} tokens exceed ModelConfig.max_seq_len="
+                                 f"{self.config.max_seq_len}")
         if labels is not None:
             self._check_ids("labels", labels, allow_ignore=True)
             if labels.shape != input_ids.shape:

@@ -2,7 +2,10 @@ import pytest
 import torch
 
 from kdarch import CausalLM, LatentKVCache, get_preset
-from kdarch.model.generation import sample_next
+from kdarch.model import generation
+from kdarch.model.cache import StaticLatentKVCache
+from kdarch.model.generation import decode_step, left_pad, sample_next
+from kdarch.testing import no_host_syncs
 
 
 def make(**changes):
@@ -81,6 +84,48 @@ def test_generate_errors():
         model.generate([[]], 4)
     with pytest.raises(ValueError, match=r"expected token ids in \[0, 256\), got 999"):
         model.generate([[999]], 4)
+
+
+# ------------------------------------------------------- the static cache: a decode step that compiles
+
+def test_static_cache_decodes_like_the_growing_cache_without_host_syncs(value_checks_off):
+    """All S slots attended under the mask, index_copy writes at a device-side slot: the same logits as
+    the growing cache, left padding included, and a decode step that reads nothing back."""
+    model, cfg = make(), get_preset("debug")
+    ids_BT, valid_BT, pos_BT = left_pad([[5, 6, 7, 8, 9], [40, 41]])
+    steps_B = torch.tensor([[3, 250], [17, 64], [42, 5], [99, 128]])
+    logits = []
+    with torch.no_grad():
+        for cache in (LatentKVCache(cfg, 2, 9), StaticLatentKVCache(cfg, 2, 32)):
+            seen = [model(ids_BT, cache=cache, position_ids=pos_BT, valid_mask=valid_BT).logits[:, -1]]
+            with no_host_syncs() if cache.static else torch.no_grad():
+                for i, tok_B in enumerate(steps_B):
+                    seen.append(decode_step(model, tok_B[:, None], pos_BT[:, -1:] + 1 + i, cache))
+            logits.append(torch.stack(seen))
+    torch.testing.assert_close(logits[1], logits[0], atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="position_ids: expected .* StaticLatentKVCache"):
+        model(ids_BT, cache=StaticLatentKVCache(cfg, 2, 32))
+
+
+def test_compiled_generation_gives_the_same_tokens_from_one_graph(monkeypatch):
+    """generate(compile=True): fullgraph, one compilation for every step and for every call of a batch size
+    whose prompt and new tokens fit the same slot bucket, and the tokens of eager decoding (greedy, sampled,
+    stopped)."""
+    import torch._dynamo.testing
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    monkeypatch.setattr(generation, "compiled_decode_step",
+                        lambda device_type: torch.compile(decode_step, fullgraph=True, backend=counter))
+    model = make()
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [40, 41], [100, 101, 102, 103]]
+    assert model.generate(prompts, 12, compile=True) == model.generate(prompts, 12)
+    assert counter.frame_count == 1  # eleven decode steps, one graph
+    sampled = dict(temperature=1.0, top_p=0.9)
+    assert (model.generate(prompts[1:], 9, generator=torch.Generator().manual_seed(7), compile=True, **sampled)
+            == model.generate(prompts[1:], 9, generator=torch.Generator().manual_seed(7), **sampled))
+    first = model.generate([[1, 2, 3]], 5)[0]
+    assert model.generate([[1, 2, 3], [9, 9]], 5, eos_token_id=first[1], compile=True)[0] == first[:2]
+    assert counter.frame_count == 2  # one more for two rows, then none for other prompt and output lengths
 
 
 def _trained_on_a_cycle(steps=40):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kdarch import CausalLM, get_preset
-from kdarch.checks import ConfigError, set_value_checks
+from kdarch.checks import ConfigError
 from kdarch.distill import TopKTeacher, multi_token_kd_loss
 from kdarch.testing import HostSyncError, no_host_syncs
 from kdarch.train.config import TrainSection
@@ -83,14 +83,6 @@ def test_the_sync_detector_catches_reads_and_value_shapes():
             read()
     with no_host_syncs():  # fixed-shape work on the device is fine
         (x * 2).softmax(0).scatter_add(0, torch.tensor([0, 0]), torch.ones(2))
-
-
-@pytest.fixture
-def value_checks_off():
-    """As on an accelerator: value checks (which read values by design) are off unless KDARCH_CHECKS=1."""
-    set_value_checks(False)
-    yield
-    set_value_checks(None)
 
 
 def _distill_loss(model, ids, signal):
