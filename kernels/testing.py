@@ -46,7 +46,7 @@ def fwd_bwd(fn, x, ids, w, wgu, wd, grad_seed=1):
     """Output and grads of (x, topk_weights, w_gate_up, w_down), all as fp32."""
     leaves = [t.detach().clone().requires_grad_() for t in (x, w, wgu, wd)]
     out = fn(leaves[0], ids, leaves[1], leaves[2], leaves[3])
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).to(out.dtype)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).to(out.device, out.dtype)
     return [t.float() for t in (out, *torch.autograd.grad(out, leaves, g))]
 
 

@@ -5,8 +5,6 @@ import os
 import pytest
 import torch
 
-from kdarch.checks import set_value_checks
-
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ["KDARCH_CHECKS"] = "1"
@@ -16,6 +14,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 @pytest.fixture
 def value_checks_off():
     """As on an accelerator: value checks (which read values by design) are off unless KDARCH_CHECKS=1."""
+    from kdarch.checks import set_value_checks  # imported here: kdarch loads triton, which reads the env once
     set_value_checks(False)
     yield
     set_value_checks(None)

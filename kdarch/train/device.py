@@ -64,6 +64,15 @@ def autocast(device: torch.device, dtype: str, fp8: bool = False):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
 
+def device_label(device: torch.device | str) -> str:
+    """"cpu", or "cuda:N (<GPU name>)": what the report says a model trained on."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device.type
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+
+
 def _rss_mb() -> float:
     with open(f"/proc/{os.getpid()}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20

@@ -33,7 +33,7 @@ from kdarch.pretrained import KDARCH_MODEL_TYPE, from_pretrained, save_pretraine
 from kdarch.train.checkpoint import CHECKPOINTS
 from kdarch.train.config import DataSection, ModelSection, RunConfig, Stage, TrainSection
 from kdarch.train.data import load_documents, pack, split_documents
-from kdarch.train.device import PeakMemory, check_device, resolve_device
+from kdarch.train.device import PeakMemory, check_device, device_label, resolve_device
 from kdarch.train.evaluate import evaluate_lm, generation_speed
 from kdarch.train.loop import set_seed, train
 from kdarch.train.objective import DistillObjective, Objective
@@ -104,6 +104,7 @@ class StageRun:
     peak_memory_mb: float
     directory: Path
     teacher: str | None = None
+    device: str | None = None
 
 
 def run_stage(stage: Stage, data: Data, run_dir: Path, *, objective_for: Callable[[CausalLM], Objective] | None = None,
@@ -121,17 +122,20 @@ def run_stage(stage: Stage, data: Data, run_dir: Path, *, objective_for: Callabl
     what = f"distilling from {teacher}" if teacher else "language modelling"
     log(f"[{stage.name}] {model.config.num_params() / 1e6:.2f}M parameters "
         f"({model.config.num_active_params() / 1e6:.2f}M active), {stage.train.steps} steps, {what}")
-    with PeakMemory(resolve_device(stage.train.device)) as mem:
+    device = resolve_device(stage.train.device)
+    with PeakMemory(device) as mem:
         res = train(model, stage.train, data.train_NT, stage_dir, objective=objective, resume=resume, name=stage.name)
     save_pretrained(model, final)
     data.tokenizer.save(final)
-    write_json(done, {"steps": res.steps, "tokens": res.tokens, "seconds": res.seconds, "peak_memory_mb": mem.peak_mb})
+    write_json(done, {"steps": res.steps, "tokens": res.tokens, "seconds": res.seconds, "peak_memory_mb": mem.peak_mb,
+                      "device": device_label(device)})
     if not stage.train.keep_checkpoints and (stage_dir / CHECKPOINTS).is_dir():
         discard_directory(stage_dir / CHECKPOINTS)
     last = res.rows[-1] if res.rows else {}
     log(f"[{stage.name}] done in {res.seconds:.0f}s, final training loss {last.get('loss', float('nan')):.3f}; "
         f"model saved to {final}")
-    return StageRun(stage.name, model, res.rows, res.seconds, res.tokens, mem.peak_mb, final, teacher)
+    return StageRun(stage.name, model, res.rows, res.seconds, res.tokens, mem.peak_mb, final, teacher,
+                    device_label(device))
 
 
 def _finished_stage(stage: Stage, data: Data, final: Path, done: dict, teacher: str | None, log) -> StageRun:
@@ -144,7 +148,8 @@ def _finished_stage(stage: Stage, data: Data, final: Path, done: dict, teacher: 
                           f"configuration describes (fields {diff}); resume with the configuration that made it")
     rows = [json.loads(x) for x in (final.parent / "metrics.jsonl").read_text().splitlines() if x.strip()]
     log(f"[{stage.name}] finished earlier ({done['steps']} steps); loaded {final}")
-    return StageRun(stage.name, model, rows, done["seconds"], done["tokens"], done["peak_memory_mb"], final, teacher)
+    return StageRun(stage.name, model, rows, done["seconds"], done["tokens"], done["peak_memory_mb"], final, teacher,
+                    done.get("device"))
 
 
 def measure(run: StageRun, data: Data, *, eval_sequences: int, teacher_top1_NT: torch.Tensor | None) -> dict:
@@ -156,7 +161,7 @@ def measure(run: StageRun, data: Data, *, eval_sequences: int, teacher_top1_NT: 
     prompts = [data.heldout_NT[i, :16].tolist() for i in range(min(4, data.heldout_NT.shape[0]))]
     row.update(generation_speed(run.model, prompts, new_tokens=48))
     row.update(cfg.figures())
-    row.update(peak_memory_mb=run.peak_memory_mb, train_seconds=run.seconds, train_tokens=run.tokens,
+    row.update(device=run.device, peak_memory_mb=run.peak_memory_mb, train_seconds=run.seconds, train_tokens=run.tokens,
                train_steps=len(run.rows) and run.rows[-1]["step"], model_dir=str(run.directory))
     if run.teacher:
         row["teacher"] = run.teacher

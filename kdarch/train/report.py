@@ -28,8 +28,8 @@ COLUMNS = (("eval_loss", "held-out loss", "{:.4f}"), ("eval_loss_se", "± s.e.",
            ("perplexity", "perplexity", "{:.2f}"), ("top1_agreement", "top-1 agreement with teacher", "{:.3f}"),
            ("params_total", "parameters", "{:,}"), ("params_active", "active / token", "{:,}"),
            ("kv_cache_bytes_per_token", "KV bytes / token", "{:,}"),
-           ("generate_tokens_per_s", "generate tok/s", "{:.0f}"), ("peak_memory_mb", "peak RSS MiB", "{:.0f}"),
-           ("train_seconds", "train s", "{:.0f}"), ("train_tokens", "train tokens", "{:,}"))
+           ("generate_tokens_per_s", "generate tok/s", "{:.0f}"), ("peak_memory_mb", "peak MiB", "{:.0f}"),
+           ("train_seconds", "train s", "{:.0f}"), ("train_tokens", "train tokens", "{:,}"), ("device", "device", "{}"))
 BOOTSTRAP_SAMPLES = 2000
 
 
@@ -98,7 +98,8 @@ def markdown(report: dict) -> str:
     lines += ["| model | " + " | ".join(c[1] for c in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for name, r in rows:
         lines.append(f"| {name} | " + " | ".join(_fmt(r.get(k), p) for k, _, p in COLUMNS) + " |")
-    lines += ["", *_verdict_sentence(report)]
+    lines += ["", "Peak memory is training's: the CUDA allocator's peak on a GPU, the process's resident set on the "
+              "CPU.", "", *_verdict_sentence(report)]
     if "arithmetic" in report:
         a = report["arithmetic"]
         lines += ["## Reasoning distillation (arithmetic)", "",

@@ -110,7 +110,14 @@ class _Fp8LinearFn(torch.autograd.Function):
 def fp8_matmul(x_MK: torch.Tensor, w: torch.Tensor, offs_E1: torch.Tensor | None = None,
                backend: str | None = None) -> torch.Tensor:
     """The unchecked core of fp8_linear (offs_E1 None, w [N, K]) and fp8_grouped_linear (w [E, N, K]), for
-    callers inside kdarch.ops whose operands are valid by construction (e.g. the FP8 MoE composition)."""
+    callers inside kdarch.ops whose operands are valid by construction (e.g. the FP8 MoE composition).
+    Under autocast the FP8 recipe still sets every precision inside; X and the output take autocast's dtype,
+    as a matmul's would."""
+    device_type = x_MK.device.type
+    if torch.is_autocast_enabled(device_type):
+        x_MK = x_MK.to(torch.get_autocast_dtype(device_type))
+        with torch.autocast(device_type, enabled=False):
+            return fp8_matmul(x_MK, w, offs_E1, backend)
     ops = _Ops(backend, x_MK.device)
     if torch.is_grad_enabled() and (x_MK.requires_grad or w.requires_grad):
         return _Fp8LinearFn.apply(x_MK, w, offs_E1, ops)
