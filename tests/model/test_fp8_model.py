@@ -83,3 +83,16 @@ def test_debug_student_trains_in_fp8_like_in_high_precision():
     assert f8[-1] < f8[0] - 1.0  # it learns
     worst = max(abs(a - b) / b for a, b in zip(f8, hp))
     assert worst < 0.05, f"FP8 loss curve deviates {worst:.1%} from the fp32 one"
+
+
+def test_fp8_model_trains_under_bf16_autocast():
+    """model.fp8 with train.dtype = "bfloat16": the FP8 experts' weight quantisation runs outside autocast."""
+    torch.manual_seed(0)
+    model = CausalLM(get_preset("debug", fp8=True))
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, labels=ids, return_logits=False).loss
+    loss.backward()
+    assert loss.isfinite() and all(p.grad is not None and p.grad.isfinite().all()
+                                   for p in model.parameters() if p.requires_grad and p.grad is not None)
+    assert model.layers[1].ffn.w_gate_up.grad.abs().sum() > 0
