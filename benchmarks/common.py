@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import json
+import os
 import platform
 import resource
 import statistics
@@ -17,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(os.environ.get("KDARCH_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
+"""Where CSVs go: benchmarks/results, or $KDARCH_BENCH_RESULTS (the GPU suite points every benchmark at its own)."""
 CSV_FIELDS = ["kernel", "provider", "mode", "metric", "unit", "x_name", "x_value", "p50", "p20", "p80", "config",
               "device", "timestamp", "version"]
 

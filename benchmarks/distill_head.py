@@ -2,6 +2,7 @@
 
     python benchmarks/distill_head.py                      # N=4096, d=512, V in {32768, 131072}, fp32, 2 threads
     python benchmarks/distill_head.py --vocab 32768 --rounds 1 --providers fused naive torch
+    python benchmarks/distill_head.py --device cuda --dtype bfloat16 --tokens 8192 --hidden 4096 --vocab 131072
 
 Providers (each size and provider in its own subprocess, so peak memory is measured cleanly):
   fused  `fused_kd_loss(h, W, labels, teacher)`: chunks of tokens, never [N, V] logits;
@@ -10,7 +11,8 @@ Providers (each size and provider in its own subprocess, so peak memory is measu
          what users write first; optional, it needs ~7 [N, V] fp32 tensors.
 The teacher is dense logits [N, V] (or its top-k with --topk K); inputs exist before the baseline.
 Peak memory is the process's resident-set high-water mark during the steps minus its size before them
-(the largest over rounds). Time: the best and the median over all timed steps of all rounds; the ratio
+(on CUDA: the allocator's peak minus what the inputs hold), the largest over rounds.
+Time: the best and the median over all timed steps of all rounds; the ratio
 uses the best, the least disturbed step on a shared machine (the median ratio is printed beside it).
 Reports a table, the ratios fused / naive (targets: <= 0.25x peak memory, <= 1.0x time), and a CSV in
 benchmarks/results/distill_head.csv. The loss of every provider is printed: they must agree.
@@ -45,16 +47,17 @@ def worker(args) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     N, d, V = args.tokens, args.hidden, args.vocab
-    h = torch.randn(N, d).requires_grad_()
-    w = torch.randn(V, d).mul_(d ** -0.5).requires_grad_()
+    dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    h = torch.randn(N, d, device=dev, dtype=dtype).requires_grad_()
+    w = torch.randn(V, d, device=dev, dtype=dtype).mul_(d ** -0.5).requires_grad_()
     if args.topk:  # built in row blocks: no [N, V] transient may raise the high-water mark before the baseline
-        parts = [TopKTeacher.from_logits(torch.randn(min(256, N - i), V).mul_(2.0), args.topk)
+        parts = [TopKTeacher.from_logits(torch.randn(min(256, N - i), V, device=dev).mul_(2.0), args.topk)
                  for i in range(0, N, 256)]
         teacher = TopKTeacher(torch.cat([q.ids for q in parts]), torch.cat([q.values for q in parts]), "logprobs",
                               torch.cat([q.tail_mass for q in parts]), args.topk_mode)
     else:
-        teacher = torch.randn(N, V).mul_(2.0)
-    labels = torch.randint(0, V, (N,))
+        teacher = torch.randn(N, V, device=dev).mul_(2.0).to(dtype)
+    labels = torch.randint(0, V, (N,), device=dev)
     opts = dict(kind=args.kind, temperature=args.temperature, alpha=args.alpha)
     losses = []
 
@@ -69,9 +72,16 @@ def worker(args) -> None:
         loss.backward()
         losses.append(loss.item())
 
-    base = rss_mb()
-    times = time_cpu(step, warmup=args.warmup, repeat=args.repeat)
-    print(json.dumps({"times": times, "loss": losses[0], "peak_mb": peak_rss_mb() - base}))
+    if dev.type == "cuda":  # the allocator's peak above what the inputs hold; loss.item() syncs each step
+        base = torch.cuda.memory_allocated(dev) / 2**20
+        torch.cuda.reset_peak_memory_stats(dev)
+        times = time_cpu(step, warmup=args.warmup, repeat=args.repeat)
+        peak = torch.cuda.max_memory_allocated(dev) / 2**20 - base
+    else:
+        base = rss_mb()
+        times = time_cpu(step, warmup=args.warmup, repeat=args.repeat)
+        peak = peak_rss_mb() - base
+    print(json.dumps({"times": times, "loss": losses[0], "peak_mb": peak}))
 
 
 def main() -> None:
@@ -89,6 +99,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--rounds", type=int, default=2, help="subprocesses per provider and size, in alternating order")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="h, W and the teacher")
+    p.add_argument("--out", default="distill_head", help="CSV name under benchmarks/results/")
     p.add_argument("--worker", choices=["fused", "naive", "torch"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -100,12 +113,12 @@ def main() -> None:
     for V in args.vocab:
         setups[V] = setup = {"tokens": args.tokens, "hidden": args.hidden, "vocab": V, "kind": args.kind,
                              "T": args.temperature, "alpha": args.alpha, "teacher": teacher, "threads": args.threads,
-                             "dtype": "float32"}
+                             "dtype": args.dtype, "device": args.device}
         for rnd in range(args.rounds):  # alternate the order: a shared machine's load drifts
             for provider in args.providers[::-1] if rnd % 2 else args.providers:
                 cmd = [sys.executable, __file__, "--worker", provider, "--vocab", str(V)] + \
                     [f"--{k}={getattr(args, k.replace('-', '_'))}" for k in ("tokens", "hidden", "kind", "temperature",
-                     "alpha", "topk", "topk-mode", "repeat", "warmup", "threads")]
+                     "alpha", "topk", "topk-mode", "repeat", "warmup", "threads", "device", "dtype")]
                 out = subprocess.run(cmd, capture_output=True, text=True)
                 if out.returncode != 0:
                     print(f"{provider} V={V} failed (rc {out.returncode}): {out.stderr.strip()[-300:]}",
@@ -128,7 +141,7 @@ def main() -> None:
             lines.append([V, provider, f"{r['best']:.2f}", f"{r['p50']:.2f}", f"{r['peak_mb']:.0f}",
                           f"{r['loss']:.6f}"])
     print(f"\nKD head fwd+bwd, N={args.tokens} d={args.hidden}, {args.kind} T={args.temperature} alpha={args.alpha}, "
-          f"teacher {teacher}, fp32, {args.threads} threads")
+          f"teacher {teacher}, {args.dtype} on {args.device}" + (f", {args.threads} threads" * (args.device == "cpu")))
     print_table(["V", "provider", "best s", "median s", "peak MiB", "loss"], lines)
     print()
     for V in args.vocab:
@@ -142,7 +155,7 @@ def main() -> None:
                      row("distill_head", f"fused/{peer}", "fwd+bwd", "time_ratio", "x", "vocab", V, speed, setups[V])]
             print(f"V={V}: fused / {peer}: {mem:.3f}x peak memory (target <= 0.25x), {speed:.2f}x best time "
                   f"({speed50:.2f}x median; target <= 1.0x), loss difference {abs(f['loss'] - q['loss']):.1e}")
-    print(f"CSV: {write_csv('distill_head', rows)}")
+    print(f"CSV: {write_csv(args.out, rows)}")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, print_table, row, time_cpu, write_csv  # noqa: E402
 
-CONFIGS = {"E16-K4": dict(H=512, I=256, E=16, K=4), "E64-K6": dict(H=512, I=256, E=64, K=6)}
+CONFIGS = {"E16-K4": dict(H=512, I=256, E=16, K=4), "E64-K6": dict(H=512, I=256, E=64, K=6),
+           "V3-E32-K8": dict(H=7168, I=2048, E=32, K=8)}
+"""V3-E32-K8: DeepSeek-V3's expert shape (hidden 7168, expert width 2048, top-8) with the 32 experts one GPU holds
+under 8-way expert parallelism (GPU only: its weights alone are 2.8 GB in bf16)."""
+DEFAULT_CONFIGS = ("E16-K4", "E64-K6")
 TOKENS = (128, 512, 2048, 8192, 32768)
 QUICK_TOKENS = (128, 1024, 4096)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -276,13 +280,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help=f"tokens {QUICK_TOKENS}, warmup 1, repeat 3")
     p.add_argument("--tokens", type=int, nargs="+", help=f"token counts (default {TOKENS})")
-    p.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=sorted(CONFIGS))
+    p.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=list(DEFAULT_CONFIGS))
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp32 on the CPU, bf16 on CUDA")
     p.add_argument("--max-tokens", type=int, default=8192, help="CPU only: skip larger token counts")
     p.add_argument("--ref-max-tokens", type=int, default=4096, help="run the fp32 reference loop up to this many")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--out", default="moe_dispatch", help="CSV (and plot) name under benchmarks/results/")
     args = p.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.quick:
@@ -298,8 +303,8 @@ def main() -> None:
         for T in tokens:
             bench_point(name, CONFIGS[name], T, dtype, dev, args, results)
     report(results, dev.type == "cuda")
-    print(f"\nCSV: {write_csv('moe_dispatch', results)}")
-    plot(results, RESULTS_DIR / "moe_dispatch.png")
+    print(f"\nCSV: {write_csv(args.out, results)}")
+    plot(results, RESULTS_DIR / f"{args.out}.png")
 
 
 if __name__ == "__main__":
