@@ -1,6 +1,7 @@
 """The `kdarch` command line (also `python -m kdarch`).
 
     kdarch distill [--out DIR]         the main job: teacher -> distilled student vs scratch, with a report
+    kdarch distill --quick             the same pipeline on debug-sized models: a first look in about a minute
     kdarch distill --task arithmetic   sequence-level (reasoning) distillation on checkable arithmetic
     kdarch train --config F.toml       train one model (e.g. a teacher) on a dataset
     kdarch eval --model DIR            held-out loss / perplexity (and agreement with --teacher)
@@ -118,11 +119,17 @@ def cmd_distill(args) -> int:
     from kdarch.train.pipeline import check_distill, log_to_stderr, prepare_run_dir, run_distill
     from kdarch.train.reasoning import run_arithmetic, task_stages
     run = _run_config(args)
-    task_stages(run) if args.task == "arithmetic" else check_distill(run)  # before the run directory exists
-    out = args.out_dir = prepare_run_dir(args.out, args.resume, f"distill-{args.task}")
-    log_to_stderr(f"kdarch distill ({args.task}): run directory {out}")
-    run_task = run_arithmetic if args.task == "arithmetic" else run_distill
-    _report_path(out, run_task(run, out, resume=args.resume, log=log_to_stderr))
+    if args.quick and args.task != "lm":
+        raise ValueError(f"--quick: expected with --task lm (the quick run is the default pipeline), got --task "
+                          f"{args.task}")
+    task_stages(run) if args.task == "arithmetic" else check_distill(run, quick=args.quick)  # before the run dir
+    out = args.out_dir = prepare_run_dir(args.out, args.resume, f"distill-{'quick' if args.quick else args.task}")
+    log_to_stderr(f"kdarch distill ({args.task}{', quick' if args.quick else ''}): run directory {out}")
+    if args.task == "arithmetic":
+        report = run_arithmetic(run, out, resume=args.resume, log=log_to_stderr)
+    else:
+        report = run_distill(run, out, resume=args.resume, quick=args.quick, log=log_to_stderr)
+    _report_path(out, report)
     return 0
 
 
@@ -291,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--task", choices=("lm", "arithmetic"), default="lm",
                     help="lm: logit distillation on text (default); arithmetic: sequence-level reasoning "
                          "distillation on generated multi-step arithmetic")
+    di.add_argument("--quick", action="store_true",
+                    help="the whole default pipeline (tokenizer, teacher, student, scratch, report) on debug-sized "
+                         "models: a first look in about a minute")
     di.set_defaults(fn=cmd_distill)
 
     ev = sub.add_parser("eval", help="held-out loss, perplexity and top-1 agreement with a teacher",

@@ -48,6 +48,10 @@ wider dense teacher learns less per second: what makes the teacher better than t
 and its longer training within the same minutes."""
 DEFAULT_STUDENT = Stage("student", ModelSection("tiny"), TrainSection(steps=100))
 """The embedded default's student: the tiny preset (MLA + 16-expert MoE + 1 MTP module)."""
+QUICK_TEACHER = Stage("teacher", ModelSection("debug", {"hidden_size": 128, "n_layers": 4, "n_routed_experts": 16}),
+                      TrainSection(steps=150))
+QUICK_STUDENT = Stage("student", ModelSection("debug"), TrainSection(steps=100))
+"""`kdarch distill --quick`: the same pipeline on the debug preset's sizes, a first look in about a minute."""
 
 
 @dataclass
@@ -240,11 +244,11 @@ def check_train(run: RunConfig) -> None:
     _check_model(run.model, run.data.seq_len, "model")
 
 
-def check_distill(run: RunConfig) -> tuple[Stage, list[Stage]]:
+def check_distill(run: RunConfig, *, quick: bool = False) -> tuple[Stage, list[Stage]]:
     """Everything `kdarch distill` can know to be wrong before any work (stage models, paths, a given teacher's
     kind against the distillation settings, MTP depth weights), each naming its field; returns the stages."""
     dcfg = run.distill
-    teacher, students = stages_of(run)
+    teacher, students = stages_of(run, quick=quick)
     _check_data(run.data)
     for where, stage in [("teacher", teacher), *((f"students.{i}", st) for i, st in enumerate(students))]:
         check_device(stage.train.device, f"{where}.train.device" if stage.train.device != run.train.device
@@ -277,9 +281,10 @@ def check_distill(run: RunConfig) -> tuple[Stage, list[Stage]]:
     return teacher, students
 
 
-def stages_of(run: RunConfig) -> tuple[Stage, list[Stage]]:
-    """The teacher stage and the chain of students of `kdarch distill`, over the embedded default's stages."""
-    return run.stages(DEFAULT_TEACHER, DEFAULT_STUDENT)
+def stages_of(run: RunConfig, *, quick: bool = False) -> tuple[Stage, list[Stage]]:
+    """The teacher stage and the chain of students of `kdarch distill`, over the embedded default's stages (or
+    the quick run's)."""
+    return run.stages(QUICK_TEACHER, QUICK_STUDENT) if quick else run.stages(DEFAULT_TEACHER, DEFAULT_STUDENT)
 
 
 def run_train(run: RunConfig, out: Path, *, resume: bool = False, log=print) -> dict:
@@ -304,12 +309,12 @@ def check_cache_matches(cache: LogitCache, train_NT: torch.Tensor) -> None:
                          "and the same [data] settings")
 
 
-def run_distill(run: RunConfig, out: Path, *, resume: bool = False, log=print) -> dict:
+def run_distill(run: RunConfig, out: Path, *, resume: bool = False, quick: bool = False, log=print) -> dict:
     """`kdarch distill`: teacher (given, or trained here), the chain of distilled students, the scratch
     baseline, evaluation of all of them on held-out text; writes report.json / report.md / plots; returns
-    the report."""
+    the report. `quick` runs it over the quick run's default stages."""
     t_start = time.perf_counter()
-    dcfg, (teacher_stage, students) = run.distill, check_distill(run)
+    dcfg, (teacher_stage, students) = run.distill, check_distill(run, quick=quick)
     teacher_device = resolve_device(dcfg.teacher_device or students[0].train.device)
     n_eval = run.train.eval_sequences
     if dcfg.teacher:

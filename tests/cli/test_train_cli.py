@@ -93,6 +93,18 @@ def test_eval_generate_convert(trained, tmp_path, capsys):
     assert main(["generate", "--model", model_dir, "--prompt", "The ", "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.startswith("The ")
     assert main(["generate", "--model", model_dir, "--prompt", "x", "--max-new-tokens", "4", "--speculative"]) == 0
+    sampled = ["generate", "--model", model_dir, "--prompt", "The ", "--max-new-tokens", "6", "--seed", "3"]
+    capsys.readouterr()
+    assert main(sampled) == 0
+    eager = capsys.readouterr().out
+    from kdarch.model import generation
+    with pytest.MonkeyPatch.context() as mp:  # the compiled step traced by aot_eager: seconds, not inductor's minute
+        mp.setattr(generation, "compiled_decode_step", lambda device_type: torch.compile(
+            generation.decode_step, fullgraph=True, backend="aot_eager"))
+        assert main([*sampled, "--compile"]) == 0
+    assert capsys.readouterr().out == eager
+    assert main([*sampled, "--compile", "--speculative"]) == 2
+    assert "--compile: expected without --speculative" in capsys.readouterr().err
     hf = tmp_path / "hf"
     assert main(["convert", model_dir, str(hf), "--format", "hf"]) == 0
     assert json.loads((hf / "config.json").read_text())["model_type"] == "deepseek_v3"
@@ -259,3 +271,18 @@ def test_train_in_bf16_and_fp8(tmp_path, precision):
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows) and rows[-1]["skipped_steps"] == 0
     from kdarch.pretrained import from_pretrained
     assert from_pretrained(out / "model").config.fp8 == ("--model.fp8" in precision)
+
+
+def test_quick_run_is_the_default_pipeline_on_small_models(tmp_path, capsys):
+    out = tmp_path / "quick"
+    assert main(["distill", "--quick", "--out", str(out), "--train.steps", "2", *FAST]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert {"teacher", "student", "scratch", "gap_closed"} <= set(report)
+    from kdarch.train.pipeline import QUICK_STUDENT, QUICK_TEACHER
+    for stage, want in (("teacher", QUICK_TEACHER), ("student", QUICK_STUDENT), ("scratch", QUICK_STUDENT)):
+        cfg = json.loads((out / stage / "model" / "config.json").read_text())
+        assert cfg["hidden_size"] == want.model.overrides.get("hidden_size", 64), stage
+        assert json.loads((out / stage / "done.json").read_text())["steps"] == 2  # [train] over the quick stages
+    capsys.readouterr()
+    assert main(["distill", "--quick", "--task", "arithmetic", "--out", str(tmp_path / "x")]) == 2
+    assert "--quick: expected with --task lm" in capsys.readouterr().err
