@@ -19,6 +19,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -26,6 +27,43 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import peak_rss_mb, print_table, row, rss_mb, time_cpu, write_csv  # noqa: E402
+
+GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::_grouped_mm"}
+ROUTING_OPS = {"aten::index", "aten::index_select", "aten::gather", "aten::scatter", "aten::scatter_",
+               "aten::scatter_add", "aten::scatter_add_", "aten::sort", "aten::argsort", "aten::topk", "aten::cumsum",
+               "aten::bincount", "aten::histc", "aten::searchsorted", "aten::index_add", "aten::index_add_",
+               "aten::index_put_", "aten::_index_put_impl_", "aten::nonzero", "aten::masked_select",
+               "aten::repeat_interleave"}
+SPLIT = ("gemm", "attention", "moe routing", "elementwise + copies", "optimizer")
+
+
+def op_category(name: str) -> str:
+    if name in GEMM_OPS:
+        return "gemm"
+    if "scaled_dot_product" in name or "softmax" in name:
+        return "attention"
+    return "moe routing" if name in ROUTING_OPS else "elementwise + copies"
+
+
+def profile_split(step_fwd_bwd, optimizer) -> dict[str, float]:
+    """Seconds of one step by kind of work: the forward + backward under the profiler, each operator's own time
+    by category (scaled to the step's wall time, which the profiler's overhead inflates), and AdamW timed alone."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        step_fwd_bwd()
+        wall = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    optimizer.step()
+    split = dict.fromkeys(SPLIT, 0.0)
+    split["optimizer"] = time.perf_counter() - t0
+    for e in prof.key_averages():
+        if e.key.startswith(("aten::", "kdarch::")):
+            split[op_category(e.key)] += e.self_cpu_time_total / 1e6
+    measured = sum(v for k, v in split.items() if k != "optimizer")
+    for k in SPLIT[:-1]:
+        split[k] *= wall / max(measured, 1e-9)
+    return split
 
 
 def worker(args) -> None:
@@ -44,16 +82,20 @@ def worker(args) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     losses = []
 
-    def step():
+    def fwd_bwd():
         out = model(input_ids=ids, labels=ids)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
-        opt.step()
         losses.append(out.loss.item())
+
+    def step():
+        fwd_bwd()
+        opt.step()
 
     base = rss_mb()
     times = time_cpu(step, warmup=args.warmup, repeat=args.steps)
-    print(json.dumps({"times": times, "first_loss": losses[0], "peak_mb": peak_rss_mb() - base,
+    peak = peak_rss_mb() - base
+    print(json.dumps({"times": times, "first_loss": losses[0], "peak_mb": peak, "split": profile_split(fwd_bwd, opt),
                       "params": sum(p.numel() for p in model.parameters())}))
 
 
@@ -112,6 +154,14 @@ def main() -> None:
         rows += [row("train_step", f"kdarch/{peer}", "fwd+bwd+adamw", metric, "x", "tokens", tokens, value, setup)
                  for metric, value in (("speed_ratio", speed), ("memory_ratio", mem))]
         print(f"kdarch / {what}: {speed:.2f}x tokens/s (target >= 1.5x), {mem:.2f}x peak memory (target <= 0.8x)")
+    print("\nwhere a step's time goes (profiled forward + backward, operators' own time; AdamW timed alone):")
+    split_lines = []
+    for provider, r in results.items():
+        total = sum(r["split"].values())
+        split_lines.append([provider] + [f"{r['split'][k]:.2f} s ({r['split'][k] / total:.0%})" for k in SPLIT])
+        rows += [row("train_step", provider, "fwd+bwd+adamw", f"time_{k.replace(' ', '_')}", "s", "tokens", tokens,
+                     r["split"][k], setup) for k in SPLIT]
+    print_table(["provider", *SPLIT], split_lines)
     loss_gap = max(abs(results["kdarch"]["first_loss"] - results[p]["first_loss"]) for p in ("hf", "hf-eager"))
     print(f"first-step loss difference: {loss_gap:.2e} (same weights, same batch)")
     print(f"CSV: {write_csv('e2e_train', rows)}")
