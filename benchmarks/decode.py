@@ -143,7 +143,8 @@ def bench_speculative(path: str, args, dev: torch.device, rows: list) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=sorted(CONFIGS))
+    p.add_argument("--configs", nargs="*", choices=sorted(CONFIGS), default=sorted(CONFIGS),
+                   help="configs to compare with transformers (none: only the --model measurement)")
     p.add_argument("--prompts", type=int, nargs="+", default=[512, 2048, 4096], help="prompt lengths")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--new-tokens", type=int, default=64)
@@ -158,10 +159,11 @@ def main() -> None:
     rows, lines = [], []
     for name in args.configs:
         bench_config(name, args, dev, rows, lines)
-    print(f"\ngreedy decoding, {args.new_tokens} new tokens, fp32, {dev}"
-          + (f", {args.threads} threads" if dev.type == "cpu" else ""))
-    print_table(["config", "batch", "prompt", "kdarch tok/s", "hf tok/s", "speed", "kdarch prefill s",
-                 "hf prefill s", "kdarch cache MiB", "hf cache MiB", "full-head MiB", "same tokens"], lines)
+    if lines:
+        print(f"\ngreedy decoding, {args.new_tokens} new tokens, fp32, {dev}"
+              + (f", {args.threads} threads" if dev.type == "cpu" else ""))
+        print_table(["config", "batch", "prompt", "kdarch tok/s", "hf tok/s", "speed", "kdarch prefill s",
+                    "hf prefill s", "kdarch cache MiB", "hf cache MiB", "full-head MiB", "same tokens"], lines)
     if args.model:
         bench_speculative(args.model, args, dev, rows)
     print(f"CSV: {write_csv(args.out, rows)}")
