@@ -1,14 +1,15 @@
 """A tiny per-op backend registry shared by every kdarch op.
 
 Each op (e.g. "moe_ffn") may have several implementations: "torch" (the pure-PyTorch path, always
-present) and "triton". The model calls the functional op and never names a backend; the choice is made
-here, once, in this order:
+present), "triton" and "cpp" (the compiled csrc/ ops, kdarch.ops.cpp). The model calls the functional op
+and never names a backend; the choice is made here, once, in this order:
   1. the per-call `backend=` argument,
-  2. the env var KDARCH_BACKEND (torch | triton | auto),
+  2. the env var KDARCH_BACKEND (torch | triton | cpp | auto),
   3. "auto": the first registered, available backend in the device's preference list.
 Asking for a backend the op lacks, or one that is unavailable here, is an error (never a silent
-fallback), and the message lists what the op does have. Only backends that exist are named: a "cpp"
-backend joins BACKENDS together with the csrc/ ops that implement it.
+fallback), and the message lists what the op does have. Availability is asked lazily, only of the
+backend about to be used (auto walks its preference list in order), so merely resolving an op never
+builds the csrc/ extension of a backend that would not be picked.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ import torch
 
 from kdarch.checks import fail
 
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch", "triton", "cpp")
 # "auto" preference per device type; triton is never auto-picked on the CPU (the interpreter is for
-# correctness only) but can still be asked for explicitly.
-_PREFERENCE = {"cuda": ("triton", "torch"), "cpu": ("torch",)}
+# correctness only) but can still be asked for explicitly. cpp leads on the CPU, where benchmarks/csrc_ops.py
+# measures it faster than torch for every op it has (with the same results, bit for bit); without a compiler
+# it is unavailable and auto falls through to torch.
+_PREFERENCE = {"cuda": ("triton", "torch"), "cpu": ("cpp", "torch")}
 _REGISTRY: dict[str, dict[str, tuple[Callable, Callable[[], bool] | None]]] = {}
 
 
@@ -57,17 +60,18 @@ def resolve(op_name: str, backend: str | None = None,
     source = "backend"
     if backend is None:
         backend, source = os.environ.get("KDARCH_BACKEND", "auto").strip().lower() or "auto", "KDARCH_BACKEND"
-    have = available_backends(op_name)
     if backend == "auto":
         dev_type = torch.device(device).type if device is not None else "cpu"
         for name in _PREFERENCE.get(dev_type, ("torch",)):
-            if name in have:
+            if _is_available(op_name, name):
                 return _REGISTRY[op_name][name][0]
-        fail(f"{op_name}: {source}", f"a backend that runs on {dev_type} (available here: {have})", backend)
+        fail(f"{op_name}: {source}", f"a backend that runs on {dev_type} (available here: "
+             f"{available_backends(op_name)})", backend)
     if backend not in BACKENDS:
         fail(f"{op_name}: {source}", f"one of {', '.join(map(repr, BACKENDS + ('auto',)))} (available for this op "
-             f"here: {have})", backend)
-    if backend not in have:
+             f"here: {available_backends(op_name)})", backend)
+    if not _is_available(op_name, backend):
         why = "not registered for this op" if backend not in _REGISTRY[op_name] else "unavailable here"
-        fail(f"{op_name}: {source}", f"an available backend, one of {have} ({backend!r} is {why})", backend)
+        fail(f"{op_name}: {source}", f"an available backend, one of {available_backends(op_name)} ({backend!r} is "
+             f"{why})", backend)
     return _REGISTRY[op_name][backend][0]

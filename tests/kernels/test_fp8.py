@@ -417,8 +417,9 @@ def _bad_calls():
          r"^fp8_grouped_linear: offsets: expected offsets that start at 0, never decrease"),
         (lambda: F8.dequantize(xq, xs[:, :1]),
          r"^dequantize: s: expected a float32 tensor \[rows, ceil\(256/128\)=2\]"),
-        (lambda: F8.fp8_gemm(xq, xs, wq, ws, backend="cpp"),
-         r"^fp8_gemm: backend: expected one of 'torch', 'triton', 'auto' \(available for this op here: .*, got 'cpp'$"),
+        (lambda: F8.fp8_gemm(xq, xs, wq, ws, backend="cuda"),
+         r"^fp8_gemm: backend: expected one of 'torch', 'triton', 'cpp', 'auto' \(available for this op here: .*, "
+         r"got 'cuda'$"),
     ]
 
 

@@ -188,7 +188,8 @@ def test_backend_registration_and_auto(monkeypatch):
                          ("moe_ffn_fp8", mt.moe_ffn_fp8_triton, moe_ffn_fp8_torch)):
         assert "triton" in ops.available_backends(op)  # TRITON_INTERPRET=1 or CUDA here
         assert ops.resolve(op, None, "cuda") is tri  # auto prefers triton on CUDA ...
-        assert ops.resolve(op, None, "cpu") is tor  # ... never on the CPU
+        cpu = ops.resolve(op, "cpp", "cpu") if "cpp" in ops.available_backends(op) else tor
+        assert ops.resolve(op, None, "cpu") is cpu  # ... never on the CPU (there: cpp where built, else torch)
     monkeypatch.setenv("KDARCH_BACKEND", "triton")
     assert ops.resolve("moe_ffn", None, "cpu") is mt.moe_ffn_triton
     assert ops.resolve("moe_ffn_fp8", None, "cpu") is mt.moe_ffn_fp8_triton
@@ -198,7 +199,7 @@ def test_backend_registration_and_auto(monkeypatch):
     assert "triton" not in ops.available_backends("moe_ffn_fp8")
     for fp8, op in ((False, "moe_ffn"), (True, "moe_ffn_fp8")):
         with pytest.raises(ValueError, match=rf"^{op}: KDARCH_BACKEND: expected an available backend, one of "
-                                             r"\['torch'\] \('triton' is unavailable here\), got 'triton'$"):
+                                             r"\['torch'(, 'cpp')?\] \('triton' is unavailable here\), got 'triton'$"):
             ops.moe_ffn(*make_inputs(3, 32, 16, 4, 2, "random"), fp8=fp8)
     for fn in (mt.moe_ffn_triton, mt.moe_ffn_fp8_triton):
         with pytest.raises(ValueError, match=r"^moe_ffn: x: expected CUDA tensors for backend 'triton' \(CPU tensors "

@@ -36,7 +36,7 @@ def test_kdarch_imports_and_runs_without_triton():
         "import torch, kdarch",
         "from kdarch import kernels, ops",
         "assert not kernels.triton_interpreting() and not kernels.triton_usable()",
-        "assert ops.available_backends('moe_ffn') == ops.available_backends('moe_ffn_fp8') == ['torch']",
+        "assert 'triton' not in ops.available_backends('moe_ffn') + ops.available_backends('moe_ffn_fp8')",
         "x, ids = torch.randn(3, 8), torch.tensor([[0], [1], [1]])",
         "print(tuple(ops.moe_ffn(x, ids, torch.ones(3, 1), torch.randn(2, 8, 8), torch.randn(2, 8, 4)).shape))",
     ])

@@ -175,22 +175,21 @@ def test_backend_selection(monkeypatch):
         monkeypatch.setenv("KDARCH_BACKEND", env)
         assert torch.equal(ops.moe_ffn(*inp), want)
     monkeypatch.setenv("KDARCH_BACKEND", "nope")
-    with pytest.raises(ValueError, match=r"^moe_ffn: KDARCH_BACKEND: expected one of 'torch', 'triton', 'auto' "
-                                         r"\(available for this op here: \['torch'.*\]\), got 'nope'$"):
+    with pytest.raises(ValueError, match=r"^moe_ffn: KDARCH_BACKEND: expected one of 'torch', 'triton', 'cpp', "
+                                         r"'auto' \(available for this op here: \['torch'.*\]\), got 'nope'$"):
         ops.moe_ffn(*inp)
     with pytest.raises(ValueError, match=r"^moe_ffn_fp8: KDARCH_BACKEND: expected one of .*, got 'nope'$"):
         ops.moe_ffn(*inp, fp8=True)  # the FP8 op follows the same rules
     assert torch.equal(ops.moe_ffn(*inp, backend="torch"), want)  # per-call beats env
-    for name in ("cuda", "cpp"):  # a device is not a backend; "cpp" comes with csrc/
-        with pytest.raises(ValueError, match=rf"^moe_ffn: backend: expected one of 'torch', 'triton', 'auto' "
-                                             rf"\(available for this op here: \['torch'.*, got '{name}'$"):
-            ops.moe_ffn(*inp, backend=name)
-    assert ops_backend.BACKENDS == ("torch", "triton")
+    with pytest.raises(ValueError, match=r"^moe_ffn: backend: expected one of 'torch', 'triton', 'cpp', 'auto' "
+                                         r"\(available for this op here: \['torch'.*, got 'cuda'$"):
+        ops.moe_ffn(*inp, backend="cuda")  # a device is not a backend
+    assert ops_backend.BACKENDS == ("torch", "triton", "cpp")
 
 
 def test_fp8_resolves_its_own_op(monkeypatch):
     """moe_ffn(fp8=True) is the registry op "moe_ffn_fp8", picked like every other op (no bypass)."""
-    monkeypatch.delenv("KDARCH_BACKEND", raising=False)
+    monkeypatch.setenv("KDARCH_BACKEND", "torch")  # auto prefers "cpp" on the CPU where it is built
     inp = make_inputs(7, 32, 16, 4, 2, "random")
     assert ops.resolve("moe_ffn_fp8", None, "cpu") is moe_ffn_fp8_torch
     calls = []
@@ -218,8 +217,9 @@ def test_registry_auto_order_and_availability(monkeypatch):
     with pytest.raises(ValueError, match=r"^_toy_off: backend: expected an available backend, one of \['torch'\] "
                                          r"\('triton' is unavailable here\), got 'triton'$"):
         ops_backend.resolve("_toy_off", "triton", "cpu")
-    with pytest.raises(ValueError, match=r"^register: backend_name: expected one of 'torch', 'triton', got 'cpp'$"):
-        ops_backend.register("_toy", "cpp", lambda: None)
+    with pytest.raises(ValueError, match=r"^register: backend_name: expected one of 'torch', 'triton', 'cpp', "
+                                         r"got 'cuda'$"):
+        ops_backend.register("_toy", "cuda", lambda: None)
     with pytest.raises(ValueError, match=r"^resolve: op_name: expected a registered op, one of \[.*'moe_ffn'"):
         ops_backend.resolve("_no_such_op")
 

@@ -5,9 +5,10 @@ Semantics are defined once, in `kdarch.kernels.fp8_ref` (1×128 activation tiles
 scale = max(amax, floor)/448, RNE, partial tiles for sizes that are not multiples of 128, inf/NaN poisons
 its tile). Inputs are checked here, once, in kdarch.checks' style; the registry (kdarch.ops.backend) then
 picks the implementation of each op ("fp8_quantize", "fp8_dequantize", "fp8_gemm", "fp8_grouped_gemm",
-"fp8_kgrouped_gemm"): "torch" (torch_backend.py, vectorised PyTorch) or "triton" (triton_backend.py,
-custom ops over kdarch.kernels.fp8). The training layers (`fp8_linear`, `fp8_grouped_linear`, `Fp8Linear`)
-live in linear.py and are re-exported here.
+"fp8_kgrouped_gemm"): "torch" (torch_backend.py, vectorised PyTorch), "triton" (triton_backend.py,
+custom ops over kdarch.kernels.fp8) or "cpp" (cpp_backend.py: compiled quantise / dequantise).
+The training layers (`fp8_linear`, `fp8_grouped_linear`, `Fp8Linear`) live in linear.py and are re-exported
+here.
 
 Shape, dtype and device checks are always on; the one value check (grouped offsets in order, a host sync)
 runs only where `kdarch.checks.value_checks_on` says so.
@@ -22,6 +23,7 @@ import torch
 from kdarch.checks import check, fail, tensor_arg
 from kdarch.kernels.fp8_ref import AMAX_FLOOR, BLOCK, GRAD_AMAX_FLOOR, cdiv
 from kdarch.ops.backend import resolve
+from kdarch.ops.fp8 import cpp_backend as _cpp_backend  # noqa: F401  (registers the "cpp" backends)
 from kdarch.ops.fp8 import torch_backend as _torch_backend  # noqa: F401  (registers the "torch" backends)
 from kdarch.ops.fp8 import triton_backend as _triton_backend  # noqa: F401  (registers the "triton" backends)
 from kdarch.ops.fp8.linear import OUT_DTYPES, Fp8Linear, float_arg, fp8_grouped_linear, fp8_linear, offsets_arg

@@ -4,7 +4,8 @@ Why a functional op: the model names *what* to compute (`moe_ffn(...)`), never *
 once, here, with errors that say what was expected (kdarch.checks style); then the backend registry
 (kdarch.ops.backend) picks the implementation: per-call `backend=`, else KDARCH_BACKEND, else auto per
 device. The high-precision op is "moe_ffn", the FP8 one "moe_ffn_fp8"; both follow the same rules, and
-each has a "torch" backend (torch_backend.py) and a "triton" backend (triton_backend.py).
+each has a "torch" backend (torch_backend.py), a "triton" backend (triton_backend.py) and a "cpp" backend
+(cpp_backend.py: the compiled csrc/ routing, permute and combine).
 
 Checks of shapes, dtypes and devices are always on; the one check that reads values (expert ids in
 range: a device -> host sync) runs only where `kdarch.checks.value_checks_on` says so.
@@ -18,6 +19,7 @@ import torch
 
 from kdarch.checks import check, check_index_range, tensor_arg
 from kdarch.ops.backend import resolve
+from kdarch.ops.moe import cpp_backend as _cpp_backend  # noqa: F401  (registers the "cpp" backends)
 from kdarch.ops.moe import triton_backend as _triton_backend  # noqa: F401  (registers both backends, torch first)
 from kdarch.ops.moe.torch_backend import routing_metadata
 

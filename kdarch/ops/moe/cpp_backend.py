@@ -1,0 +1,118 @@
+"""The "cpp" backends of `moe_ffn` and `moe_ffn_fp8`: routing, permute and combine from csrc/, expert GEMMs
+through torch._grouped_mm (or the FP8 grouped linear).
+
+Why this split: the expert GEMMs are what BLAS / cuBLAS do best; around them the torch backend spends its
+time in many small ops (argsort + searchsorted + scatter for the routing, index_select, float copies and a
+sum for the combine), each one pass here. The dataflow is the torch backend's grouped-mm FFN unchanged
+(routing weight folded into the down projection's input, only the [M, 2I] gate/up pre-activations saved,
+a hand-written backward), so the two backends agree to fp32 rounding: the combine adds the K rows in the
+same order. As there, forward and backward are custom ops with fakes, so torch.compile traces the model
+around them in any dtype. Where torch._grouped_mm cannot take the dtype or layout, the torch backend's
+padded-bmm path runs instead.
+
+Legend: T tokens, K slots per token (top-k), E experts, H hidden, I expert intermediate, M = T*K rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kdarch.ops.backend import register
+from kdarch.ops.cpp import ops as C
+from kdarch.ops.cpp.build import check_device, cpp_available
+from kdarch.ops.moe.torch_backend import _aligned_copy, grouped_mm_ok, moe_ffn_fp8_composed, moe_ffn_torch
+
+Tensor = torch.Tensor
+
+
+def _lib():
+    return torch.ops.kdarch_C
+
+
+@torch.library.custom_op("kdarch::moe_cpp_ffn_fwd", mutates_args=())
+def cpp_ffn_fwd(x_TH: Tensor, topk_weights_TK: Tensor, w_gate_up_E2IH: Tensor, w_down_EHI: Tensor,
+                sorted_idx_M: Tensor, inv_idx_M: Tensor, ends_E: Tensor) -> tuple[Tensor, Tensor]:
+    """(out [T, H], h [M, 2I] gate/up pre-activations kept for backward)."""
+    K = topk_weights_TK.shape[1]
+    w_gate_up_E2IH, w_down_EHI = _aligned_copy(w_gate_up_E2IH), _aligned_copy(w_down_EHI)
+    w_M1 = topk_weights_TK.reshape(-1)[sorted_idx_M].float()[:, None]
+    h_M2I = torch._grouped_mm(_lib().moe_permute(x_TH, sorted_idx_M, K), w_gate_up_E2IH.transpose(-1, -2),
+                              offs=ends_E)
+    gate_MI, up_MI = h_M2I.chunk(2, dim=-1)
+    act_MI = (F.silu(gate_MI.float()) * up_MI.float() * w_M1).to(x_TH.dtype)
+    y_MH = torch._grouped_mm(act_MI, w_down_EHI.transpose(-1, -2), offs=ends_E)
+    return _lib().moe_unpermute(y_MH, inv_idx_M, K, None, x_TH.dtype), h_M2I
+
+
+@cpp_ffn_fwd.register_fake
+def _(x_TH, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, sorted_idx_M, inv_idx_M, ends_E):
+    return x_TH.new_empty(x_TH.shape), x_TH.new_empty(inv_idx_M.shape[0], w_gate_up_E2IH.shape[1])
+
+
+@torch.library.custom_op("kdarch::moe_cpp_ffn_bwd", mutates_args=())
+def cpp_ffn_bwd(grad_out_TH: Tensor, x_TH: Tensor, topk_weights_TK: Tensor, w_gate_up_E2IH: Tensor,
+                w_down_EHI: Tensor, sorted_idx_M: Tensor, inv_idx_M: Tensor, ends_E: Tensor, h_M2I: Tensor
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(d x, d topk_weights, d w_gate_up, d w_down), as the torch backend's grouped_ffn_bwd."""
+    T, K = topk_weights_TK.shape
+    w_gate_up_E2IH, w_down_EHI = _aligned_copy(w_gate_up_E2IH), _aligned_copy(w_down_EHI)
+    w_M1 = topk_weights_TK.reshape(-1)[sorted_idx_M].float()[:, None]
+    gate_MI, up_MI = h_M2I.float().chunk(2, dim=-1)
+    sig_MI = torch.sigmoid(gate_MI)
+    silu_MI = gate_MI * sig_MI
+    act_MI = silu_MI * up_MI  # SwiGLU output before the routing weight
+
+    grad_y_MH = _lib().moe_permute(grad_out_TH, sorted_idx_M, K)
+    d_w_down = torch._grouped_mm(grad_y_MH.t(), (act_MI * w_M1).to(x_TH.dtype), offs=ends_E)  # [E, H, I]
+    grad_act_w_MI = torch._grouped_mm(grad_y_MH.float(), w_down_EHI.float(), offs=ends_E)
+    grad_w_M = (grad_act_w_MI * act_MI).sum(dim=-1)
+    grad_act_MI = grad_act_w_MI * w_M1
+    grad_gate_MI = grad_act_MI * up_MI * sig_MI * (1 + gate_MI * (1 - sig_MI))
+    grad_h_M2I = torch.cat((grad_gate_MI, grad_act_MI * silu_MI), dim=-1).to(x_TH.dtype)
+    d_w_gate_up = torch._grouped_mm(grad_h_M2I.t(), _lib().moe_permute(x_TH, sorted_idx_M, K), offs=ends_E)
+    grad_x_MH = torch._grouped_mm(grad_h_M2I, w_gate_up_E2IH, offs=ends_E)
+    grad_x_TH = _lib().moe_unpermute(grad_x_MH, inv_idx_M, K, None, x_TH.dtype)
+    grad_weights_TK = grad_w_M[inv_idx_M].view(T, K).to(topk_weights_TK.dtype)
+    return grad_x_TH, grad_weights_TK, d_w_gate_up.to(w_gate_up_E2IH.dtype), d_w_down.to(w_down_EHI.dtype)
+
+
+@cpp_ffn_bwd.register_fake
+def _(grad_out_TH, x_TH, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, *_):
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=x_TH.device)
+                 for t in (x_TH, topk_weights_TK, w_gate_up_E2IH, w_down_EHI))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_out_TH, _grad_h):
+    x, topk_weights, w_gate_up, w_down, sorted_idx, inv_idx, ends, h = ctx.saved_tensors
+    grads = cpp_ffn_bwd(grad_out_TH.contiguous(), x, topk_weights, w_gate_up, w_down, sorted_idx, inv_idx, ends, h)
+    return *grads, None, None, None
+
+
+cpp_ffn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def moe_ffn_cpp(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI):
+    """moe_ffn on the compiled routing / permute / combine (inputs already validated by kdarch.ops.moe)."""
+    check_device("moe_ffn", x_TH)
+    if not grouped_mm_ok(x_TH.dtype, w_gate_up_E2IH, w_down_EHI):
+        return moe_ffn_torch(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, impl="padded_bmm")
+    _, offsets_E1, sorted_idx_M, inv_idx_M = C.routing_metadata(topk_ids_TK, w_gate_up_E2IH.shape[0])
+    ends_E = offsets_E1[1:].to(torch.int32)
+    return cpp_ffn_fwd(x_TH, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, sorted_idx_M, inv_idx_M, ends_E)[0]
+
+
+def moe_ffn_fp8_cpp(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI):
+    """moe_ffn_fp8 with the compiled routing and the "cpp" FP8 quantise / dequantise ops."""
+    check_device("moe_ffn", x_TH)
+    return moe_ffn_fp8_composed(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI,
+                                routing=C.routing_metadata, fp8_backend="cpp")
+
+
+register("moe_ffn", "cpp", moe_ffn_cpp, available=cpp_available)
+register("moe_ffn_fp8", "cpp", moe_ffn_fp8_cpp, available=cpp_available)
