@@ -104,3 +104,29 @@ def test_cuda_sources_compile_for_sm90(tmp_path):
     res = subprocess.run([os.environ.get("CXX", "c++"), "-std=c++20", "-fsyntax-only", *includes,
                           str(src / "cuda/cuda_ops.cpp")], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _setup_build_py(tmp_path, **env):
+    cmd = [sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path / "lib")]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, KDARCH_BUILD_EXT="1", **env))
+
+
+def test_install_time_build_hook(lib, tmp_path):
+    """KDARCH_BUILD_EXT=1 makes the package build (setup.py build_py) compile the ops from the package as laid
+    out for installation, into the cache the first import reads (here already built: it only loads), and a
+    build that cannot compile fails the install with the reason instead of installing without the ops."""
+    done = _setup_build_py(tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"kdarch_C: ready at {build.status()['path']}" in done.stderr
+    assert (tmp_path / "lib" / "kdarch" / "csrc" / "moe_ops.cpp").is_file()
+    failed = _setup_build_py(tmp_path, CXX="/nonexistent/c++", KDARCH_CACHE_DIR=str(tmp_path / "cache"))
+    assert failed.returncode != 0 and "no C++ compiler" in failed.stderr
+    assert "KDARCH_BUILD_EXT=1: the csrc/ ops did not build" in failed.stderr
+    without = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path / "plain")],
+                             cwd=ROOT, capture_output=True, text=True, timeout=600,
+                             env={k: v for k, v in os.environ.items() if k != "KDARCH_BUILD_EXT"})
+    assert without.returncode == 0 and "kdarch_C" not in without.stderr
