@@ -16,12 +16,18 @@ Legend: T tokens, K slots per token (top-k), E experts, H hidden, I expert inter
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from kdarch.ops.backend import register
 from kdarch.ops.cpp import ops as C
 from kdarch.ops.cpp.build import check_device, cpp_available
-from kdarch.ops.moe.torch_backend import _aligned_copy, grouped_mm_ok, moe_ffn_fp8_composed, moe_ffn_torch
+from kdarch.ops.moe.torch_backend import (
+    _aligned_copy,
+    grouped_mm_ok,
+    moe_ffn_fp8_composed,
+    moe_ffn_torch,
+    swiglu_experts_bwd,
+    swiglu_experts_fwd,
+)
 
 Tensor = torch.Tensor
 
@@ -35,13 +41,9 @@ def cpp_ffn_fwd(x_TH: Tensor, topk_weights_TK: Tensor, w_gate_up_E2IH: Tensor, w
                 sorted_idx_M: Tensor, inv_idx_M: Tensor, ends_E: Tensor) -> tuple[Tensor, Tensor]:
     """(out [T, H], h [M, 2I] gate/up pre-activations kept for backward)."""
     K = topk_weights_TK.shape[1]
-    w_gate_up_E2IH, w_down_EHI = _aligned_copy(w_gate_up_E2IH), _aligned_copy(w_down_EHI)
     w_M1 = topk_weights_TK.reshape(-1)[sorted_idx_M].float()[:, None]
-    h_M2I = torch._grouped_mm(_lib().moe_permute(x_TH, sorted_idx_M, K), w_gate_up_E2IH.transpose(-1, -2),
-                              offs=ends_E)
-    gate_MI, up_MI = h_M2I.chunk(2, dim=-1)
-    act_MI = (F.silu(gate_MI.float()) * up_MI.float() * w_M1).to(x_TH.dtype)
-    y_MH = torch._grouped_mm(act_MI, w_down_EHI.transpose(-1, -2), offs=ends_E)
+    y_MH, h_M2I = swiglu_experts_fwd(_lib().moe_permute(x_TH, sorted_idx_M, K), w_M1, _aligned_copy(w_gate_up_E2IH),
+                                     _aligned_copy(w_down_EHI), ends_E)
     return _lib().moe_unpermute(y_MH, inv_idx_M, K, None, x_TH.dtype), h_M2I
 
 
@@ -56,22 +58,10 @@ def cpp_ffn_bwd(grad_out_TH: Tensor, x_TH: Tensor, topk_weights_TK: Tensor, w_ga
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(d x, d topk_weights, d w_gate_up, d w_down), as the torch backend's grouped_ffn_bwd."""
     T, K = topk_weights_TK.shape
-    w_gate_up_E2IH, w_down_EHI = _aligned_copy(w_gate_up_E2IH), _aligned_copy(w_down_EHI)
     w_M1 = topk_weights_TK.reshape(-1)[sorted_idx_M].float()[:, None]
-    gate_MI, up_MI = h_M2I.float().chunk(2, dim=-1)
-    sig_MI = torch.sigmoid(gate_MI)
-    silu_MI = gate_MI * sig_MI
-    act_MI = silu_MI * up_MI  # SwiGLU output before the routing weight
-
-    grad_y_MH = _lib().moe_permute(grad_out_TH, sorted_idx_M, K)
-    d_w_down = torch._grouped_mm(grad_y_MH.t(), (act_MI * w_M1).to(x_TH.dtype), offs=ends_E)  # [E, H, I]
-    grad_act_w_MI = torch._grouped_mm(grad_y_MH.float(), w_down_EHI.float(), offs=ends_E)
-    grad_w_M = (grad_act_w_MI * act_MI).sum(dim=-1)
-    grad_act_MI = grad_act_w_MI * w_M1
-    grad_gate_MI = grad_act_MI * up_MI * sig_MI * (1 + gate_MI * (1 - sig_MI))
-    grad_h_M2I = torch.cat((grad_gate_MI, grad_act_MI * silu_MI), dim=-1).to(x_TH.dtype)
-    d_w_gate_up = torch._grouped_mm(grad_h_M2I.t(), _lib().moe_permute(x_TH, sorted_idx_M, K), offs=ends_E)
-    grad_x_MH = torch._grouped_mm(grad_h_M2I, w_gate_up_E2IH, offs=ends_E)
+    grad_x_MH, grad_w_M, d_w_gate_up, d_w_down = swiglu_experts_bwd(
+        _lib().moe_permute(grad_out_TH, sorted_idx_M, K), _lib().moe_permute(x_TH, sorted_idx_M, K), w_M1, h_M2I,
+        _aligned_copy(w_gate_up_E2IH), _aligned_copy(w_down_EHI), ends_E)
     grad_x_TH = _lib().moe_unpermute(grad_x_MH, inv_idx_M, K, None, x_TH.dtype)
     grad_weights_TK = grad_w_M[inv_idx_M].view(T, K).to(topk_weights_TK.dtype)
     return grad_x_TH, grad_weights_TK, d_w_gate_up.to(w_gate_up_E2IH.dtype), d_w_down.to(w_down_EHI.dtype)

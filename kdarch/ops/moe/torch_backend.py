@@ -103,19 +103,41 @@ def _aligned_copy(t: torch.Tensor) -> torch.Tensor:
     return t if _aligned(t) else t.clone()
 
 
+def swiglu_experts_fwd(x_MH, w_M1, w_gate_up_E2IH, w_down_EHI, ends_E):
+    """The expert GEMMs on rows already in expert order: (y [M, H] with the routing weight folded in, h [M, 2I])."""
+    h_M2I = torch._grouped_mm(x_MH, w_gate_up_E2IH.transpose(-1, -2), offs=ends_E)
+    gate_MI, up_MI = h_M2I.chunk(2, dim=-1)
+    act_MI = (F.silu(gate_MI.float()) * up_MI.float() * w_M1).to(x_MH.dtype)
+    return torch._grouped_mm(act_MI, w_down_EHI.transpose(-1, -2), offs=ends_E), h_M2I
+
+
+def swiglu_experts_bwd(grad_y_MH, x_MH, w_M1, h_M2I, w_gate_up_E2IH, w_down_EHI, ends_E):
+    """Backward of `swiglu_experts_fwd`: (d x rows [M, H], d routing weight [M] in fp32, d w_gate_up, d w_down)."""
+    gate_MI, up_MI = h_M2I.float().chunk(2, dim=-1)
+    sig_MI = torch.sigmoid(gate_MI)
+    silu_MI = gate_MI * sig_MI
+    act_MI = silu_MI * up_MI  # SwiGLU output before the routing weight
+    d_w_down = torch._grouped_mm(grad_y_MH.t(), (act_MI * w_M1).to(x_MH.dtype), offs=ends_E)  # [E, H, I]
+    # d(w * act) in fp32 (a no-op cast for fp32): it feeds the routing weights' gradient
+    grad_act_w_MI = torch._grouped_mm(grad_y_MH.float(), w_down_EHI.float(), offs=ends_E)
+    grad_w_M = (grad_act_w_MI * act_MI).sum(dim=-1)
+    grad_act_MI = grad_act_w_MI * w_M1
+    grad_gate_MI = grad_act_MI * up_MI * sig_MI * (1 + gate_MI * (1 - sig_MI))
+    grad_h_M2I = torch.cat((grad_gate_MI, grad_act_MI * silu_MI), dim=-1).to(x_MH.dtype)
+    d_w_gate_up = torch._grouped_mm(grad_h_M2I.t(), x_MH, offs=ends_E)  # [E, 2I, H]
+    grad_x_MH = torch._grouped_mm(grad_h_M2I, w_gate_up_E2IH, offs=ends_E)
+    return grad_x_MH, grad_w_M, d_w_gate_up, d_w_down
+
+
 @torch.library.custom_op("kdarch::moe_grouped_ffn_fwd", mutates_args=())
 def grouped_ffn_fwd(x_TH: torch.Tensor, topk_weights_TK: torch.Tensor, w_gate_up_E2IH: torch.Tensor,
                     w_down_EHI: torch.Tensor, sorted_idx_M: torch.Tensor, inv_idx_M: torch.Tensor,
                     ends_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [T, H], h [M, 2I] gate/up pre-activations kept for backward)."""
     T, K = topk_weights_TK.shape
-    w_gate_up_E2IH, w_down_EHI = _aligned_copy(w_gate_up_E2IH), _aligned_copy(w_down_EHI)
-    token_M = sorted_idx_M // K
     w_M1 = topk_weights_TK.reshape(-1)[sorted_idx_M].float()[:, None]
-    h_M2I = torch._grouped_mm(x_TH[token_M], w_gate_up_E2IH.transpose(-1, -2), offs=ends_E)
-    gate_MI, up_MI = h_M2I.chunk(2, dim=-1)
-    act_MI = (F.silu(gate_MI.float()) * up_MI.float() * w_M1).to(x_TH.dtype)
-    y_MH = torch._grouped_mm(act_MI, w_down_EHI.transpose(-1, -2), offs=ends_E)
+    y_MH, h_M2I = swiglu_experts_fwd(x_TH[sorted_idx_M // K], w_M1, _aligned_copy(w_gate_up_E2IH),
+                                     _aligned_copy(w_down_EHI), ends_E)
     return y_MH.float()[inv_idx_M].view(T, K, -1).sum(dim=1).to(x_TH.dtype), h_M2I
 
 
@@ -131,24 +153,11 @@ def grouped_ffn_bwd(grad_out_TH: torch.Tensor, x_TH: torch.Tensor, topk_weights_
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d x, d topk_weights, d w_gate_up, d w_down)."""
     T, K = topk_weights_TK.shape
-    w_gate_up_E2IH, w_down_EHI = _aligned_copy(w_gate_up_E2IH), _aligned_copy(w_down_EHI)
     token_M = sorted_idx_M // K
     w_M1 = topk_weights_TK.reshape(-1)[sorted_idx_M].float()[:, None]
-    gate_MI, up_MI = h_M2I.float().chunk(2, dim=-1)
-    sig_MI = torch.sigmoid(gate_MI)
-    silu_MI = gate_MI * sig_MI
-    act_MI = silu_MI * up_MI  # SwiGLU output before the routing weight
-
-    grad_y_MH = grad_out_TH.contiguous()[token_M]
-    d_w_down = torch._grouped_mm(grad_y_MH.t(), (act_MI * w_M1).to(x_TH.dtype), offs=ends_E)  # [E, H, I]
-    # d(w * act) in fp32 (a no-op cast for fp32): it feeds the routing weights' gradient
-    grad_act_w_MI = torch._grouped_mm(grad_y_MH.float(), w_down_EHI.float(), offs=ends_E)
-    grad_w_M = (grad_act_w_MI * act_MI).sum(dim=-1)
-    grad_act_MI = grad_act_w_MI * w_M1
-    grad_gate_MI = grad_act_MI * up_MI * sig_MI * (1 + gate_MI * (1 - sig_MI))
-    grad_h_M2I = torch.cat((grad_gate_MI, grad_act_MI * silu_MI), dim=-1).to(x_TH.dtype)
-    d_w_gate_up = torch._grouped_mm(grad_h_M2I.t(), x_TH[token_M], offs=ends_E)  # [E, 2I, H]
-    grad_x_MH = torch._grouped_mm(grad_h_M2I, w_gate_up_E2IH, offs=ends_E)
+    grad_x_MH, grad_w_M, d_w_gate_up, d_w_down = swiglu_experts_bwd(
+        grad_out_TH.contiguous()[token_M], x_TH[token_M], w_M1, h_M2I, _aligned_copy(w_gate_up_E2IH),
+        _aligned_copy(w_down_EHI), ends_E)
     grad_x_TH = grad_x_MH.float()[inv_idx_M].view(T, K, -1).sum(dim=1).to(x_TH.dtype)
     grad_weights_TK = grad_w_M[inv_idx_M].view(T, K).to(topk_weights_TK.dtype)
     return grad_x_TH, grad_weights_TK, d_w_gate_up.to(w_gate_up_E2IH.dtype), d_w_down.to(w_down_EHI.dtype)
