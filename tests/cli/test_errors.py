@@ -90,7 +90,8 @@ def test_stage_flags_reach_every_stage():
     teacher, students = pipeline.stages_of(run)
     assert (teacher.train.steps, teacher.train.lr) == (7, 0.01)
     assert teacher.model == pipeline.DEFAULT_TEACHER.model  # the default teacher, only its steps changed
-    assert students[0].model.overrides == {"n_layers": 2} and students[0].train.steps == 100
+    assert students[0].model.overrides == {**pipeline.DEFAULT_STUDENT.model.overrides, "n_layers": 2}
+    assert students[0].train.steps == 100
     assert students[1].name == "second" and students[1].train.steps == 3 and run.scratch is False
     assert "--train.steps 50 makes both 50" in parser.commands["distill"].format_help()
 
