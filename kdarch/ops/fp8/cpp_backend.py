@@ -13,12 +13,14 @@ offs_E1 segment offsets [E+1].
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from kdarch.kernels.fp8_ref import BLOCK
 from kdarch.ops.backend import register
 from kdarch.ops.cpp import ops as C
 from kdarch.ops.cpp.build import check_device, cpp_available
+from kdarch.ops.fp8.torch_backend import gemm_torch, grouped_gemm_torch, kgrouped_gemm_torch
 
 
 def quantize_cpp(x, group_rows: int, amax_floor: float, pow2_scale: bool):
@@ -32,30 +34,10 @@ def dequantize_cpp(q_RC, s, group_rows: int, out_dtype: torch.dtype = torch.floa
     return C.dequantize(q_RC, s, group_rows, out_dtype)
 
 
-def gemm_cpp(a_q_MK, a_s, b_q_NK, b_s, b_group: int, out_dtype: torch.dtype):
-    """C [M, N] = dequant(A) · dequant(B)ᵀ in fp32."""
-    return (dequantize_cpp(a_q_MK, a_s, 1) @ dequantize_cpp(b_q_NK, b_s, b_group).T).to(out_dtype)
-
-
-def _segments(offs_E1):
-    o = offs_E1.tolist()  # host values, as in the torch backend (the CPU path)
-    return list(zip(o[:-1], o[1:]))
-
-
-def grouped_gemm_cpp(a_q_MK, a_s, b_q_ENK, b_s_E, offs_E1, out_dtype: torch.dtype):
-    """C[seg_e] = dequant(A[seg_e]) · dequant(B[e])ᵀ for contiguous expert segments (empty ones included)."""
-    a_MK = dequantize_cpp(a_q_MK, a_s, 1)
-    out_MN = a_MK.new_zeros(a_MK.shape[0], b_q_ENK.shape[1])
-    for e, (lo, hi) in enumerate(_segments(offs_E1)):
-        if hi > lo:
-            out_MN[lo:hi] = a_MK[lo:hi] @ dequantize_cpp(b_q_ENK[e], b_s_E[e], BLOCK).T
-    return out_MN.to(out_dtype)
-
-
-def kgrouped_gemm_cpp(a_q_NM, a_s, b_q_KM, b_s, offs_E1, out_dtype: torch.dtype):
-    """C[e] [N, K] = dequant(A)[:, seg_e] · dequant(B)[:, seg_e]ᵀ (the weight gradient of a grouped linear)."""
-    a_NM, b_KM = dequantize_cpp(a_q_NM, a_s, 1), dequantize_cpp(b_q_KM, b_s, 1)
-    return torch.stack([a_NM[:, lo:hi] @ b_KM[:, lo:hi].T for lo, hi in _segments(offs_E1)]).to(out_dtype)
+# The torch backend's GEMM recipes with the compiled dequantiser (see the module docstring).
+gemm_cpp = functools.partial(gemm_torch, dequantize=dequantize_cpp)
+grouped_gemm_cpp = functools.partial(grouped_gemm_torch, dequantize=dequantize_cpp)
+kgrouped_gemm_cpp = functools.partial(kgrouped_gemm_torch, dequantize=dequantize_cpp)
 
 
 register("fp8_quantize", "cpp", quantize_cpp, available=cpp_available)

@@ -39,9 +39,9 @@ def quantize_torch(x, group_rows: int, amax_floor: float, pow2_scale: bool):
     return ref.quantize_ref(x, group_rows, amax_floor, pow2_scale)
 
 
-def gemm_torch(a_q_MK, a_s, b_q_NK, b_s, b_group: int, out_dtype: torch.dtype):
-    """C [M, N] = dequant(A) · dequant(B)ᵀ in fp32."""
-    return (dequantize_torch(a_q_MK, a_s, 1) @ dequantize_torch(b_q_NK, b_s, b_group).T).to(out_dtype)
+def gemm_torch(a_q_MK, a_s, b_q_NK, b_s, b_group: int, out_dtype: torch.dtype, dequantize=dequantize_torch):
+    """C [M, N] = dequant(A) · dequant(B)ᵀ in fp32 (`dequantize`: this backend's, or the cpp one)."""
+    return (dequantize(a_q_MK, a_s, 1) @ dequantize(b_q_NK, b_s, b_group).T).to(out_dtype)
 
 
 def _segments(offs_E1):
@@ -49,19 +49,19 @@ def _segments(offs_E1):
     return list(zip(o[:-1], o[1:]))
 
 
-def grouped_gemm_torch(a_q_MK, a_s, b_q_ENK, b_s_E, offs_E1, out_dtype: torch.dtype):
+def grouped_gemm_torch(a_q_MK, a_s, b_q_ENK, b_s_E, offs_E1, out_dtype: torch.dtype, dequantize=dequantize_torch):
     """C[seg_e] = dequant(A[seg_e]) · dequant(B[e])ᵀ for contiguous expert segments (empty ones included)."""
-    a_MK = dequantize_torch(a_q_MK, a_s, 1)
+    a_MK = dequantize(a_q_MK, a_s, 1)
     out_MN = a_MK.new_zeros(a_MK.shape[0], b_q_ENK.shape[1])
     for e, (lo, hi) in enumerate(_segments(offs_E1)):
         if hi > lo:
-            out_MN[lo:hi] = a_MK[lo:hi] @ dequantize_torch(b_q_ENK[e], b_s_E[e], BLOCK).T
+            out_MN[lo:hi] = a_MK[lo:hi] @ dequantize(b_q_ENK[e], b_s_E[e], BLOCK).T
     return out_MN.to(out_dtype)
 
 
-def kgrouped_gemm_torch(a_q_NM, a_s, b_q_KM, b_s, offs_E1, out_dtype: torch.dtype):
+def kgrouped_gemm_torch(a_q_NM, a_s, b_q_KM, b_s, offs_E1, out_dtype: torch.dtype, dequantize=dequantize_torch):
     """C[e] [N, K] = dequant(A)[:, seg_e] · dequant(B)[:, seg_e]ᵀ (the weight gradient of a grouped linear)."""
-    a_NM, b_KM = dequantize_torch(a_q_NM, a_s, 1), dequantize_torch(b_q_KM, b_s, 1)
+    a_NM, b_KM = dequantize(a_q_NM, a_s, 1), dequantize(b_q_KM, b_s, 1)
     return torch.stack([a_NM[:, lo:hi] @ b_KM[:, lo:hi].T for lo, hi in _segments(offs_E1)]).to(out_dtype)
 
 

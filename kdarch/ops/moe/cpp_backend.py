@@ -25,6 +25,7 @@ from kdarch.ops.moe.torch_backend import (
     grouped_mm_ok,
     moe_ffn_fp8_composed,
     moe_ffn_torch,
+    register_ffn_autograd,
     swiglu_experts_bwd,
     swiglu_experts_fwd,
 )
@@ -47,11 +48,6 @@ def cpp_ffn_fwd(x_TH: Tensor, topk_weights_TK: Tensor, w_gate_up_E2IH: Tensor, w
     return _lib().moe_unpermute(y_MH, inv_idx_M, K, None, x_TH.dtype), h_M2I
 
 
-@cpp_ffn_fwd.register_fake
-def _(x_TH, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, sorted_idx_M, inv_idx_M, ends_E):
-    return x_TH.new_empty(x_TH.shape), x_TH.new_empty(inv_idx_M.shape[0], w_gate_up_E2IH.shape[1])
-
-
 @torch.library.custom_op("kdarch::moe_cpp_ffn_bwd", mutates_args=())
 def cpp_ffn_bwd(grad_out_TH: Tensor, x_TH: Tensor, topk_weights_TK: Tensor, w_gate_up_E2IH: Tensor,
                 w_down_EHI: Tensor, sorted_idx_M: Tensor, inv_idx_M: Tensor, ends_E: Tensor, h_M2I: Tensor
@@ -67,24 +63,7 @@ def cpp_ffn_bwd(grad_out_TH: Tensor, x_TH: Tensor, topk_weights_TK: Tensor, w_ga
     return grad_x_TH, grad_weights_TK, d_w_gate_up.to(w_gate_up_E2IH.dtype), d_w_down.to(w_down_EHI.dtype)
 
 
-@cpp_ffn_bwd.register_fake
-def _(grad_out_TH, x_TH, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, *_):
-    return tuple(torch.empty(t.shape, dtype=t.dtype, device=x_TH.device)
-                 for t in (x_TH, topk_weights_TK, w_gate_up_E2IH, w_down_EHI))
-
-
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs, output[1])
-    ctx.mark_non_differentiable(output[1])
-
-
-def _backward(ctx, grad_out_TH, _grad_h):
-    x, topk_weights, w_gate_up, w_down, sorted_idx, inv_idx, ends, h = ctx.saved_tensors
-    grads = cpp_ffn_bwd(grad_out_TH.contiguous(), x, topk_weights, w_gate_up, w_down, sorted_idx, inv_idx, ends, h)
-    return *grads, None, None, None
-
-
-cpp_ffn_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_ffn_autograd(cpp_ffn_fwd, cpp_ffn_bwd)
 
 
 def moe_ffn_cpp(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI):

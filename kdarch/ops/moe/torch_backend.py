@@ -141,11 +141,6 @@ def grouped_ffn_fwd(x_TH: torch.Tensor, topk_weights_TK: torch.Tensor, w_gate_up
     return y_MH.float()[inv_idx_M].view(T, K, -1).sum(dim=1).to(x_TH.dtype), h_M2I
 
 
-@grouped_ffn_fwd.register_fake
-def _(x_TH, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, sorted_idx_M, inv_idx_M, ends_E):
-    return x_TH.new_empty(x_TH.shape), x_TH.new_empty(inv_idx_M.shape[0], w_gate_up_E2IH.shape[1])
-
-
 @torch.library.custom_op("kdarch::moe_grouped_ffn_bwd", mutates_args=())
 def grouped_ffn_bwd(grad_out_TH: torch.Tensor, x_TH: torch.Tensor, topk_weights_TK: torch.Tensor,
                     w_gate_up_E2IH: torch.Tensor, w_down_EHI: torch.Tensor, sorted_idx_M: torch.Tensor,
@@ -163,24 +158,31 @@ def grouped_ffn_bwd(grad_out_TH: torch.Tensor, x_TH: torch.Tensor, topk_weights_
     return grad_x_TH, grad_weights_TK, d_w_gate_up.to(w_gate_up_E2IH.dtype), d_w_down.to(w_down_EHI.dtype)
 
 
-@grouped_ffn_bwd.register_fake
-def _(grad_out_TH, x_TH, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, *_):
-    return tuple(torch.empty(t.shape, dtype=t.dtype, device=x_TH.device)
-                 for t in (x_TH, topk_weights_TK, w_gate_up_E2IH, w_down_EHI))
+def register_ffn_autograd(fwd_op, bwd_op) -> None:
+    """Fakes for a grouped-FFN forward / backward custom-op pair (the torch one here, the cpp one in
+    cpp_backend.py: same signatures) and the autograd that joins them."""
+    @fwd_op.register_fake
+    def _(x_TH, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, sorted_idx_M, inv_idx_M, ends_E):
+        return x_TH.new_empty(x_TH.shape), x_TH.new_empty(inv_idx_M.shape[0], w_gate_up_E2IH.shape[1])
+
+    @bwd_op.register_fake
+    def _(grad_out_TH, x_TH, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, *_):
+        return tuple(torch.empty(t.shape, dtype=t.dtype, device=x_TH.device)
+                     for t in (x_TH, topk_weights_TK, w_gate_up_E2IH, w_down_EHI))
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs, output[1])
+        ctx.mark_non_differentiable(output[1])
+
+    def backward(ctx, grad_out_TH, _grad_h):
+        x, topk_weights, w_gate_up, w_down, sorted_idx, inv_idx, ends, h = ctx.saved_tensors
+        grads = bwd_op(grad_out_TH.contiguous(), x, topk_weights, w_gate_up, w_down, sorted_idx, inv_idx, ends, h)
+        return *grads, None, None, None
+
+    fwd_op.register_autograd(backward, setup_context=setup_context)
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs, output[1])
-    ctx.mark_non_differentiable(output[1])
-
-
-def _backward(ctx, grad_out_TH, _grad_h):
-    x, topk_weights, w_gate_up, w_down, sorted_idx, inv_idx, ends, h = ctx.saved_tensors
-    grads = grouped_ffn_bwd(grad_out_TH, x, topk_weights, w_gate_up, w_down, sorted_idx, inv_idx, ends, h)
-    return *grads, None, None, None
-
-
-grouped_ffn_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_ffn_autograd(grouped_ffn_fwd, grouped_ffn_bwd)
 
 
 def moe_ffn_torch(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI,
