@@ -1,11 +1,12 @@
-"""Imports flow one way — config → kernels / ops → model → convert → pretrained → distill → train → cli — with
-no cycles, counting imports inside functions too (they hide a cycle; they do not remove it)."""
+"""Imports flow one way — config → kernels / ops → model → convert → pretrained → distill → parallel → train →
+cli — with no cycles, counting imports inside functions too (they hide a cycle; they do not remove it)."""
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [("kdarch.checks", "kdarch.io", "kdarch.config", "kdarch.testing"), ("kdarch.kernels",), ("kdarch.ops",),
-          ("kdarch.model",), ("kdarch.convert",), ("kdarch.pretrained",), ("kdarch.distill",), ("kdarch.train",),
+          ("kdarch.model",), ("kdarch.convert",), ("kdarch.pretrained",), ("kdarch.distill",), ("kdarch.parallel",),
+          ("kdarch.train",),
           ("kdarch.cli", "kdarch.__main__", "kdarch")]
 
 
