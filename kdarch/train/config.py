@@ -218,6 +218,14 @@ class DistillSection:
     relation_source: str = "hidden"
     """What relation KD compares: the last hidden states ("hidden") or the MLA latents the KV cache stores
     ("mla"; kdarch and Hugging Face DeepseekV3 teachers)."""
+    on_policy: float = 0.0
+    """λ: the fraction of steps on which the student samples continuations of the batch's prompts and learns the
+    teacher's distribution on its own tokens (GKD-style on-policy KD; soft term only). 0: off-policy, as before;
+    `kind = "reverse_kl"` is its usual divergence. Needs a model teacher (a logit cache cannot score new text)."""
+    rollout_tokens: int = 32
+    """Tokens sampled per row on an on-policy step; the prompt is the rest of the row."""
+    rollout_temperature: float = 1.0
+    """Sampling temperature of the rollouts (0: greedy)."""
 
     def __post_init__(self):
         check_field_types(self, "distill")
@@ -240,6 +248,10 @@ class DistillSection:
         choice_arg("distill.relation_source", self.relation_source, RELATION_SOURCES, error=ConfigError)
         require(all(is_number(w) and w >= 0 for w in self.mtp_depth_weights), "distill.mtp_depth_weights",
                 "a list of numbers >= 0", self.mtp_depth_weights)
+        require(0 <= self.on_policy <= 1, "distill.on_policy", "a number in [0, 1]", self.on_policy)
+        require(self.rollout_tokens >= 1, "distill.rollout_tokens", "an int >= 1", self.rollout_tokens)
+        require(self.rollout_temperature >= 0, "distill.rollout_temperature", "a number >= 0",
+                self.rollout_temperature)
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,15 @@ optional feature KD (learned projectors, trained and checkpointed with the stude
 last hidden states or, with `distill.relation_source = "mla"`, on the MLA latents the KV cache stores, captured
 from both models by forward hooks), plus the model's own balance loss. A NaN/inf in the teacher's signal
 makes the loss non-finite, and the loop skips that step.
+
+On-policy steps (`distill.on_policy` = λ > 0, `kdarch.distill.on_policy`): the batch's rows are cut to prompts and
+continued by the student's own samples first; everything above then runs on the sampled rows, with the loss on
+the sampled tokens only and no hard term (α = 1). Their target count is known only after sampling, so the
+micro-batches of an on-policy step are weighted by their rows' tokens, as sampled rows have at most that many.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -26,6 +32,7 @@ from torch import nn
 
 from kdarch.distill.features import FeatureDistiller
 from kdarch.distill.mtp import multi_token_kd_loss
+from kdarch.distill.on_policy import OnPolicySchedule, RolloutStats, rollout, tail_prompts
 from kdarch.distill.relations import RelationDistiller, capture_mla_latents, mla_latent_norms
 from kdarch.distill.schedules import KDSchedule
 from kdarch.distill.teacher_signal import TopKTeacher
@@ -95,9 +102,18 @@ class DistillObjective:
     """Loss of a student against `teacher` (a kdarch.distill Teacher, aligned to the student's vocabulary)."""
 
     def __init__(self, teacher: Teacher, student: nn.Module, cfg: DistillSection, total_steps: int, *,
-                 pad_id: int | None = None):
+                 pad_id: int | None = None, prompt_lengths: Callable[[torch.Tensor], list[int]] | None = None,
+                 eos_token_id: int | None = None, seed: int = 0):
+        """`prompt_lengths(ids_BT)` gives each row's prompt on an on-policy step (default: all but the row's last
+        `distill.rollout_tokens`); `eos_token_id` ends a rollout (default: the student's); `seed` seeds them."""
         self.teacher, self.cfg, self.total_steps, self.pad_id = teacher, cfg, total_steps, pad_id
         self.schedule = KDSchedule(alpha=cfg.alpha, temperature=cfg.temperature)
+        self.on_policy = OnPolicySchedule(cfg.on_policy)
+        if cfg.on_policy > 0 and not isinstance(teacher, ModelTeacher):
+            raise ValueError(f"distill.on_policy: expected a model teacher (kdarch or Hugging Face directory) to score "
+                             f"the student's samples; a {type(teacher).__name__} holds only the signal of fixed text")
+        self.prompt_lengths = prompt_lengths or tail_prompts(cfg.rollout_tokens)
+        self.eos_token_id, self.seed, self.rollouts = eos_token_id, seed, RolloutStats()
         scfg = student.config
         self.modules: dict[str, nn.Module] = {}
         need_teacher_model = cfg.feature_weight > 0 or cfg.relation_weight > 0
@@ -125,6 +141,17 @@ class DistillObjective:
 
     def __call__(self, model, indices_B, ids_BT, progress: float) -> StepLoss:
         cfg = self.cfg
+        step = min(self.total_steps, round(progress * self.total_steps))
+        alpha, temperature = self.schedule.at(step, self.total_steps)
+        sampled = self.on_policy(step)
+        if sampled:
+            ids_BT, labels_BT = rollout(model, ids_BT, self.prompt_lengths(ids_BT), cfg.rollout_tokens,
+                                        temperature=cfg.rollout_temperature, eos_token_id=self.eos_token_id,
+                                        pad_id=self.pad_id or 0, seed=self.seed * 1_000_003 + step,
+                                        stats=self.rollouts)
+            alpha = 1.0
+        else:
+            labels_BT = labels_for(ids_BT, self.pad_id)
         latents = cfg.relation_weight > 0 and cfg.relation_source == "mla"
         need_hidden = cfg.feature_weight > 0 or (cfg.relation_weight > 0 and not latents)
         with capture_mla_latents(self.teacher.model) if latents else nullcontext() as t_latents:
@@ -132,18 +159,18 @@ class DistillObjective:
         signal = t_out.signal
         if cfg.top_k and not isinstance(signal, TopKTeacher):
             signal = TopKTeacher.from_logits(signal, cfg.top_k)
-        step = min(self.total_steps, round(progress * self.total_steps))
-        alpha, temperature = self.schedule.at(step, self.total_steps)
         with capture_mla_latents(model) if latents else nullcontext() as s_latents:
             out = model(ids_BT, output_hidden_states=need_hidden, output_mtp_hidden_states=cfg.mtp,
                         return_logits=False)
         res = multi_token_kd_loss(out.last_hidden_state, (out.mtp_hidden_states or []) if cfg.mtp else [],
-                                  model.head.weight, labels_for(ids_BT, self.pad_id), signal,
+                                  model.head.weight, labels_BT, signal,
                                   depth_weights=self.depth_weights,
                                   mtp_weight=self.mtp_weight, kind=cfg.kind, temperature=temperature, alpha=alpha,
                                   beta=cfg.beta)
         loss = res.total
         metrics = {"kd_loss": res.main.total.detach(), "alpha": alpha, "temperature": temperature}
+        if cfg.on_policy > 0:
+            metrics["on_policy"] = float(sampled)
         if res.main.soft is not None:
             metrics["soft"] = res.main.soft.detach()
             if self.schedule.adaptive:  # the next step's α depends on this value: the one host read
@@ -166,8 +193,9 @@ class DistillObjective:
         return StepLoss(loss, metrics)
 
     def state_dict(self) -> dict:
-        return {"schedule": self.schedule.state_dict()}
+        return {"schedule": self.schedule.state_dict(), "rollouts": self.rollouts.as_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.schedule.load_state_dict(state["schedule"])
+        self.rollouts = RolloutStats(**state.get("rollouts", {}))
 

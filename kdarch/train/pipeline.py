@@ -175,6 +175,17 @@ def measure(run: StageRun, data: Data, *, eval_sequences: int, teacher_top1_NT: 
 
 
 @torch.no_grad()
+def on_policy_figures(cfg, objectives: list) -> dict:
+    """The report's record of on-policy distillation: λ and what the rollouts cost (none when λ = 0, or for a
+    stage that was already finished and so trained nothing here)."""
+    if cfg.on_policy == 0 or not objectives:
+        return {}
+    r = objectives[-1].rollouts
+    return {"on_policy": {"fraction": cfg.on_policy, "rollout_tokens": cfg.rollout_tokens,
+                          "rollout_temperature": cfg.rollout_temperature, **r.as_dict(),
+                          "mean_sampled_tokens": r.tokens / max(r.sequences, 1)}}
+
+
 def teacher_top1(teacher: Teacher, heldout_NT: torch.Tensor, eval_sequences: int, batch_size: int = 16) -> torch.Tensor:
     """[N, T] the teacher's most likely next token at every held-out position (for top-1 agreement)."""
     n = heldout_NT.shape[0] if not eval_sequences else min(eval_sequences, heldout_NT.shape[0])
@@ -346,9 +357,16 @@ def run_distill(run: RunConfig, out: Path, *, resume: bool = False, quick: bool 
                                              teacher_top1=lambda idx, ids: top1_NT[idx]))
     chain, curves = [], {teacher_stage.name: teacher_run.rows} if teacher_run else {}
     for stage in students:
+        objectives: list[DistillObjective] = []
+
+        def distill_objective(m, t=teacher, st=stage, made=objectives):
+            made.append(DistillObjective(t, m, dcfg, st.train.steps, seed=st.train.seed))
+            return made[-1]
+
         res = run_stage(stage, data, out, resume=resume, teacher=teacher.name, log=log,
-                        objective_for=lambda m, t=teacher, st=stage: DistillObjective(t, m, dcfg, st.train.steps))
-        chain.append({"name": stage.name, **measure(res, data, eval_sequences=n_eval, teacher_top1_NT=top1_NT)})
+                        objective_for=distill_objective)
+        chain.append({"name": stage.name, **measure(res, data, eval_sequences=n_eval, teacher_top1_NT=top1_NT),
+                      **on_policy_figures(dcfg, objectives)})
         curves[stage.name] = res.rows
         teacher = ModelTeacher(res.model, name=stage.name, fingerprint=data.tokenizer.fingerprint)
         teacher.align_to(data.tokenizer.vocab_size, student_fingerprint=data.tokenizer.fingerprint)

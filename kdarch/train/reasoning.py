@@ -25,7 +25,7 @@ from kdarch.distill.teachers import ModelTeacher
 from kdarch.train import arithmetic as ar
 from kdarch.train.config import DataSection, ModelSection, RunConfig, Stage, TrainSection
 from kdarch.train.objective import DistillObjective, LMObjective
-from kdarch.train.pipeline import Data, measure, run_stage, teacher_top1
+from kdarch.train.pipeline import Data, measure, on_policy_figures, run_stage, teacher_top1
 from kdarch.train.report import write_report
 from kdarch.train.tokenizer import ByteTokenizer
 
@@ -58,6 +58,17 @@ def rows(texts: list[str], tok: ByteTokenizer) -> torch.Tensor:
             raise ValueError(f"arithmetic: a sample of {len(ids)} tokens exceeds SEQ_LEN={SEQ_LEN}: {texts[i]!r}")
         out[i, :len(ids)] = torch.tensor(ids)
     return out
+
+
+def question_lengths(tok: ByteTokenizer):
+    """The prompt rule of on-policy steps: each row up to and including its question's newline."""
+    newline = tok.encode("\n")[0]
+
+    def lengths(ids_BT: torch.Tensor) -> list[int]:
+        first_BT = (ids_BT == newline).int().argmax(dim=1)  # every row starts with "Q: <expression>\n"
+        return (first_BT + 1).tolist()
+
+    return lengths
 
 
 @torch.no_grad()
@@ -105,6 +116,7 @@ def run_arithmetic(run: RunConfig, out: Path, *, resume: bool = False, log=print
     heldout_NT = rows([ar.sample_text(p) for p in test], tok)
     teacher_data = Data(tok, rows([ar.sample_text(p) for p in learn], tok), heldout_NT, SEQ_LEN, tok.pad_id)
     lm = lambda model: LMObjective(pad_id=tok.pad_id)  # noqa: E731 (one objective per stage)
+    end_id = tok.encode(ar.END)[0]
     log(f"arithmetic: {len(learn)} problems with reference solutions for the teacher, {len(fresh)} new problems for "
         f"it to solve, {len(test)} held-out test problems ({ar.sample_text(test[0])!r} ...)")
 
@@ -124,9 +136,16 @@ def run_arithmetic(run: RunConfig, out: Path, *, resume: bool = False, log=print
                                                                    tok))
     teacher = ModelTeacher(teacher_run.model, name=teacher_stage.name, fingerprint=tok.fingerprint)
     teacher.align_to(tok.vocab_size, student_fingerprint=tok.fingerprint)
+    objectives: list[DistillObjective] = []
+
+    def distill_objective(m):  # on-policy rollouts answer each row's question, ending at END
+        objectives.append(DistillObjective(teacher, m, run.distill, student_stage.train.steps, pad_id=tok.pad_id,
+                                           prompt_lengths=question_lengths(tok), eos_token_id=end_id,
+                                           seed=student_stage.train.seed))
+        return objectives[-1]
+
     student_run = run_stage(student_stage, student_data, out, resume=resume, teacher=teacher.name, log=log,
-                            objective_for=lambda m: DistillObjective(teacher, m, run.distill, student_stage.train.steps,
-                                                                     pad_id=tok.pad_id))
+                            objective_for=distill_objective)
     runs = {"teacher": teacher_run, "student": student_run}
     if run.scratch:
         runs["scratch"] = run_stage(dataclasses.replace(student_stage, name="scratch"), scratch_data, out,
@@ -134,6 +153,7 @@ def run_arithmetic(run: RunConfig, out: Path, *, resume: bool = False, log=print
 
     top1_NT = teacher_top1(teacher, heldout_NT, 0)
     report: dict = {"task": "arithmetic", "teacher": {"source": f"trained here ({teacher_stage.train.steps} steps)"},
+                    "student": on_policy_figures(run.distill, objectives),
                     "arithmetic": {"curation": dataclasses.asdict(stats),
                                                          "test_problems": len(test)}}
     for key, res in runs.items():
