@@ -8,9 +8,11 @@ on the sampled tokens only. Reverse KL is its natural divergence (mode seeking: 
 puts mass the teacher would not), which is what Qwen3's small models and GKD (λ, generalised JSD) use; any kind
 of `kd_loss` works.
 
-- `OnPolicySchedule(fraction)`: which steps sample. Step s (0-based) samples iff ⌊(s + 1)·λ⌋ > ⌊s·λ⌋, so
-  the sampled steps are spread evenly, the count after n steps is ⌊n·λ⌋, and a resumed run takes the same
-  steps; λ = 0 never samples (today's off-policy distillation, exactly), λ = 1 always does.
+- `OnPolicySchedule(fraction, start)`: which steps sample. From step `start` on, step s (0-based) samples iff
+  ⌊(s + 1)·λ⌋ > ⌊s·λ⌋, so the sampled steps are spread evenly, ⌊n·λ⌋ of the first n, and a resumed run takes
+  the same steps; λ = 0 never samples (off-policy distillation, exactly), λ = 1 always does. A student samples
+  garbage until it has learnt something, and a teacher's grades of garbage teach little: as in GKD, where the
+  student is fine-tuned before it samples, `start` gives it off-policy steps first.
 - `rollout(...)`: prompts (each row's first tokens, as `prompt_lengths` says) continued by up to `max_new_tokens`
   sampled tokens; returns the sequences [B, T'] (rows left-aligned, as training rows are, padded after an early
   end) and their labels, -100 everywhere but on the sampled tokens. The student's own samples are no ground
@@ -37,15 +39,17 @@ __all__ = ["OnPolicySchedule", "RolloutStats", "rollout", "tail_prompts"]
 
 
 class OnPolicySchedule:
-    """Which optimizer steps distil on the student's own samples: a fraction λ of them, spread evenly."""
+    """Which optimizer steps distil on the student's own samples: a fraction λ of those from `start` on, spread
+    evenly."""
 
-    def __init__(self, fraction: float):
+    def __init__(self, fraction: float, start: int = 0):
         check(is_number(fraction) and 0.0 <= fraction <= 1.0, "distill.on_policy", "a number in [0, 1]", fraction)
-        self.fraction = float(fraction)
+        check(is_int(start) and start >= 0, "OnPolicySchedule: start", "an int >= 0", start)
+        self.fraction, self.start = float(fraction), start
 
     def __call__(self, step: int) -> bool:
         """Whether 0-based step `step` samples."""
-        return math.floor((step + 1) * self.fraction) > math.floor(step * self.fraction)
+        return step >= self.start and math.floor((step + 1) * self.fraction) > math.floor(step * self.fraction)
 
 
 @dataclass

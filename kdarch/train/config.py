@@ -222,6 +222,9 @@ class DistillSection:
     """λ: the fraction of steps on which the student samples continuations of the batch's prompts and learns the
     teacher's distribution on its own tokens (GKD-style on-policy KD; soft term only). 0: off-policy, as before;
     `kind = "reverse_kl"` is its usual divergence. Needs a model teacher (a logit cache cannot score new text)."""
+    on_policy_start: float = 0.0
+    """When on-policy steps begin, as a fraction of the stage's steps (before it every step is off-policy): a
+    student sampling from its initialisation writes noise that the teacher's grades say little about."""
     rollout_tokens: int = 32
     """Tokens sampled per row on an on-policy step; the prompt is the rest of the row."""
     rollout_temperature: float = 1.0
@@ -249,6 +252,7 @@ class DistillSection:
         require(all(is_number(w) and w >= 0 for w in self.mtp_depth_weights), "distill.mtp_depth_weights",
                 "a list of numbers >= 0", self.mtp_depth_weights)
         require(0 <= self.on_policy <= 1, "distill.on_policy", "a number in [0, 1]", self.on_policy)
+        require(0 <= self.on_policy_start < 1, "distill.on_policy_start", "a number in [0, 1)", self.on_policy_start)
         require(self.rollout_tokens >= 1, "distill.rollout_tokens", "an int >= 1", self.rollout_tokens)
         require(self.rollout_temperature >= 0, "distill.rollout_temperature", "a number >= 0",
                 self.rollout_temperature)

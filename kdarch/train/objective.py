@@ -108,7 +108,7 @@ class DistillObjective:
         `distill.rollout_tokens`); `eos_token_id` ends a rollout (default: the student's); `seed` seeds them."""
         self.teacher, self.cfg, self.total_steps, self.pad_id = teacher, cfg, total_steps, pad_id
         self.schedule = KDSchedule(alpha=cfg.alpha, temperature=cfg.temperature)
-        self.on_policy = OnPolicySchedule(cfg.on_policy)
+        self.on_policy = OnPolicySchedule(cfg.on_policy, start=round(cfg.on_policy_start * total_steps))
         if cfg.on_policy > 0 and not isinstance(teacher, ModelTeacher):
             raise ValueError(f"distill.on_policy: expected a model teacher (kdarch or Hugging Face directory) to score "
                              f"the student's samples; a {type(teacher).__name__} holds only the signal of fixed text")

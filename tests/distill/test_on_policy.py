@@ -81,3 +81,8 @@ def test_tail_prompts_keep_the_rows_length():
     assert tail_prompts(4)(ids) == [12, 12, 12]
     with pytest.raises(ValueError, match="distill.rollout_tokens: expected fewer than the 16 tokens"):
         tail_prompts(16)(ids)
+
+
+def test_no_step_samples_before_the_start():
+    sched = OnPolicySchedule(0.5, start=4)
+    assert [s for s in range(10) if sched(s)] == [5, 7, 9]
