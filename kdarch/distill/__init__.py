@@ -18,7 +18,23 @@
   `LogitCache` written by `write_logit_cache`; `load_teacher` for any path) with one vocabulary-alignment rule
   (`align_vocab`: padding rows cut, tokenizer mismatches refused), see `teachers.py`, `logit_cache.py`,
   `loading.py`, `vocab.py`.
+- Teachers with another tokenizer: `CrossTokenizerTeacher` re-tokenises the student's rows and aligns positions
+  by byte spans (`retokenize`, `align_text`, `align_spans`, `shared_vocab`), and `cross_tokenizer_kd_loss` with
+  mode "align" (kd_loss over the shared vocabulary) or "uld" (sorted-probability L1), see `cross_tokenizer.py`.
 """
+from kdarch.distill.cross_tokenizer import (
+                                      CROSS_TOKENIZER_MODES,
+                                      CrossTokenizerOutput,
+                                      CrossTokenizerTeacher,
+                                      CrossTokenizerTerms,
+                                      Retokenized,
+                                      TokenizerView,
+                                      align_spans,
+                                      align_text,
+                                      cross_tokenizer_kd_loss,
+                                      retokenize,
+                                      shared_vocab,
+)
 from kdarch.distill.features import FeatureDistiller, FeatureKDConfig, uniform_layer_map
 from kdarch.distill.head import DistillationHead, fused_kd_loss
 from kdarch.distill.loading import load_teacher
@@ -44,10 +60,12 @@ from kdarch.distill.vocab import (
                                       vocab_fingerprint,
 )
 
-__all__ = ["KINDS", "MODES", "SCHEDULE_KINDS", "AdaptiveAlpha", "CachedTeacher", "DistillationHead", "FeatureDistiller",
-           "FeatureKDConfig", "HFTeacher", "KDLossConfig", "KDSchedule", "KDTerms", "LogitCache", "ModelTeacher",
-           "MultiTokenKD", "RelationDistiller", "RelationKDConfig", "Schedule", "Teacher", "TeacherOutput",
-           "TopKTeacher", "VocabAlignment", "VocabMismatchError", "align_vocab", "capture_mla_latents",
-           "fused_kd_loss", "kd_loss", "load_teacher", "multi_token_kd_loss", "parse_schedule", "rkd_angle_loss",
-           "rkd_distance_loss", "similarity_preserving_loss", "tokenizer_fingerprint", "uniform_layer_map",
-           "vocab_fingerprint", "write_logit_cache"]
+__all__ = ["CROSS_TOKENIZER_MODES", "KINDS", "MODES", "SCHEDULE_KINDS", "AdaptiveAlpha", "CachedTeacher",
+           "CrossTokenizerOutput", "CrossTokenizerTeacher", "CrossTokenizerTerms", "DistillationHead",
+           "FeatureDistiller", "FeatureKDConfig", "HFTeacher", "KDLossConfig", "KDSchedule", "KDTerms", "LogitCache",
+           "ModelTeacher", "MultiTokenKD", "RelationDistiller", "RelationKDConfig", "Retokenized", "Schedule",
+           "Teacher", "TeacherOutput", "TokenizerView", "TopKTeacher", "VocabAlignment", "VocabMismatchError",
+           "align_spans", "align_text", "align_vocab", "capture_mla_latents", "cross_tokenizer_kd_loss",
+           "fused_kd_loss", "kd_loss", "load_teacher", "multi_token_kd_loss", "parse_schedule", "retokenize",
+           "rkd_angle_loss", "rkd_distance_loss", "shared_vocab", "similarity_preserving_loss", "tokenizer_fingerprint",
+           "uniform_layer_map", "vocab_fingerprint", "write_logit_cache"]

@@ -102,7 +102,8 @@ def align_vocab(teacher_vocab_size: int, student_vocab_size: int | None = None, 
     ft, fs = teacher_fingerprint, student_fingerprint
     if ft is not None and fs is not None and ft != fs:
         raise VocabMismatchError(f"teacher and student tokenizers differ: teacher V={Vt} fingerprint {ft}, student "
-                                 f"V={Vs} fingerprint {fs}; distillation from logits needs one shared tokenizer")
+                                 f"V={Vs} fingerprint {fs}; distillation from logits needs one shared tokenizer, or a "
+                                 'cross-tokenizer loss: distill.cross_tokenizer = "uld" or "align"')
     if n_real_tokens is not None and n_real_tokens > min(Vt, Vs):
         raise VocabMismatchError(f"n_real_tokens={n_real_tokens} real tokens do not fit in both vocabularies: teacher "
                                  f"V={Vt} (fingerprint {ft}), student V={Vs} (fingerprint {fs})")
