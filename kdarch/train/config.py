@@ -17,6 +17,7 @@ from typing import Any
 
 from kdarch.checks import ConfigError, check, check_field_types, check_type, choice_arg, is_number
 from kdarch.config import PRESETS, ModelConfig, get_preset
+from kdarch.distill.cross_tokenizer import CROSS_TOKENIZER_MODES
 from kdarch.distill.losses import KINDS as KD_KINDS
 from kdarch.distill.relations import KINDS as RELATION_KINDS
 from kdarch.distill.relations import OVER as RELATION_OVER
@@ -218,6 +219,11 @@ class DistillSection:
     relation_source: str = "hidden"
     """What relation KD compares: the last hidden states ("hidden") or the MLA latents the KV cache stores
     ("mla"; kdarch and Hugging Face DeepseekV3 teachers)."""
+    cross_tokenizer: str = "refuse"
+    """A teacher whose tokenizer is not the student's: "refuse" (an error naming both tokenizers), "align" (the
+    divergence over the tokens both vocabularies share, at positions where both tokenizations predict the same
+    next bytes) or "uld" (universal logit distillation: sorted probability vectors, no vocabulary mapping). With
+    "align" / "uld" the student keeps its own tokenizer ([data] tokenizer) instead of taking the teacher's."""
     on_policy: float = 0.0
     """λ: the fraction of steps on which the student samples continuations of the batch's prompts and learns the
     teacher's distribution on its own tokens (GKD-style on-policy KD; soft term only). 0: off-policy, as before;
@@ -251,6 +257,7 @@ class DistillSection:
         choice_arg("distill.relation_source", self.relation_source, RELATION_SOURCES, error=ConfigError)
         require(all(is_number(w) and w >= 0 for w in self.mtp_depth_weights), "distill.mtp_depth_weights",
                 "a list of numbers >= 0", self.mtp_depth_weights)
+        choice_arg("distill.cross_tokenizer", self.cross_tokenizer, CROSS_TOKENIZER_MODES, error=ConfigError)
         require(0 <= self.on_policy <= 1, "distill.on_policy", "a number in [0, 1]", self.on_policy)
         require(0 <= self.on_policy_start < 1, "distill.on_policy_start", "a number in [0, 1)", self.on_policy_start)
         require(self.rollout_tokens >= 1, "distill.rollout_tokens", "an int >= 1", self.rollout_tokens)

@@ -19,6 +19,11 @@ On-policy steps (`distill.on_policy` = λ > 0, `kdarch.distill.on_policy`): the 
 continued by the student's own samples first; everything above then runs on the sampled rows, with the loss on
 the sampled tokens only and no hard term (α = 1). Their target count is known only after sampling, so the
 micro-batches of an on-policy step are weighted by their rows' tokens, as sampled rows have at most that many.
+
+A teacher with another tokenizer (`CrossTokenizerTeacher`, `distill.cross_tokenizer = "align" | "uld"`) grades the
+student's rows re-tokenised into its own: the main head's loss is `cross_tokenizer_kd_loss` on materialised
+student logits (the two vocabularies share no head for the fused path), and the MTP heads learn the hard labels
+(the model's own MTP loss); feature and relation KD need one tokenization and are refused.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from kdarch.distill.cross_tokenizer import CrossTokenizerTeacher, cross_tokenizer_kd_loss
 from kdarch.distill.features import FeatureDistiller
 from kdarch.distill.mtp import multi_token_kd_loss
 from kdarch.distill.on_policy import OnPolicySchedule, RolloutStats, rollout, tail_prompts
@@ -109,7 +115,11 @@ class DistillObjective:
         self.teacher, self.cfg, self.total_steps, self.pad_id = teacher, cfg, total_steps, pad_id
         self.schedule = KDSchedule(alpha=cfg.alpha, temperature=cfg.temperature)
         self.on_policy = OnPolicySchedule(cfg.on_policy, start=round(cfg.on_policy_start * total_steps))
-        if cfg.on_policy > 0 and not isinstance(teacher, ModelTeacher):
+        self.cross = isinstance(teacher, CrossTokenizerTeacher)
+        if self.cross and (cfg.feature_weight > 0 or cfg.relation_weight > 0):
+            raise ValueError("distill.feature_weight / relation_weight: expected 0 with a teacher of another tokenizer "
+                             "(their hidden states are on other positions)")
+        if cfg.on_policy > 0 and not isinstance(teacher, ModelTeacher | CrossTokenizerTeacher):
             raise ValueError(f"distill.on_policy: expected a model teacher (kdarch or Hugging Face directory) to score "
                              f"the student's samples; a {type(teacher).__name__} holds only the signal of fixed text")
         self.prompt_lengths = prompt_lengths or tail_prompts(cfg.rollout_tokens)
@@ -156,6 +166,8 @@ class DistillObjective:
         need_hidden = cfg.feature_weight > 0 or (cfg.relation_weight > 0 and not latents)
         with capture_mla_latents(self.teacher.model) if latents else nullcontext() as t_latents:
             t_out = self.teacher(ids_BT, indices_B, hidden_states=need_hidden)
+        if self.cross:
+            return self._cross_tokenizer_loss(model, ids_BT, labels_BT, t_out, alpha, temperature, sampled)
         signal = t_out.signal
         if cfg.top_k and not isinstance(signal, TopKTeacher):
             signal = TopKTeacher.from_logits(signal, cfg.top_k)
@@ -190,6 +202,23 @@ class DistillObjective:
                    else self.relation(out.hidden_states, t_out.hidden_states))
             loss = loss + cfg.relation_weight * rel
             metrics["relation_loss"] = rel.detach()
+        return StepLoss(loss, metrics)
+
+    def _cross_tokenizer_loss(self, model, ids_BT, labels_BT, t_out, alpha, temperature, sampled) -> StepLoss:
+        cfg = self.cfg
+        out = model(ids_BT, labels=labels_BT)
+        terms = cross_tokenizer_kd_loss(out.logits, t_out, labels_BT, mode=cfg.cross_tokenizer, kind=cfg.kind,
+                                        temperature=temperature, alpha=alpha, beta=cfg.beta, return_terms=True)
+        loss = terms.total
+        metrics = {"kd_loss": terms.total.detach(), "soft": terms.soft, "hard_ce": terms.hard, "alpha": alpha,
+                   "temperature": temperature, "aligned_fraction": terms.n_aligned / terms.n_tokens.clamp_min(1)}
+        if cfg.on_policy > 0:
+            metrics["on_policy"] = float(sampled)
+        if out.mtp_loss is not None:
+            loss = loss + self.mtp_weight * out.mtp_loss
+            metrics["mtp_loss"] = out.mtp_loss.detach()
+        if out.balance_loss is not None:
+            loss = loss + out.balance_loss
         return StepLoss(loss, metrics)
 
     def state_dict(self) -> dict:

@@ -23,6 +23,7 @@ import torch
 from kdarch.checks import ConfigError
 from kdarch.config import PRESETS, get_preset
 from kdarch.convert.hf import HF_MODEL_TYPE
+from kdarch.distill.cross_tokenizer import CrossTokenizerTeacher
 from kdarch.distill.loading import load_teacher
 from kdarch.distill.logit_cache import CachedTeacher, LogitCache, input_ids_sha256
 from kdarch.distill.teacher_signal import TopKTeacher
@@ -331,9 +332,14 @@ def run_distill(run: RunConfig, out: Path, *, resume: bool = False, quick: bool 
     teacher_device = resolve_device(dcfg.teacher_device or students[0].train.device)
     n_eval = run.train.eval_sequences
     if dcfg.teacher:
-        tdir = Path(dcfg.teacher)
-        data = prepare_data(run, out, tokenizer_dir=tdir, log=log)
+        tdir, cross = Path(dcfg.teacher), dcfg.cross_tokenizer != "refuse"
+        data = prepare_data(run, out, tokenizer_dir=None if cross else tdir, log=log)  # cross: the student's own
         teacher = load_teacher(tdir, dtype=getattr(torch, dcfg.teacher_dtype), device=teacher_device)
+        if cross:
+            teacher = CrossTokenizerTeacher(teacher, data.tokenizer, load_tokenizer(tdir))
+            log(f"teacher tokenizer: its own ({teacher.teacher_tokenizer.vocab_size} ids; "
+                f"{teacher.shared_student_ids.numel()} shared with the student's), distilled with "
+                f"distill.cross_tokenizer = {dcfg.cross_tokenizer!r}")
         teacher_run = None
     else:
         data = prepare_data(run, out, log=log)
@@ -343,8 +349,10 @@ def run_distill(run: RunConfig, out: Path, *, resume: bool = False, quick: bool 
     teacher.align_to(data.tokenizer.vocab_size, student_fingerprint=data.tokenizer.fingerprint)
     if isinstance(teacher, CachedTeacher):
         check_cache_matches(teacher.cache, data.train_NT)
-    # A logit cache covers the training sequences only: no agreement on held-out text then.
-    top1_NT = None if isinstance(teacher, CachedTeacher) else teacher_top1(teacher, data.heldout_NT, n_eval)
+    # A logit cache covers the training sequences only, and a teacher of another tokenizer predicts other tokens:
+    # no agreement on held-out text then.
+    top1_NT = (None if isinstance(teacher, CachedTeacher | CrossTokenizerTeacher) else
+               teacher_top1(teacher, data.heldout_NT, n_eval))
     source = (f"trained here ({teacher_stage.train.steps} steps)" if teacher_run is not None else
               f"logit cache {dcfg.teacher}" if isinstance(teacher, CachedTeacher) else
               f"Hugging Face model {dcfg.teacher}" if isinstance(teacher, HFTeacher) else
