@@ -9,7 +9,10 @@ positions nor the vocabularies agree, so both are brought onto the text itself, 
   before them end at the same byte: both models have then read the same text and predict the same next span.
   Spans of a byte-level BPE come from the tokens' own bytes (the `tokenizers` offsets are in characters, and two
   tokens holding halves of "é" both get that character's offsets); other tokenizers' character offsets are
-  turned into byte offsets. Bytes that are not valid UTF-8 (a row cut inside a character) cannot be handed to a
+  turned into byte offsets, and where two tokens share a character (byte-fallback pieces) the boundary between
+  them is unknown and nothing across it aligns. A tokenizer that is not byte-level and does not re-encode its
+  decoded text to the same ids gets each token's span from what it adds to the decoded prefix (a slow path).
+  Bytes that are not valid UTF-8 (a row cut inside a character) cannot be handed to a
   tokenizer: the teacher skips them and nothing predicting or following them aligns.
 - Special tokens (a packed row's eos) cut the text into pieces tokenised one by one; each maps to the teacher's
   token of the same role (bos / eos / pad, from a kdarch tokenizer's `bos_id` ...) or, failing that, of the same
@@ -33,8 +36,9 @@ Two losses on the aligned rows (`cross_tokenizer_kd_loss`), on materialised stud
 - "uld" (Universal Logit Distillation, Boizard et al. 2024): the L1 distance between the two probability vectors
   (softmax at T), each sorted in decreasing order, the shorter zero-padded, summed over the vocabulary and
   averaged over aligned rows. It needs no vocabulary mapping and is invariant to any renumbering of either
-  vocabulary. Total = hard + uld_weight · soft, as in ULD (α is not used; no T² factor: like TVD it is a
-  bounded distance).
+  vocabulary. Total = hard_weight · hard + uld_weight · soft, as in ULD (α is not used; no T² factor: like TVD it
+  is a bounded distance). The student's side holds its tokenizer's ids only, as the teacher's does: padding rows
+  of a head larger than the vocabulary are no token and stay out of the sorted vector.
 
 `CrossTokenizerTeacher` wraps a model teacher: it takes the student's ids [B, T], re-tokenises them, runs the
 teacher on its own ids and returns a `CrossTokenizerOutput` whose `signal` rows are the teacher's rows moved to
@@ -45,16 +49,18 @@ Shape legend: B batch, T student positions, U teacher positions, V_s / V_t vocab
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from kdarch.checks import check, check_index_range, choice_arg, int_arg, number_arg, tensor_arg
 from kdarch.distill.losses import KDLossConfig, KDTerms, kd_loss
 from kdarch.distill.teacher_signal import TopKTeacher
-from kdarch.distill.teachers import Teacher, TeacherOutput
+from kdarch.distill.teachers import ModelTeacher, Teacher, TeacherOutput
 from kdarch.distill.vocab import VocabMismatchError, vocab_fingerprint
 
 __all__ = ["CROSS_TOKENIZER_MODES", "CrossTokenizerOutput", "CrossTokenizerTeacher", "CrossTokenizerTerms",
@@ -154,25 +160,51 @@ def shared_vocab(student, teacher) -> tuple[torch.Tensor, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------------- alignment
 def _byte_spans(view: TokenizerView, text: str, enc, p0: int) -> list[Span]:
     """Byte spans (from stream position p0) of the tokens `enc` of `text`: the tokens' own bytes for a byte-level
-    BPE that spells the text exactly, else the character offsets converted to bytes."""
+    BPE that spells the text exactly, else the character offsets converted to bytes. Tokens that share a character
+    (byte-fallback pieces of one "é": both get its offsets) have an unknown boundary between them: -1 there."""
     data = text.encode("utf-8")
     if view.byte_level:
         pieces = [view.piece(i) for i in enc.ids]
         if None not in pieces and b"".join(pieces) == data:
-            ends = torch.tensor([len(p) for p in pieces]).cumsum(0).tolist()
+            ends = itertools.accumulate(len(p) for p in pieces)
             return [(p0 + e - len(p), p0 + e) for p, e in zip(pieces, ends)]
     if len(data) == len(text):
-        return [(p0 + a, p0 + b) for a, b in enc.offsets]
-    cum = [0]
-    for ch in text:
-        cum.append(cum[-1] + len(ch.encode("utf-8")))
-    return [(p0 + cum[a], p0 + cum[b]) for a, b in enc.offsets]
+        spans = [(p0 + a, p0 + b) for a, b in enc.offsets]
+    else:
+        cum = [0]
+        for ch in text:
+            cum.append(cum[-1] + len(ch.encode("utf-8")))
+        spans = [(p0 + cum[a], p0 + cum[b]) for a, b in enc.offsets]
+    for k in range(len(spans) - 1):
+        if spans[k + 1][0] < spans[k][1]:
+            spans[k], spans[k + 1] = (spans[k][0], -1), (-1, spans[k + 1][1])
+    return spans
 
 
-def _student_row(view: TokenizerView, ids: list[int], who: str) -> tuple[list[Span], list]:
+def _prefix_spans(view: TokenizerView, run: list[int], data: bytes, p0: int) -> list[Span]:
+    """Spans of tokens that do not re-encode to themselves: token k covers what decoding run[:k+1] adds to the text
+    of run[:k] (leading whitespace left out, as offsets do). A token whose prefix text is not a prefix of the whole
+    text gets the empty span (-1, -1), which no teacher span equals: nothing aligns with it. Quadratic in the run's
+    length: the slow path, for the rare text a tokenizer that is not byte-level encodes otherwise."""
+    spans, prev = [], 0
+    for k in range(0, len(run), 256):
+        for pre in view.hf.decode_batch([run[:m] for m in range(k + 1, min(k + 256, len(run)) + 1)],
+                                        skip_special_tokens=False):
+            pre = pre.encode("utf-8")
+            if len(pre) < prev or not data.startswith(pre):
+                spans.append((-1, -1))
+                continue
+            new = pre[prev:]
+            start = prev + len(new) - len(new.lstrip()) if new.strip() else prev
+            spans.append((p0 + start, p0 + len(pre)))
+            prev = len(pre)
+    return spans
+
+
+def _student_row(view: TokenizerView, ids: list[int]) -> tuple[list[Span], list]:
     """The row on its byte stream: each token's span, and the stream as items (p0, bytes) for text and
-    (p, id) for a special token's unit. A non-byte-level tokenizer's text is decoded and re-encoded with offsets,
-    which must give back the same ids."""
+    (p, id) for a special token's unit. A non-byte-level tokenizer's text is decoded and re-encoded with offsets
+    (`_prefix_spans` when that does not give back the same ids)."""
     spans, items, p, run = [], [], 0, []
 
     def flush():
@@ -187,13 +219,9 @@ def _student_row(view: TokenizerView, ids: list[int], who: str) -> tuple[list[Sp
             items.append((p - len(data), data))
         else:
             text = view.hf.decode(run, skip_special_tokens=False)
-            enc = view.hf.encode(text, add_special_tokens=False)
-            if enc.ids != run:
-                raise ValueError(f"{who}: expected ids that the student tokenizer gives back from their own text (a "
-                                 f"tokenizer that is not byte-level re-encodes it), got {run[:8]}..., re-encoded as "
-                                 f"{enc.ids[:8]}...")
-            spans.extend(_byte_spans(view, text, enc, p))
-            items.append((p, text.encode("utf-8")))
+            enc, data = view.hf.encode(text, add_special_tokens=False), text.encode("utf-8")
+            spans.extend(_byte_spans(view, text, enc, p) if enc.ids == run else _prefix_spans(view, run, data, p))
+            items.append((p, data))
             p += len(items[-1][1])
         run = []
 
@@ -224,10 +252,13 @@ def _valid_utf8(data: bytes):
 
 def align_spans(student_spans: list[Span], teacher_spans: list[Span]) -> list[int]:
     """For every student position j: the teacher position i whose next token covers the same span as student token
-    j+1 with the tokens before both ending at the same byte, or -1 (always for the last position)."""
+    j+1 with the tokens before both ending at the same byte, or -1 (always for the last position). A negative
+    span coordinate is an unknown boundary: nothing next to it aligns."""
     index: dict[tuple[int, int, int], int] = {}
     for i in range(len(teacher_spans) - 1):
-        index.setdefault((teacher_spans[i][1], *teacher_spans[i + 1]), i)
+        key = (teacher_spans[i][1], *teacher_spans[i + 1])
+        if min(key) >= 0:
+            index.setdefault(key, i)
     out = [index.get((student_spans[j][1], *student_spans[j + 1]), -1) for j in range(len(student_spans) - 1)]
     return out + [-1] if student_spans else out
 
@@ -243,7 +274,8 @@ class Retokenized:
     """[B, T] int64: the teacher position aligned with each student position, -1 where none."""
     student_spans: list[list[Span]]
     teacher_spans: list[list[Span]]
-    """Each token's byte span on its row's stream (special tokens take one unit; prepended ones may be empty)."""
+    """Each token's byte span on its row's stream (special tokens take one unit; prepended ones may be empty; -1:
+    an unknown boundary)."""
 
 
 def retokenize(student_ids_BT, student, teacher, *, who: str = "retokenize") -> Retokenized:
@@ -254,7 +286,7 @@ def retokenize(student_ids_BT, student, teacher, *, who: str = "retokenize") -> 
     specials = _special_map(s, t)
     s_spans, parts, chunks = [], [], []
     for ids in rows:
-        spans, items = _student_row(s, ids, f"{who}: student ids")
+        spans, items = _student_row(s, ids)
         s_spans.append(spans)
         row = []  # (id, span) of teacher tokens, or the index of a text chunk in `chunks`
         if t.prefix:
@@ -323,15 +355,19 @@ class CrossTokenizerOutput(TeacherOutput):
 
 
 class CrossTokenizerTeacher(Teacher):
-    """A teacher (a `ModelTeacher`: any model with dense logits) that speaks another tokenizer, behind the student's
-    ids: `teacher(student_ids_BT)` re-tokenises the rows, runs the inner teacher on its own ids (a padded batch)
-    and returns a `CrossTokenizerOutput` for `cross_tokenizer_kd_loss`. The teacher's logits are cut to its
-    tokenizer's vocabulary (model padding rows carry no token)."""
+    """A teacher that speaks another tokenizer, behind the student's ids: a model whose output has `.logits` (a
+    `kdarch.CausalLM`, a transformers causal LM: wrapped in a `ModelTeacher`) or a dense-logit `Teacher`.
+    `teacher(student_ids_BT)` re-tokenises the rows, runs the inner teacher on its own ids (a batch padded at the
+    end, under no_grad) and returns a `CrossTokenizerOutput` for `cross_tokenizer_kd_loss`. The teacher's logits
+    are cut to its tokenizer's vocabulary (model padding rows carry no token)."""
 
-    def __init__(self, teacher: Teacher, student_tokenizer, teacher_tokenizer, name: str | None = None):
+    def __init__(self, teacher: Teacher | nn.Module, student_tokenizer, teacher_tokenizer, name: str | None = None):
         who = "CrossTokenizerTeacher"
+        if isinstance(teacher, nn.Module):
+            teacher = ModelTeacher(teacher)
         check(isinstance(teacher, Teacher) and not isinstance(teacher, CrossTokenizerTeacher), f"{who}: teacher",
-              "a kdarch.distill Teacher with dense logits (e.g. a ModelTeacher)", teacher, error=TypeError)
+              "a model with .logits or a kdarch.distill Teacher with dense logits (e.g. a ModelTeacher)", teacher,
+              error=TypeError)
         self.inner = teacher
         self.student = TokenizerView(student_tokenizer, f"{who}: student_tokenizer")
         self.teacher_tokenizer = TokenizerView(teacher_tokenizer, f"{who}: teacher_tokenizer")
@@ -397,7 +433,7 @@ class CrossTokenizerTerms(KDTerms):
 
 def cross_tokenizer_kd_loss(student_logits: torch.Tensor, out: CrossTokenizerOutput, labels: torch.Tensor | None,
                             *, mode: str = "align", kind: str = "forward_kl", temperature: float = 1.0,
-                            alpha: float = 0.5, beta: float = 0.5, uld_weight: float = 1.0,
+                            alpha: float = 0.5, beta: float = 0.5, uld_weight: float = 1.0, hard_weight: float = 1.0,
                             ignore_index: int = -100, return_terms: bool = False):
     """The "align" or "uld" loss (module docstring) of materialised student logits [B, T, V_s] against a
     `CrossTokenizerOutput` (from `CrossTokenizerTeacher`).
@@ -405,12 +441,14 @@ def cross_tokenizer_kd_loss(student_logits: torch.Tensor, out: CrossTokenizerOut
     labels: [B, T] the student's input ids in the HF convention (shifted here: position j predicts labels[j+1]
     and the last position has no target; ignore_index marks tokens not to predict), or None (no hard term: every
     aligned row counts; "align" then needs alpha=1). "align" uses kind / temperature / alpha / beta as `kd_loss`;
-    "uld" uses temperature and uld_weight (total = hard + uld_weight · soft). Returns the scalar loss, or
+    "uld" uses temperature, uld_weight and hard_weight (total = hard_weight · hard + uld_weight · soft; the sorted
+    vectors hold the student tokenizer's ids only, not padding rows of a larger head). Returns the scalar loss, or
     CrossTokenizerTerms(total, soft, hard, n_tokens, n_aligned) with return_terms (soft / hard detached)."""
     who = "cross_tokenizer_kd_loss"
     choice_arg(f"{who}: mode", mode, CROSS_TOKENIZER_MODES[1:])
     cfg = KDLossConfig(kind, temperature, alpha, beta, ignore_index)
     number_arg(f"{who}: uld_weight", uld_weight, min=0)
+    number_arg(f"{who}: hard_weight", hard_weight, min=0)
     check(isinstance(out, CrossTokenizerOutput) and out.teacher_pos is not None, f"{who}: out",
           "a CrossTokenizerOutput (from a CrossTokenizerTeacher)", type(out).__name__, error=TypeError)
     B, T = out.teacher_pos.shape
@@ -449,12 +487,13 @@ def cross_tokenizer_kd_loss(student_logits: torch.Tensor, out: CrossTokenizerOut
         total = alpha * soft + (1 - alpha) * hard if hard is not None else soft
     else:
         T_ = cfg.temperature
-        ps_BTV = (student_logits.to(cdt) / T_).sort(-1, descending=True).values.softmax(-1)  # sort, then softmax:
+        s_BTV = student_logits[..., :out.student_vocab_size or V].to(cdt)
+        ps_BTV = (s_BTV / T_).sort(-1, descending=True).values.softmax(-1)  # sort, then softmax:
         pt_BTW = (out.signal.to(cdt) / T_).sort(-1, descending=True).values.softmax(-1)  # exactly order-free
         W = max(ps_BTV.shape[-1], pt_BTW.shape[-1])
         d_BT = (F.pad(ps_BTV, (0, W - ps_BTV.shape[-1])) - F.pad(pt_BTW, (0, W - pt_BTW.shape[-1]))).abs().sum(-1)
         soft = torch.where(aligned_BT, d_BT, 0).sum() / n_a.clamp_min(1)
-        total = hard + uld_weight * soft if hard is not None else uld_weight * soft
+        total = hard_weight * hard + uld_weight * soft if hard is not None else uld_weight * soft
     if not return_terms:
         return total
     return CrossTokenizerTerms(total, soft.detach(), hard.detach() if hard is not None else None, n, n_a)

@@ -103,6 +103,21 @@ def test_multibyte_character_split_across_byte_tokens():
     assert r.teacher_pos.tolist() == [[-1, 0, -1]]
 
 
+def test_byte_fallback_pieces_of_one_character():
+    vocab = {"<unk>": 0, "<0xC3>": 1, "<0xA9>": 2, "a": 3, "x": 4}
+    s = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    s.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    enc, t = s.encode("aéx"), byte_bpe([("Ã", "©")])
+    assert enc.tokens == ["a", "<0xC3>", "<0xA9>", "x"] and enc.offsets[1:3] == [(1, 2), (1, 2)]
+    # both halves of "é" carry its offsets: the boundary between them is unknown, so "a" -> <0xC3> must not pair
+    # with the teacher's "a" -> "é" (bytes [1, 3)); "é" -> "x" does
+    r = align_text("aéx", s, t)
+    assert r.student_spans == [[(0, 1), (1, -1), (-1, 3), (3, 4)]] and r.teacher_spans == [[(0, 1), (1, 3), (3, 4)]]
+    assert r.teacher_pos.tolist() == [[-1, -1, 1, -1]]
+    assert align_text("aéx", t, s).teacher_pos.tolist() == [[-1, 2, -1]]
+    assert align_spans([(0, 1), (1, -1), (-1, 3)], [(0, 1), (1, -1), (-1, 3)]) == [-1, -1, -1]
+
+
 def test_word_level_tokenizers_with_gaps_and_bytes_not_characters():
     s = word_level(["café", "cat.", "the"], pre_tokenizers.WhitespaceSplit())
     t = word_level(["café", "cat", ".", "the"], pre_tokenizers.Whitespace())  # splits the full stop off
@@ -110,9 +125,13 @@ def test_word_level_tokenizers_with_gaps_and_bytes_not_characters():
     assert r.student_spans == [[(0, 5), (6, 10), (11, 14)]]  # bytes: "é" is two (in characters café ends at 4)
     assert r.teacher_spans == [[(0, 5), (6, 9), (9, 10), (11, 14)]]
     assert r.teacher_pos.tolist() == [[-1, 2, -1]]
-    # a tokenizer that is not byte-level is decoded and re-encoded: ids it does not give back are refused
-    with pytest.raises(ValueError, match="ids that the student tokenizer gives back from their own text"):
-        retokenize([[1]], word_level(["a.b", "a", ".", "b"], pre_tokenizers.Whitespace()), t)
+    # ids the student tokenizer does not give back from their text ("a.b" re-encodes as a . b): each token's span
+    # is what it adds to the decoded text, leading space left out
+    s = word_level(["a.b", "a", ".", "b"], pre_tokenizers.Whitespace())
+    assert s.encode(s.decode([1, 2])).ids == [2, 3, 4, 2]
+    r = retokenize([[1, 2]], s, t)
+    assert r.student_spans == [[(0, 3), (4, 5)]] and r.teacher_spans == [[(0, 1), (1, 2), (2, 3), (4, 5)]]
+    assert r.teacher_ids.tolist() == [[0, 3, 0, 0]] and r.teacher_pos.tolist() == [[2, -1]]
 
 
 def test_special_tokens_map_by_role_and_a_teacher_bos_is_prepended():
@@ -211,8 +230,9 @@ def fake_output(signal, pos, Vs):
     return CrossTokenizerOutput(signal, None, pos, None, torch.arange(Vs), torch.arange(Vs), Vs)
 
 
-def uld_reference(s, t, pos, labels, temperature, weight):
-    """Plain-Python ULD: Σ |sorted p_s − sorted p_t| (zero-padded) averaged over aligned labelled rows + mean CE."""
+def uld_reference(s, t, pos, labels, temperature, weight, hard_weight=1.0, Vs=None):
+    """Plain-Python ULD: hard_weight · mean CE + weight · Σ |sorted p_s − sorted p_t| (zero-padded; the student's
+    first Vs logits) averaged over aligned labelled rows."""
     def softmax(row):
         m = max(row)
         e = [math.exp((x - m) / temperature) for x in row]
@@ -226,11 +246,11 @@ def uld_reference(s, t, pos, labels, temperature, weight):
             row = s[b][j]
             ces.append(math.log(sum(math.exp(x) for x in row)) - row[y])
             if pos[b][j] >= 0:
-                ps, pt = sorted(softmax(row), reverse=True), sorted(softmax(t[b][j]), reverse=True)
+                ps, pt = sorted(softmax(row[:Vs]), reverse=True), sorted(softmax(t[b][j]), reverse=True)
                 n = max(len(ps), len(pt))
                 ps, pt = ps + [0.0] * (n - len(ps)), pt + [0.0] * (n - len(pt))
                 dist.append(sum(abs(a - c) for a, c in zip(ps, pt)))
-    return sum(ces) / len(ces) + weight * sum(dist) / len(dist)
+    return hard_weight * sum(ces) / len(ces) + weight * sum(dist) / len(dist)
 
 
 def test_uld_against_a_hand_written_reference():
@@ -253,6 +273,11 @@ def test_uld_against_a_hand_written_reference():
     torch.testing.assert_close(ref, got.total, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(torch.autograd.grad(got.total, s)[0], torch.autograd.grad(ref, s)[0], rtol=1e-12,
                                atol=1e-12)
+    # hard_weight, and a student head with a padding row beyond its tokenizer's 4 ids: kept out of the sorted vector
+    got = cross_tokenizer_kd_loss(s, fake_output(t, pos, 4), labels, mode="uld", temperature=1.5, uld_weight=0.7,
+                                  hard_weight=0.2)
+    want = uld_reference(s.tolist(), t.tolist(), pos, labels.tolist(), 1.5, 0.7, hard_weight=0.2, Vs=4)
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-12)
     # no labels: only the distance, over every aligned row
     soft = cross_tokenizer_kd_loss(s, out, None, mode="uld", temperature=1.5)
     torch.testing.assert_close(soft, (ps - pt).abs().sum(-1)[torch.tensor(pos) >= 0].mean(), rtol=1e-12, atol=1e-12)
@@ -327,7 +352,7 @@ def test_distillation_between_two_bpe_tokenizers():
         loss.backward()
         opt.step()
     assert loss < 5.0  # log(480) = 6.2 at the start
-    ct = CrossTokenizerTeacher(ModelTeacher(teacher), s_tok, t_tok)
+    ct = CrossTokenizerTeacher(teacher, s_tok, t_tok)  # a model: wrapped in a ModelTeacher
     # every aligned pair reads the same bytes and predicts the same bytes (checked with the tokenizers' own tokens)
     piece = lambda tok, i: bytes(_unicode_to_byte()[c] for c in tok.to_hf().id_to_token(i))
     out, n = ct(s_rows[:B]), 0
