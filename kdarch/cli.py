@@ -9,6 +9,7 @@
     kdarch convert SRC DST --format hf kdarch <-> Hugging Face DeepseekV3 directories
     kdarch cache-teacher --teacher DIR --out CACHE   top-k teacher logits for a dataset, sharded on disk
     kdarch info [--preset NAME]        sizes of a preset: parameters, active parameters, KV-cache bytes/token
+    kdarch plan CONFIG --gpus N        a parallel plan on paper: memory/GPU, all-to-all, bubbles, tokens/s (--search)
     kdarch demo                        a one-minute tour: the tiny student trained briefly, generation
 
 Every run command takes --config FILE.toml and --section.field flags that override it; `kdarch train
@@ -267,6 +268,30 @@ def cmd_cache_teacher(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from kdarch.parallel.cluster import Cluster
+    from kdarch.parallel.plan import Plan, estimate, format_estimate, load_model_config, search
+    cfg = load_model_config(args.config)
+    cluster = Cluster(gpus=args.gpus, gpus_per_node=args.gpus_per_node, gpu_memory_gib=args.gpu_memory,
+                      intra_node_gbps=args.intra_bw, inter_node_gbps=args.inter_bw, peak_tflops=args.peak_tflops)
+    dp_shard = args.dp_shard or max(1, args.gpus // (args.dp_replicate * args.pp * args.tp))
+    plan = Plan(dp_replicate=args.dp_replicate, dp_shard=dp_shard, ep=args.ep, pp=args.pp, pp_schedule=args.pp_schedule,
+                pp_microbatches=args.microbatches, tp=args.tp, micro_batch_size=args.micro_batch_size,
+                seq_len=args.seq_len or min(4096, cfg.max_seq_len), global_batch=args.global_batch,
+                zero_stage=args.zero_stage, recompute=args.recompute, param_dtype=args.param_dtype,
+                grad_dtype=args.grad_dtype, optim_dtype=args.optim_dtype, master_weights=not args.no_master_weights,
+                dispatch_dtype=args.dispatch_dtype)
+    kw = dict(mfu=args.mfu, model=args.config)
+    found = search(cfg, cluster, plan, top=args.top, **kw) if args.search else [estimate(cfg, cluster, plan, **kw)]
+    if args.search and not found:
+        raise ValueError(f"--search: expected at least one plan that fits {args.gpu_memory:g} GiB per GPU, got none")
+    if args.json:
+        print(json.dumps([e.to_dict() for e in found] if args.search else found[0].to_dict(), indent=2))
+    else:
+        print("\n\n".join((f"#{i + 1} " if args.search else "") + format_estimate(e) for i, e in enumerate(found)))
+    return 0
+
+
 DEVICE_HELP = 'where the model runs: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N"'
 
 
@@ -352,6 +377,37 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--device", default="auto", help=DEVICE_HELP + " (the teacher's)")
     add_config_flags(ca, ("data", "distill"))
     ca.set_defaults(fn=cmd_cache_teacher)
+
+    pl = sub.add_parser("plan", help="estimate a parallel plan on paper: memory per GPU, expert all-to-all, pipeline "
+                        "bubbles, step time and tokens/s (or --search the plans that fit)")
+    pl.add_argument("config", metavar="CONFIG", help="a preset, deepseek-v3-671b, or a kdarch / HF config.json")
+    pl.add_argument("--gpus", type=int, required=True, help="GPUs in the job")
+    for flag, kind, default, text in (
+            ("--gpus-per-node", int, 8, "GPUs per node"), ("--gpu-memory", float, 80.0, "memory per GPU, GiB"),
+            ("--intra-bw", float, 400.0, "intra-node bandwidth per GPU, GB/s"),
+            ("--inter-bw", float, 50.0, "inter-node bandwidth per GPU, GB/s"),
+            ("--peak-tflops", float, 989.0, "dense peak per GPU of the GEMM dtype, TFLOP/s"),
+            ("--mfu", float, 0.4, "fraction of peak reached while computing (bubbles and comm. come on top)"),
+            ("--dp-replicate", int, 1, "data-parallel replicas"),
+            ("--dp-shard", int, None, "ZeRO/FSDP ranks (default: gpus / (dp_replicate*pp*tp))"),
+            ("--ep", int, 1, "expert-parallel ranks (borrowed from dp_shard*tp)"), ("--pp", int, 1, "pipeline ranks"),
+            ("--tp", int, 1, "tensor-parallel ranks"), ("--microbatches", int, None, "micro-batches per step"),
+            ("--micro-batch-size", int, 1, "sequences per micro-batch"),
+            ("--seq-len", int, None, "tokens per sequence (default min(4096, max_seq_len))"),
+            ("--global-batch", int, None, "sequences per step (--search default: 8 per GPU)"),
+            ("--zero-stage", int, 3, "what dp_shard shards: 1 optimizer, 2 + grads, 3 + params"),
+            ("--top", int, 10, "plans shown by --search")):
+        pl.add_argument(flag, type=kind, default=default, help=text)
+    from kdarch.parallel.plan import SCHEDULES
+    pl.add_argument("--pp-schedule", choices=SCHEDULES, default="1F1B", help="pipeline schedule")
+    for flag, default in (("--param-dtype", "bf16"), ("--grad-dtype", "fp32"), ("--optim-dtype", "fp32")):
+        pl.add_argument(flag, choices=("fp32", "bf16"), default=default, help=f"default {default}")
+    pl.add_argument("--dispatch-dtype", choices=("fp32", "bf16", "fp8"), default="bf16", help="expert dispatch dtype")
+    pl.add_argument("--no-master-weights", action="store_true", help="no fp32 master copy of bf16 weights")
+    pl.add_argument("--recompute", action="store_true", help="recompute every block in the backward")
+    pl.add_argument("--search", action="store_true", help="every valid plan that fits, fastest first")
+    pl.add_argument("--json", action="store_true", help="machine-readable output")
+    pl.set_defaults(fn=cmd_plan)
 
     info = sub.add_parser("info", help="print a preset's sizes")
     info.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model preset")
