@@ -339,7 +339,9 @@ class RunConfig:
             raise ConfigError("model: expected no [model] section beside [[students]] (give each student's model "
                               "in its table, model = {...}, or with --students.N.model.FIELD)")
         teacher = resolve_stage(self.teacher, default_teacher, self.train, "teacher")
-        specs = self.students or (StageSpec(model=_section_table(self.model)),)
+        # [model] left at its defaults names no architecture: the task's default student stands (the quick run's
+        # debug-sized one included)
+        specs = self.students or (StageSpec(model=_section_table(self.model) if self.model != ModelSection() else {}),)
         students = [resolve_stage(s, dataclasses.replace(default_student, name=f"student{i + 1}" if i else "student"),
                                   self.train, f"students.{i}") for i, s in enumerate(specs)]
         return teacher, students

@@ -123,3 +123,13 @@ def test_flags_override_the_file_and_are_documented(tmp_path):
         for name, doc in field_docs(cls).items():
             assert doc.split()[0] in text, name
     assert "--model.kv_lora_rank" in text and "--data.seq_len" in text
+
+
+def test_the_quick_run_keeps_its_debug_sized_student():
+    """[model] at its defaults names no architecture, so the quick run's own student stands (it was once replaced
+    by the tiny preset, which made `kdarch distill --quick` several times slower)."""
+    from kdarch.train.pipeline import QUICK_STUDENT, stages_of
+    teacher, (student,) = stages_of(RunConfig(), quick=True)
+    assert student.model == QUICK_STUDENT.model and student.model.preset == "debug"
+    _, (given,) = stages_of(RunConfig(model=ModelSection("tiny", {"n_layers": 3})), quick=True)
+    assert given.model == ModelSection("tiny", {"n_layers": 3})
