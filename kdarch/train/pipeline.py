@@ -52,7 +52,7 @@ DEFAULT_STUDENT = Stage("student", ModelSection("tiny", {"mtp_loss_weight": 0.1}
 with the MTP loss at weight 0.1 instead of 0.3 — in 100 steps the main head gains more from the trunk than
 the MTP head loses (benchmarks/distill_ablation.py), and MTP drafting still accepts most drafts."""
 QUICK_TEACHER = Stage("teacher", ModelSection("debug", {"hidden_size": 128, "n_layers": 4, "n_routed_experts": 16}),
-                      TrainSection(steps=150))
+                      TrainSection(steps=100))
 QUICK_STUDENT = Stage("student", ModelSection("debug", {"mtp_loss_weight": 0.1}), TrainSection(steps=100))
 """`kdarch distill --quick`: the same pipeline on the debug preset's sizes, a first look in about a minute."""
 
