@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -62,14 +61,14 @@ def test_second_load_uses_the_cache(lib):
     path = build.status()["path"]
     assert path.is_file() and path.parent.name.startswith(f"torch{torch.__version__.split('+')[0]}-")
     mtime = path.stat().st_mtime_ns
-    script = ("import time; t = time.perf_counter(); from kdarch.ops.cpp import build; ok = build.load(); "
-              "print(ok, build.status()['built'], build.status()['path'], time.perf_counter() - t)")
-    t0 = time.perf_counter()
+    script = ("from kdarch.ops.cpp import build; ok = build.load(); "
+              "print(ok, build.status()['built'], build.status()['path'])")
     res = run_python(script)
     assert res.returncode == 0, res.stderr[-3000:]
-    ok, built, where, secs = res.stdout.split()
-    assert ok == "True" and built == "False" and where == str(path) and float(secs) < 5, res.stdout
-    assert path.stat().st_mtime_ns == mtime and time.perf_counter() - t0 < 60
+    ok, built, where = res.stdout.split()
+    # built == False: the library came from the cache, with no compiler run (timing it would only measure load)
+    assert ok == "True" and built == "False" and where == str(path), res.stdout
+    assert path.stat().st_mtime_ns == mtime
 
 
 def test_cache_key_follows_the_sources(tmp_path):
