@@ -208,7 +208,8 @@ class DistillObjective:
         cfg = self.cfg
         out = model(ids_BT, labels=labels_BT)
         terms = cross_tokenizer_kd_loss(out.logits, t_out, labels_BT, mode=cfg.cross_tokenizer, kind=cfg.kind,
-                                        temperature=temperature, alpha=alpha, beta=cfg.beta, return_terms=True)
+                                        temperature=temperature, alpha=alpha, beta=cfg.beta,
+                                        hard_weight=0.0 if sampled else 1.0, return_terms=True)  # uld's hard term
         loss = terms.total
         metrics = {"kd_loss": terms.total.detach(), "soft": terms.soft, "hard_ce": terms.hard, "alpha": alpha,
                    "temperature": temperature, "aligned_fraction": terms.n_aligned / terms.n_tokens.clamp_min(1)}
