@@ -6,16 +6,21 @@ stream drains and CUDA graphs cannot capture the step. On the CPU those calls co
 cannot see them by timing; it can see them by the operators they dispatch. Inside the context, each such
 operator (and `Tensor.tolist` / `Tensor.numpy`, which bypass dispatch on the CPU) raises `HostSyncError`
 naming it, so a training step can be proved sync-free on a machine without a GPU.
+
+`spawn_gloo(worker, world_size, *args)`: a distributed test's processes — each joins one gloo process group on a
+free local port (one torch thread each, so two ranks share two cores), runs `worker(rank, *args)` and leaves the
+group, whatever the worker raised.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+import socket
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["HostSyncError", "no_host_syncs"]
+__all__ = ["HostSyncError", "no_host_syncs", "spawn_gloo"]
 
 SYNC_OPS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.nonzero_static.default",
             "aten.masked_select.default", "aten._unique2.default", "aten.unique_dim.default",
@@ -55,3 +60,23 @@ def no_host_syncs() -> Iterator[None]:
     finally:
         for name, method in saved.items():
             setattr(torch.Tensor, name, method)
+
+
+def _gloo_rank(rank: int, worker: Callable, port: int, world_size: int, args: tuple) -> None:
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        worker(rank, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_gloo(worker: Callable, world_size: int, *args) -> None:
+    """Run the module-level function `worker(rank, *args)` in `world_size` processes of one gloo group; raises
+    if any rank fails."""
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_gloo_rank, args=(worker, port, world_size, args), nprocs=world_size, join=True)

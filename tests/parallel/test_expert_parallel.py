@@ -1,12 +1,11 @@
 """EP=2 over 2 gloo processes equals the 1-process MoE layer: outputs, gradients, bias update, bytes sent."""
 import os
-import socket
 
 import torch
-import torch.multiprocessing as mp
 
 from kdarch.config import get_preset
 from kdarch.model.moe import MoE
+from kdarch.testing import spawn_gloo
 
 CFG = get_preset("debug").replace(n_routed_experts=8, n_group=1, topk_group=1, bias_update_speed=0.01)
 TOL = dict(rtol=1e-4, atol=1e-5)  # fp32, another summation order than the 1-process layer
@@ -37,33 +36,24 @@ def _run(moe, x):
     return y.detach(), x.grad
 
 
-def _worker(rank, port, out_dir):
-    import torch.distributed as dist
+def _worker(rank, out_dir):
+    from safetensors.torch import save_file
 
     from kdarch.parallel.config import ParallelConfig
     from kdarch.parallel.expert_parallel import all_reduce_expert_load, apply_expert_parallel, ep_bytes_sent
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        mesh = ParallelConfig(dp_shard=2, ep=2).validate(2, CFG).build_mesh("cpu")
-        moe = apply_expert_parallel(_layer(), mesh["ep"])
-        y, gx = _run(moe, _inputs(rank))
-        all_reduce_expert_load(moe)
-        moe.update_bias()
-        out = {"y": y, "gx": gx, "bias": moe.gate.bias.clone(), "bytes": torch.tensor(ep_bytes_sent(moe))}
-        out.update({f"g.{n}": p.grad for n, p in moe.named_parameters()})
-        from safetensors.torch import save_file
-        save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(out_dir, f"{rank}.safetensors"))
-    finally:
-        dist.destroy_process_group()
+    mesh = ParallelConfig(dp_shard=2, ep=2).validate(2, CFG).build_mesh("cpu")
+    moe = apply_expert_parallel(_layer(), mesh["ep"])
+    y, gx = _run(moe, _inputs(rank))
+    all_reduce_expert_load(moe)
+    moe.update_bias()
+    out = {"y": y, "gx": gx, "bias": moe.gate.bias.clone(), "bytes": torch.tensor(ep_bytes_sent(moe))}
+    out.update({f"g.{n}": p.grad for n, p in moe.named_parameters()})
+    save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(out_dir, f"{rank}.safetensors"))
 
 
 def test_ep2_matches_single_process(tmp_path):
     from safetensors.torch import load_file
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    spawn_gloo(_worker, 2, str(tmp_path))
     res = [load_file(str(tmp_path / f"{r}.safetensors")) for r in range(2)]
 
     ref = _layer()

@@ -1,15 +1,14 @@
 """ParallelConfig: field checks, validation against world size and model (one-line messages), mesh shape."""
 import dataclasses
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from kdarch.checks import ConfigError
 from kdarch.config import get_preset
 from kdarch.parallel.config import MESH_DIMS, ParallelConfig
+from kdarch.testing import spawn_gloo
 
 TINY = get_preset("tiny")  # 16 routed experts, 4 layers, 4 heads
 
@@ -49,26 +48,18 @@ def test_valid_layouts():
         ParallelConfig().ep = 2  # frozen
 
 
-def _mesh_worker(rank, port, out_dir):
+def _mesh_worker(rank, out_dir):
     import torch.distributed as dist
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        mesh = ParallelConfig(dp_shard=2, ep=2).validate(2, TINY).build_mesh("cpu")
-        ep = mesh["ep"]
-        t = torch.tensor([float(rank + 1)])
-        dist.all_reduce(t, group=ep.get_group())
-        with open(os.path.join(out_dir, f"{rank}.txt"), "w") as f:
-            f.write(f"{mesh.mesh_dim_names}|{ep.size()}|{ep.get_local_rank()}|{t.item()}")
-    finally:
-        dist.destroy_process_group()
+    mesh = ParallelConfig(dp_shard=2, ep=2).validate(2, TINY).build_mesh("cpu")
+    ep = mesh["ep"]
+    t = torch.tensor([float(rank + 1)])
+    dist.all_reduce(t, group=ep.get_group())
+    with open(os.path.join(out_dir, f"{rank}.txt"), "w") as f:
+        f.write(f"{mesh.mesh_dim_names}|{ep.size()}|{ep.get_local_rank()}|{t.item()}")
 
 
 def test_build_mesh_two_processes(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_mesh_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    spawn_gloo(_mesh_worker, 2, str(tmp_path))
     for rank in range(2):
         names, size, local, total = (tmp_path / f"{rank}.txt").read_text().split("|")
         assert names == str(MESH_DIMS) and size == "2" and local == str(rank) and float(total) == 3.0
