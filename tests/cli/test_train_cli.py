@@ -180,21 +180,25 @@ def test_tiny_dataset_and_vocab_mismatch(trained, tmp_path, capsys):
     assert "fingerprint" in err and 'distill.cross_tokenizer = "uld" or "align"' in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("mode", ["align", "uld"])
-def test_distill_from_a_teacher_of_another_tokenizer(trained, tmp_path, capsys, mode):
-    """The bytes teacher grades a BPE student through the byte-span alignment; the student keeps its tokenizer."""
+@pytest.mark.parametrize("mode, extra", [("align", []), ("uld", []),
+                                         ("align", ["--distill.on_policy", "0.5", "--distill.rollout_tokens", "8"])])
+def test_distill_from_a_teacher_of_another_tokenizer(trained, tmp_path, capsys, mode, extra):
+    """The bytes teacher grades a BPE student through the byte-span alignment (its own samples too, on-policy);
+    the student keeps its tokenizer."""
     from kdarch.train.data import embedded_corpus
     from kdarch.train.tokenizer import BPETokenizer
     BPETokenizer.train(embedded_corpus()[:5], 400).save(tmp_path / "bpe")
     out = tmp_path / mode
     assert main(["distill", "--out", str(out), *FAST, "--data.tokenizer", str(tmp_path / "bpe"), "--train.steps", "3",
-                 "--distill.teacher", str(trained / "model"), "--distill.cross_tokenizer", mode]) == 0
+                 "--distill.teacher", str(trained / "model"), "--distill.cross_tokenizer", mode, *extra]) == 0
     assert "distilled with distill.cross_tokenizer" in capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
     assert report["student"]["eval_loss"] > 0 and "top1_agreement" not in report["student"]  # other tokens
     rows = [json.loads(line) for line in (out / "student" / "metrics.jsonl").read_text().splitlines()]
     assert all(0 < r["aligned_fraction"] <= 1 and r["soft"] >= 0 for r in rows)
     assert json.loads((out / "student" / "model" / "tokenizer.json").read_text())["model"]["type"] == "BPE"
+    if extra:
+        assert [r["on_policy"] for r in rows] == [0.0, 1.0, 0.0] and report["student"]["on_policy"]["rollouts"] == 1
 
 
 def _run(args, **kw):
