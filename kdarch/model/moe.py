@@ -72,13 +72,18 @@ class MoE(nn.Module):
                 ids_M = topk_ids_NK.flatten()  # a fixed-size scatter: no host sync (bincount needs one on CUDA)
                 ones_M = torch.ones_like(ids_M, dtype=self.tokens_per_expert.dtype)
                 self.tokens_per_expert.scatter_add_(0, ids_M, ones_M)
-        y_ND = ops.moe_ffn(x_ND, topk_ids_NK, weights_NK, self.w_gate_up, self.w_down, fp8=self.fp8)
+        y_ND = self.routed(x_ND, topk_ids_NK, weights_NK)
         if self.shared is not None:
             y_ND = y_ND + self.shared(x_ND)
         aux = None
         if self.training and self.seq_aux_loss_coef > 0:
             aux = self.seq_balance_loss(topk_ids_NK.view(B, T, -1), scores_NE.view(B, T, -1))
         return y_ND.view(B, T, D), aux
+
+    def routed(self, x_ND: torch.Tensor, topk_ids_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
+        """The routed experts' weighted sum per token: where a parallel plan swaps in another dispatch (expert
+        parallelism sends the token copies to the ranks holding their experts)."""
+        return ops.moe_ffn(x_ND, topk_ids_NK, weights_NK, self.w_gate_up, self.w_down, fp8=self.fp8)
 
     def seq_balance_loss(self, topk_ids_BTK: torch.Tensor, scores_BTE: torch.Tensor) -> torch.Tensor:
         """alpha * sum_i f_i * P_i per sequence, averaged over the batch (DeepSeek-V3 eq. 17-20)."""

@@ -2,9 +2,10 @@
 
 Applied from outside to a built model: every `MoE` keeps its replicated gate and shared experts, its routed
 weights are cut to the local slice (ordinary parameters, so any optimizer or FSDP wrapper sees them as usual),
-and its forward is swapped for one that routes locally, sends each token copy to the rank owning its expert
-(variable-split all-to-all with autograd), runs the local experts through `kdarch.ops.moe_ffn`, sends the
-results back and combines them in fp32 with the routing weights, as the single-process layer does.
+and its `MoE.routed` step (the one the model leaves for a plan to swap) becomes one that sends each token copy,
+routed locally by the replicated gate, to the rank owning its expert (variable-split all-to-all with autograd),
+runs the local experts through `kdarch.ops.moe_ffn`, sends the results back and combines them in fp32 with the
+routing weights, as the single-process layer does.
 
 The aux-loss-free bias must stay identical on every rank, so it is nudged from the global load:
 `all_reduce_expert_load` sums `tokens_per_expert` over the data ranks before `update_bias`.
@@ -39,7 +40,7 @@ def apply_expert_parallel(model: torch.nn.Module, ep_mesh) -> torch.nn.Module:
         moe.w_gate_up = torch.nn.Parameter(moe.w_gate_up.detach()[rank * L:(rank + 1) * L].clone())
         moe.w_down = torch.nn.Parameter(moe.w_down.detach()[rank * L:(rank + 1) * L].clone())
         moe.ep_size, moe.ep_rank, moe.ep_group, moe.ep_bytes_sent = P, rank, group, 0
-        moe.forward = types.MethodType(_ep_forward, moe)
+        moe.routed = types.MethodType(_routed_ep, moe)
     return model
 
 
@@ -65,24 +66,6 @@ def _routed_ep(moe: MoE, x_ND: torch.Tensor, topk_ids_NK: torch.Tensor, weights_
     y_unsorted_MD = torch.empty_like(y_MD).index_copy(0, order_M, y_MD)
     y_NKD = y_unsorted_MD.view(N, K, -1).float()
     return (y_NKD * weights_NK.float()[..., None]).sum(dim=1).to(x_ND.dtype)
-
-
-def _ep_forward(self: MoE, x_BTD: torch.Tensor):
-    """MoE.forward with the routed experts spread over the ep ranks (gate, counts, shared experts unchanged)."""
-    B, T, D = x_BTD.shape
-    x_ND = x_BTD.reshape(B * T, D)
-    topk_ids_NK, weights_NK, scores_NE = self.gate(x_ND)
-    if self.training:
-        with torch.no_grad():
-            ids_M = topk_ids_NK.flatten()
-            self.tokens_per_expert.scatter_add_(0, ids_M, torch.ones_like(ids_M, dtype=self.tokens_per_expert.dtype))
-    y_ND = _routed_ep(self, x_ND, topk_ids_NK, weights_NK)
-    if self.shared is not None:
-        y_ND = y_ND + self.shared(x_ND)
-    aux = None
-    if self.training and self.seq_aux_loss_coef > 0:
-        aux = self.seq_balance_loss(topk_ids_NK.view(B, T, -1), scores_NE.view(B, T, -1))
-    return y_ND.view(B, T, D), aux
 
 
 @torch.no_grad()
