@@ -12,6 +12,7 @@ from pathlib import Path
 
 from kdarch.checks import ConfigError, check, check_field_types, choice_arg
 from kdarch.config import PRESETS, ModelConfig, get_preset
+from kdarch.parallel.config import PP_SCHEDULES as SCHEDULES
 
 __all__ = ["DTYPE_BYTES", "MODELS", "SCHEDULES", "Cluster", "Plan", "check_plan", "load_model_config"]
 
@@ -41,8 +42,6 @@ class Cluster:
               self.gpus, error=ConfigError)
 
 
-SCHEDULES = ("1F1B", "Interleaved1F1B", "ZBVZeroBubble", "DualPipeV")
-"""torch.distributed.pipelining's schedules; all but 1F1B put two stages on each rank."""
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp8": 1}
 MODELS = {
     # DeepSeek-V3 as pre-trained (4K sequences): the 671B main model and its one MTP module

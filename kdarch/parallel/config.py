@@ -13,18 +13,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kdarch.checks import ConfigError, check, check_field_types, choice_arg
+from kdarch.checks import ConfigError, check, check_field_types, choice_arg, fail
 from kdarch.config import ModelConfig
 
 __all__ = ["MESH_DIMS", "PP_SCHEDULES", "ParallelConfig"]
 
 PP_SCHEDULES = ("1F1B", "Interleaved1F1B", "ZBVZeroBubble", "DualPipeV")
+"""torch.distributed.pipelining's schedules; all but 1F1B put two stages on each rank."""
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard_out", "ep", "tp")
 _STAGES_PER_RANK = {"1F1B": 1, "Interleaved1F1B": 2, "ZBVZeroBubble": 2, "DualPipeV": 2}
 
 
 def _err(name: str, expected: str, got) -> None:
-    check(False, f"parallel.{name}", expected, got, error=ConfigError)
+    fail(f"parallel.{name}", expected, got, error=ConfigError)
 
 
 @dataclass(frozen=True)
