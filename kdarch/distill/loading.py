@@ -1,8 +1,9 @@
 """`load_teacher`: the teacher a path holds, whatever produced it.
 
 A trainer is given a path and should not need to know what is behind it: a logit cache written by
-`kdarch cache-teacher` (manifest.json), a kdarch model directory (config.json with model_type "kdarch") or
-any other local Hugging Face causal-LM directory. Each becomes the matching `Teacher`, paired with the
+`kdarch cache-teacher` (manifest.json), a kdarch model directory (config.json with model_type "kdarch"),
+any other local Hugging Face causal-LM directory, or a GGUF file (imported once into such a directory,
+`kdarch.convert.gguf`). Each becomes the matching `Teacher`, paired with the
 student's vocabulary when the caller says what it is.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from kdarch.convert.gguf import import_gguf, is_gguf
 from kdarch.distill.logit_cache import CachedTeacher, LogitCache
 from kdarch.distill.teachers import HFTeacher, ModelTeacher, Teacher
 from kdarch.distill.vocab import tokenizer_fingerprint
@@ -26,8 +28,11 @@ def load_teacher(spec: str | os.PathLike, *, dtype: torch.dtype | None = None, d
                  n_real_tokens: int | None = None, verify: bool = True) -> Teacher:
     """The teacher a directory holds: a logit cache (manifest.json) -> CachedTeacher (shards checksummed when
     `verify`); a kdarch model directory -> ModelTeacher (dtype default: as saved); any other model directory with
-    config.json -> HFTeacher (dtype default bfloat16). The student's vocabulary arguments go to `align_to`."""
+    config.json -> HFTeacher (dtype default bfloat16); a .gguf file -> HFTeacher of its imported directory. The
+    student's vocabulary arguments go to `align_to`."""
     path = Path(spec)
+    if is_gguf(path):
+        path = import_gguf(path)
     if (path / MANIFEST).is_file():
         teacher: Teacher = CachedTeacher(LogitCache(path, verify=verify))
     elif (path / "config.json").is_file():
@@ -41,7 +46,7 @@ def load_teacher(spec: str | os.PathLike, *, dtype: torch.dtype | None = None, d
             teacher = HFTeacher(path, dtype=dtype if dtype is not None else torch.bfloat16, device=device)
     else:
         raise FileNotFoundError(f"load_teacher: {path}: expected a directory holding a logit cache ({MANIFEST}), a "
-                                f"kdarch model or a Hugging Face causal LM (config.json), got neither")
+                                f"kdarch model or a Hugging Face causal LM (config.json), or a .gguf file, got neither")
     if student_vocab_size is not None or student_fingerprint is not None or n_real_tokens is not None:
         teacher.align_to(student_vocab_size, student_fingerprint=student_fingerprint, n_real_tokens=n_real_tokens)
     return teacher

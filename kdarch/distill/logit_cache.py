@@ -158,6 +158,8 @@ def write_logit_cache(teacher: Teacher, input_ids_NT: torch.Tensor, out_dir: str
                 "vocab_size": V, "k": k, "dtype": dtype, "ids_dtype": ids_dtype_for(V), "seq_len": T,
                 "num_sequences": N, "shard_size": shard_size, "input_ids_sha256": input_ids_sha256(ids_NT),
                 "shards": [], "files": {}}
+    if callable(getattr(teacher, "figures", None)):  # what the report's teacher row shows for a cached teacher
+        manifest["teacher_figures"] = teacher.figures()
     check_manifest(manifest, out / MANIFEST, complete=False)  # e.g. an empty teacher_id
     done = _resumable_shards(out, manifest)
 
@@ -257,6 +259,14 @@ class LogitCache:
 
     def __len__(self) -> int:
         return self.manifest["num_sequences"]
+
+    def figures(self) -> dict:
+        """The report's row of a cached teacher: what the cache recorded of the teacher when it was written
+        (parameters, KV bytes / token, dtype; none for a teacher without sizes) and the cache's own shape."""
+        m = self.manifest
+        return {**m.get("teacher_figures", {}), "cache_k": m["k"], "cache_dtype": m["dtype"],
+                "cache_sequences": m["num_sequences"], "cache_seq_len": m["seq_len"],
+                "cache_bytes_per_token": self.bytes_per_token}
 
     @property
     def bytes_per_token(self) -> float:

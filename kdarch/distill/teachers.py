@@ -33,7 +33,7 @@ from kdarch.distill.teacher_signal import TopKTeacher
 from kdarch.distill.vocab import VocabAlignment, align_vocab, tokenizer_fingerprint
 from kdarch.io import read_json
 
-__all__ = ["HFTeacher", "ModelTeacher", "Teacher", "TeacherOutput", "weights_digest"]
+__all__ = ["HFTeacher", "ModelTeacher", "Teacher", "TeacherOutput", "hf_kv_cache_elements_per_token", "weights_digest"]
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +136,39 @@ class ModelTeacher(Teacher):
         dev = input_ids_BT.device
         hidden = tuple(h.float().to(dev) for h in out.hidden_states) if hidden_states else None
         return logits_BTV.float().to(dev), hidden
+
+
+    def figures(self) -> dict:
+        """The report's sizes of the teacher model: parameters (active per token too when known), the KV-cache
+        bytes one token of context costs in the cache the model generates with, and the compute dtype."""
+        cfg = getattr(self.model, "config", None)
+        param = next(self.model.parameters(), None)
+        if callable(getattr(cfg, "figures", None)):  # a kdarch model: its latent cache
+            return {**cfg.figures(), "dtype": str(param.dtype).removeprefix("torch.")}
+        out = {"params_total": sum(p.numel() for p in self.model.parameters())}
+        moe = any(getattr(cfg, k, None) for k in ("num_experts_per_tok", "num_experts", "n_routed_experts"))
+        if not moe:
+            out["params_active"] = out["params_total"]
+        if param is not None and (kv := hf_kv_cache_elements_per_token(cfg)) is not None:
+            out["kv_cache_bytes_per_token"] = kv * param.element_size()
+        if param is not None:
+            out["dtype"] = str(param.dtype).removeprefix("torch.")
+        return out
+
+
+def hf_kv_cache_elements_per_token(cfg) -> int | None:
+    """Elements a transformers causal LM caches per token of context: keys and values of every layer, over its
+    key/value heads (DeepseekV3: full query-head keys qk_nope + qk_rope and values v_head, as transformers keeps
+    them); sliding-window layers counted in full (the cost within the window). None when the config does not
+    say."""
+    layers, heads = getattr(cfg, "num_hidden_layers", None), getattr(cfg, "num_attention_heads", None)
+    if not (is_int(layers) and is_int(heads)):
+        return None
+    if getattr(cfg, "kv_lora_rank", None) and getattr(cfg, "v_head_dim", None):
+        return layers * heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim)
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or getattr(cfg, "hidden_size", 0) // heads
+    return layers * 2 * kv_heads * head_dim if head_dim else None
 
 
 class HFTeacher(ModelTeacher):

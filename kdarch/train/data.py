@@ -97,7 +97,8 @@ def split_documents(docs: Sequence[str], heldout_fraction: float, seed: int) -> 
 
 def pack(docs: Sequence[str], tokenizer: Tokenizer, seq_len: int) -> torch.Tensor:
     """[N, seq_len] int64: the documents encoded, joined with eos between them, cut into consecutive
-    non-overlapping rows; the last len % seq_len tokens are dropped."""
+    non-overlapping rows; the last len % seq_len tokens are dropped. A tokenizer that begins every text with
+    special tokens of its own (`prefix_ids`, a BOS) gets them at the start of every row, as its models expect."""
     if not isinstance(seq_len, int) or seq_len < 2:
         raise ValueError(f"pack: seq_len: expected an int >= 2 (an input and its next-token target), got {seq_len!r}")
     if tokenizer.eos_id is None:
@@ -110,11 +111,15 @@ def pack(docs: Sequence[str], tokenizer: Tokenizer, seq_len: int) -> torch.Tenso
         if i:
             stream.append(tokenizer.eos_id)
         stream.extend(ids)
-    if len(stream) < seq_len:
-        raise ValueError(f"pack: the corpus has {len(stream)} tokens but one sequence needs seq_len = {seq_len}; "
-                         f"use more text or a shorter seq_len")
-    n = len(stream) // seq_len
-    return torch.tensor(stream[:n * seq_len], dtype=torch.long).view(n, seq_len)
+    prefix = tokenizer.prefix_ids
+    width = seq_len - len(prefix)
+    if width < 1 or len(stream) < width:
+        raise ValueError(f"pack: the corpus has {len(stream)} tokens but one sequence needs seq_len = {seq_len}"
+                         f"{f' ({len(prefix)} of them the tokenizer prefix)' if prefix else ''}; use more text or a "
+                         f"shorter seq_len")
+    n = len(stream) // width
+    rows_NW = torch.tensor(stream[:n * width], dtype=torch.long).view(n, width)
+    return torch.cat([torch.tensor(prefix, dtype=torch.long).expand(n, -1), rows_NW], 1) if prefix else rows_NW
 
 
 class Batches(Iterator[tuple[torch.Tensor, torch.Tensor]]):

@@ -9,6 +9,7 @@ memory is measured in `kdarch.train.device`).
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Callable
 
@@ -72,13 +73,35 @@ def evaluate_lm(model, heldout_NT: torch.Tensor, *, batch_size: int = 16, max_se
     return out
 
 
-@torch.no_grad()
-def generation_speed(model, prompts: list[list[int]], new_tokens: int = 64) -> dict[str, float]:
-    """Greedy generation on the latent KV cache: new tokens per second over the whole batch of prompts."""
+def _generator(model) -> Callable[[list[list[int]], int], object]:
+    """generate(prompts, new_tokens), greedy, never stopping early: a kdarch model's latent-cache generation, or
+    transformers' `generate` for a Hugging Face model (also behind a `ModelTeacher`)."""
+    model = getattr(model, "model", model) if isinstance(model, Teacher) else model
+    if getattr(model, "config", None) is not None and callable(getattr(model.config, "figures", None)):
+        model.eval()
+        return lambda prompts, n: model.generate(prompts, n, eos_token_id=-1)
+    param = next(model.parameters())
+
+    def hf_generate(prompts, n):
+        ids_BT = torch.tensor(prompts, device=param.device)
+        return model.generate(input_ids=ids_BT, attention_mask=torch.ones_like(ids_BT), max_new_tokens=n,
+                              min_new_tokens=n, do_sample=False, pad_token_id=0)
     model.eval()
-    model.generate([prompts[0][:4]], 2, eos_token_id=-1)  # warm-up
-    t0 = time.perf_counter()
-    out = model.generate(prompts, new_tokens, eos_token_id=-1)
-    dt = time.perf_counter() - t0
-    n = sum(len(o) for o in out)
-    return {"generate_tokens_per_s": n / dt, "generate_batch": len(prompts), "generate_new_tokens": new_tokens}
+    return hf_generate
+
+
+@torch.no_grad()
+def generation_speed(model, prompts: list[list[int]], new_tokens: int = 64, repeats: int = 3) -> dict[str, float]:
+    """Greedy generation throughput: new tokens per second over the whole batch of prompts (of one length), the
+    median of `repeats` timed runs after a warm-up, so that a moment of contention on a busy machine does not
+    decide a model's figure. `model`: a kdarch model (its latent KV cache), a Hugging Face causal LM or a
+    `ModelTeacher` of either."""
+    generate = _generator(model)
+    generate([prompts[0][:4]], 2)  # warm-up
+    seconds = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        generate(prompts, new_tokens)
+        seconds.append(time.perf_counter() - t0)
+    return {"generate_tokens_per_s": len(prompts) * new_tokens / statistics.median(seconds),
+            "generate_batch": len(prompts), "generate_new_tokens": new_tokens, "generate_repeats": repeats}

@@ -22,8 +22,9 @@ import torch
 
 from kdarch.checks import ConfigError
 from kdarch.config import PRESETS, get_preset
+from kdarch.convert.gguf import import_gguf, is_gguf
 from kdarch.convert.hf import HF_MODEL_TYPE
-from kdarch.distill.cross_tokenizer import CrossTokenizerTeacher
+from kdarch.distill.cross_tokenizer import CrossTokenizerTeacher, retokenize
 from kdarch.distill.loading import load_teacher
 from kdarch.distill.logit_cache import CachedTeacher, LogitCache, input_ids_sha256
 from kdarch.distill.teacher_signal import TopKTeacher
@@ -175,6 +176,27 @@ def measure(run: StageRun, data: Data, *, eval_sequences: int, teacher_top1_NT: 
     return row
 
 
+def measure_teacher(model_teacher: ModelTeacher, teacher: Teacher, data: Data, eval_sequences: int,
+                    top1_NT: torch.Tensor | None, device: torch.device) -> dict:
+    """The report row of a given teacher model (kdarch, Hugging Face or GGUF), measured as `measure` measures a
+    student: held-out loss from its logits (on the student's tokens; none for a teacher of another tokenizer,
+    whose tokens are other ones), top-1 agreement with itself, generation speed on the same prompts (the
+    teacher's own tokens of the same text when it has another tokenizer), peak memory, sizes."""
+    with PeakMemory(device) as mem:
+        row = {} if teacher is not model_teacher else evaluate_lm(
+            teacher, data.heldout_NT, max_sequences=eval_sequences,
+            teacher_top1=None if top1_NT is None else lambda idx, ids: top1_NT[idx], pad_id=data.pad_id)
+        prompts = [data.heldout_NT[i, :16].tolist() for i in range(min(4, data.heldout_NT.shape[0]))]
+        if isinstance(teacher, CrossTokenizerTeacher):
+            retok = retokenize(torch.tensor(prompts), teacher.student, teacher.teacher_tokenizer)
+            n = int(retok.teacher_lengths.min())
+            prompts = retok.teacher_ids[:, :n].tolist()
+        row.update(generation_speed(model_teacher, prompts, new_tokens=48))
+    row.update(model_teacher.figures())
+    row.update(device=device_label(device), peak_memory_mb=mem.peak_mb)
+    return row
+
+
 @torch.no_grad()
 def on_policy_figures(cfg, objectives: list) -> dict:
     """The report's record of on-policy distillation: λ and what the rollouts cost (none when λ = 0, or for a
@@ -279,10 +301,15 @@ def check_distill(run: RunConfig, *, quick: bool = False) -> tuple[Stage, list[S
                               f"{st.name}), got {dcfg.mtp_depth_weights!r}")
     if dcfg.teacher:
         path = Path(dcfg.teacher)
-        if not ((path / MANIFEST).is_file() or (path / "config.json").is_file()):
+        if not ((path / MANIFEST).is_file() or (path / "config.json").is_file() or is_gguf(path)):
             raise ConfigError(f"distill.teacher: expected a directory holding a logit cache ({MANIFEST}), a kdarch "
-                              f"model or a Hugging Face causal LM (config.json), got {dcfg.teacher!r}")
-        if (path / MANIFEST).is_file():
+                              f"model or a Hugging Face causal LM (config.json), or a .gguf file, got "
+                              f"{dcfg.teacher!r}")
+        if is_gguf(path):
+            if dcfg.relation_weight and dcfg.relation_source == "mla":
+                raise ConfigError("distill.relation_source: expected \"hidden\" for a GGUF teacher (\"mla\" needs MLA "
+                                  "latents: a kdarch or DeepseekV3 teacher), got \"mla\"")
+        elif (path / MANIFEST).is_file():
             for name in ("feature_weight", "relation_weight"):
                 if getattr(dcfg, name):
                     raise ConfigError(f"distill.{name}: expected 0 with a logit-cache teacher (it holds no hidden "
@@ -333,6 +360,9 @@ def run_distill(run: RunConfig, out: Path, *, resume: bool = False, quick: bool 
     n_eval = run.train.eval_sequences
     if dcfg.teacher:
         tdir, cross = Path(dcfg.teacher), dcfg.cross_tokenizer != "refuse"
+        if is_gguf(tdir):
+            tdir = import_gguf(tdir)
+            log(f"teacher: {dcfg.teacher} imported as {tdir}")
         data = prepare_data(run, out, tokenizer_dir=None if cross else tdir, log=log)  # cross: the student's own
         teacher = load_teacher(tdir, dtype=getattr(torch, dcfg.teacher_dtype), device=teacher_device)
         if cross:
@@ -353,16 +383,19 @@ def run_distill(run: RunConfig, out: Path, *, resume: bool = False, quick: bool 
     # no agreement on held-out text then.
     top1_NT = (None if isinstance(teacher, CachedTeacher | CrossTokenizerTeacher) else
                teacher_top1(teacher, data.heldout_NT, n_eval))
+    model_teacher = teacher.inner if isinstance(teacher, CrossTokenizerTeacher) else teacher
     source = (f"trained here ({teacher_stage.train.steps} steps)" if teacher_run is not None else
               f"logit cache {dcfg.teacher}" if isinstance(teacher, CachedTeacher) else
-              f"Hugging Face model {dcfg.teacher}" if isinstance(teacher, HFTeacher) else
+              f"GGUF file {dcfg.teacher}" if is_gguf(dcfg.teacher) else
+              f"Hugging Face model {dcfg.teacher}" if isinstance(model_teacher, HFTeacher) else
               f"kdarch model {dcfg.teacher}")
     report: dict = {"teacher": {"name": teacher.name, "source": source}}
     if teacher_run is not None:
         report["teacher"].update(measure(teacher_run, data, eval_sequences=n_eval, teacher_top1_NT=top1_NT))
-    elif isinstance(teacher, ModelTeacher):  # a given kdarch / Hugging Face model: scored from its logits
-        report["teacher"].update(evaluate_lm(teacher, data.heldout_NT, max_sequences=n_eval,
-                                             teacher_top1=lambda idx, ids: top1_NT[idx]))
+    elif isinstance(teacher, CachedTeacher):
+        report["teacher"].update(teacher.cache.figures())
+    else:
+        report["teacher"].update(measure_teacher(model_teacher, teacher, data, n_eval, top1_NT, teacher_device))
     chain, curves = [], {teacher_stage.name: teacher_run.rows} if teacher_run else {}
     for stage in students:
         objectives: list[DistillObjective] = []

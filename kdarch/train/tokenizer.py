@@ -91,6 +91,13 @@ class Tokenizer(abc.ABC):
         return [self.encode(t) for t in _check_texts(texts, "encode_batch")]
 
     @functools.cached_property
+    def prefix_ids(self) -> list[int]:
+        """The special ids this tokenizer puts before every text (a BOS from its post-processor), if any: what a
+        model trained with it saw at the start of every sequence."""
+        enc = self.to_hf().encode("", add_special_tokens=True)
+        return [i for i, m in zip(enc.ids, enc.special_tokens_mask) if m]
+
+    @functools.cached_property
     def fingerprint(self) -> str:
         """"sha256:<hex>" of the token -> id map, see `kdarch.distill.vocab.vocab_fingerprint`."""
         return vocab_fingerprint(self.get_vocab())
