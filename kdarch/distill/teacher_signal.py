@@ -81,13 +81,23 @@ class TopKTeacher:
               tail)
 
     @classmethod
-    def from_logits(cls, logits: torch.Tensor, k: int, *, mode: str = "tail") -> TopKTeacher:
-        """Top-k log-probs and the exact tail mass of dense teacher logits [..., V] (what a logit cache keeps)."""
+    def from_logits(cls, logits: torch.Tensor, k: int, *, mode: str = "tail",
+                    chunk_elements: int = 1 << 24) -> TopKTeacher:
+        """Top-k log-probs and the exact tail mass of dense teacher logits [..., V] (what a logit cache keeps),
+        computed a chunk of rows at a time (about `chunk_elements` logits each): no [N, V] log-softmax is ever
+        made, which at V = 262k and a batch of 1k tokens would be 1 GiB per copy."""
+        V = logits.shape[-1]
+        values, ids, tails = [], [], []
         with torch.no_grad():
-            logp = logits.float().log_softmax(-1)
-            values, ids = logp.topk(k, dim=-1)
-            tail = logp.scatter(-1, ids, float("-inf")).logsumexp(-1).exp()
-        return cls(ids, values, "logprobs", tail, mode)
+            for x_CV in logits.reshape(-1, V).split(max(1, chunk_elements // V)):
+                logp_CV = x_CV.float().log_softmax(-1)
+                v_CK, i_CK = logp_CV.topk(k, dim=-1)
+                values.append(v_CK)
+                ids.append(i_CK)
+                tails.append(logp_CV.scatter_(-1, i_CK, float("-inf")).logsumexp(-1).exp())
+        lead = logits.shape[:-1]
+        return cls(torch.cat(ids).view(*lead, k), torch.cat(values).view(*lead, k), "logprobs",
+                   torch.cat(tails).view(lead), mode)
 
     @property
     def k(self) -> int:

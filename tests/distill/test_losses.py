@@ -191,6 +191,21 @@ def test_topk_with_k_equal_v_is_the_dense_loss(mode, kind):
         torch.testing.assert_close(g, g_dense)
 
 
+@pytest.mark.parametrize("chunk_elements", [1, 3 * 40, 1 << 24])
+def test_topk_from_logits_chunk_by_chunk_matches_the_whole_log_softmax(chunk_elements):
+    """Chunks of 1 row, of 3 rows (the last one short) and all rows give the fp64 log-softmax's top-k and tail;
+    masked -inf entries stay out of both."""
+    t = torch.randn(2, 7, 40, generator=torch.Generator().manual_seed(3)) * 4
+    t[..., -5:] = float("-inf")
+    sig = TopKTeacher.from_logits(t, 6, chunk_elements=chunk_elements)
+    logp = t.double().log_softmax(-1)
+    values, ids = logp.topk(6, -1)
+    assert sig.ids.shape == (2, 7, 6) and sig.tail_mass.shape == (2, 7)
+    torch.testing.assert_close(sig.ids, ids, rtol=0, atol=0)
+    torch.testing.assert_close(sig.values.double(), values, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(sig.tail_mass.double(), 1 - values.exp().sum(-1), rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("T", [1.0, 0.7])
 def test_topk_modes_match_reference(kind, T):
