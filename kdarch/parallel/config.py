@@ -30,19 +30,31 @@ def _err(name: str, expected: str, got) -> None:
 
 @dataclass(frozen=True)
 class ParallelConfig:
+    """[parallel]: how a run under torchrun splits over its processes (the degrees multiply to the world size)."""
     dp_replicate: int = 1
+    """Data-parallel replicas (HSDP's replicated dim: whole copies of the sharded model)."""
     dp_shard: int = 1
+    """Data-parallel ranks that shard parameters, gradients and optimizer state (FSDP2 fully_shard)."""
     ep: int = 1
+    """Expert-parallel ranks (a divisor of dp_shard): each keeps n_routed_experts / ep routed experts and token
+    copies travel to them by all-to-all."""
     pp: int = 1
+    """Pipeline stages' ranks (kdarch plan only so far; the train loop refuses pp > 1)."""
     pp_schedule: str = "1F1B"
+    """Pipeline schedule of torch.distributed.pipelining: 1F1B, Interleaved1F1B, ZBVZeroBubble or DualPipeV."""
     pp_microbatches: int = 1
+    """Micro-batches per pipeline step (at least pp)."""
     tp: int = 1
+    """Tensor-parallel ranks (kdarch plan only so far; the train loop refuses tp > 1)."""
+    timeout_s: float = 300.0
+    """Seconds a collective waits for the other ranks before the run fails (a rank that died or hangs)."""
 
     def __post_init__(self) -> None:
         check_field_types(self, "parallel")
         for name in ("dp_replicate", "dp_shard", "ep", "pp", "pp_microbatches", "tp"):
             v = getattr(self, name)
             check(v >= 1, f"parallel.{name}", "an int >= 1", v, error=ConfigError)
+        check(self.timeout_s > 0, "parallel.timeout_s", "a number > 0", self.timeout_s, error=ConfigError)
         choice_arg("parallel.pp_schedule", self.pp_schedule, PP_SCHEDULES, error=ConfigError)
         check(self.dp_shard % self.ep == 0, "parallel.ep", f"a divisor of dp_shard={self.dp_shard}", self.ep,
               error=ConfigError)

@@ -32,6 +32,7 @@ import os
 import random
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -202,13 +203,24 @@ def _param_shapes(optimizer: torch.optim.Optimizer) -> list[list[list[int]]]:
     return [[list(p.shape) for p in g["params"]] for g in optimizer.param_groups]
 
 
+def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
+    """Where the checkpoint of `step` lives (whether or not it exists)."""
+    return Path(run_dir) / CHECKPOINTS / f"step_{step:08d}"
+
+
 def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
                     modules: dict[str, nn.Module] = {}, state: dict[str, Any] | None = None,  # noqa: B006
-                    keep_last: int | None = 3) -> Path:
+                    keep_last: int | None = 3, optimizer_state: dict | None = None,
+                    param_shapes: list[list[list[int]]] | None = None,
+                    before_commit: Callable[[], None] | None = None) -> Path:
     """Write `run_dir/checkpoints/step_{step:08d}/` atomically, then delete the older checkpoints beyond the
     newest `keep_last` (None keeps all; the one just written always stays). `state` holds the caller's JSON
-    values (tuples and tensors allowed too). Returns the checkpoint's path."""
+    values (tuples and tensors allowed too). Returns the checkpoint's path.
+
+    A sharded run passes the gathered 1-process `optimizer_state` and its `param_shapes` (whole tensors) instead
+    of the optimizer's own, and `before_commit`, called once every file is written and before the directory
+    takes its final name (a barrier: a rank that died during the save leaves no complete checkpoint)."""
     cfg = _check_model(model)
     int_arg("step", step, min=0)
     if keep_last is not None:
@@ -220,20 +232,23 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: nn.Module, 
         raise TypeError(f"state: expected a dict, got {type(state).__name__}")
 
     root = Path(run_dir) / CHECKPOINTS
-    final = root / f"step_{step:08d}"
+    final = checkpoint_path(run_dir, step)
     with atomic_directory(final) as tmp:
         save_pretrained(model, tmp)
         _write_part(tmp, "modules", {name: m.state_dict() for name, m in modules.items()})
-        _write_part(tmp, "optimizer", optimizer.state_dict())
+        _write_part(tmp, "optimizer", optimizer.state_dict() if optimizer_state is None else optimizer_state)
         if scheduler is not None:
             _write_part(tmp, "scheduler", scheduler.state_dict())
         _write_part(tmp, "rng", _rng_state())
         _write_part(tmp, "state", state or {})
         write_manifest(tmp, FORMAT, FORMAT_VERSION, {
             "step": step, "model_config": cfg.to_dict(),
-            "optimizer": {"class": type(optimizer).__name__, "param_shapes": _param_shapes(optimizer)},
+            "optimizer": {"class": type(optimizer).__name__,
+                          "param_shapes": param_shapes if param_shapes is not None else _param_shapes(optimizer)},
             "scheduler": type(scheduler).__name__ if scheduler is not None else None, "modules": sorted(modules)},
             files={f.name: file_record(f) for f in sorted(tmp.iterdir())})
+        if before_commit is not None:
+            before_commit()
     remove_temp_files(root)  # left by killed saves
     if keep_last is not None:
         older = [d for _, d in complete_checkpoints(run_dir) if d != final]
@@ -244,10 +259,13 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: nn.Module, 
 
 def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-                    modules: dict[str, nn.Module] = {}, restore_rng: bool = True) -> dict[str, Any]:  # noqa: B006
+                    modules: dict[str, nn.Module] = {}, restore_rng: bool = True,  # noqa: B006
+                    param_shapes: list[list[list[int]]] | None = None,
+                    load_optimizer: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """Verify the checkpoint at `path` (every file's sha256; model config, optimiser params and modules match the
     given objects), then load it into them and, with restore_rng, restore the RNG states. Nothing is changed
-    when a check fails. Returns {"step": int, "state": the caller's state}."""
+    when a check fails. Returns {"step": int, "state": the caller's state}. A sharded run passes the whole
+    `param_shapes` of its optimizer and `load_optimizer(state_dict)`, which loads the 1-process optimizer state."""
     path = Path(path)
     cfg = _check_model(model)
     _check_modules(modules)
@@ -266,7 +284,8 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: tor
     if (optimizer is not None or modules) and sorted(modules) != manifest["modules"]:
         raise ValueError(f"load_checkpoint: {path} holds the modules {manifest['modules']}, given {sorted(modules)}")
     if optimizer is not None:
-        saved, shapes = manifest["optimizer"], _param_shapes(optimizer)
+        saved = manifest["optimizer"]
+        shapes = param_shapes if param_shapes is not None else _param_shapes(optimizer)
         if saved["class"] != type(optimizer).__name__:
             raise ValueError(f"load_checkpoint: {path} holds {saved['class']} state, given {type(optimizer).__name__}")
         counts, given = [len(g) for g in saved["param_shapes"]], [len(g) for g in shapes]
@@ -305,7 +324,7 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: tor
     for name, m in modules.items():
         m.load_state_dict(saved_modules[name])
     if optimizer is not None:
-        optimizer.load_state_dict(optimizer_sd)
+        (load_optimizer or optimizer.load_state_dict)(optimizer_sd)
     if scheduler is not None:
         scheduler.load_state_dict(scheduler_sd)
     if rng is not None:

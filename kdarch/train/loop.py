@@ -20,23 +20,33 @@ get the same optimiser, schedule, accumulation, bias update, logging, checkpoint
   (`kdarch.train.interrupt`); `resume=True` continues from the newest intact one (a corrupt newer one is
   skipped with a warning) and reproduces the uninterrupted run's losses exactly on the CPU (the metrics file is
   cut back to the checkpoint's step).
+- Under torchrun (`kdarch.parallel.runtime.init_distributed` made a context) the stage trains a parallelised
+  replica through `kdarch.parallel.training.ParallelStage`: each data rank takes its rows of the same global
+  batch (`train.batch_size` is global), losses and metrics are summed over the ranks with the global target
+  count as denominator, so the losses are the 1-process run's; rank 0 alone writes metrics, progress and
+  checkpoints (whole tensors, resumable on any world size).
 """
 from __future__ import annotations
 
 import math
 import random
+import signal
 import sys
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from kdarch.parallel import runtime
+from kdarch.parallel.training import ParallelStage
 from kdarch.train.checkpoint import (
     CorruptCheckpointError,
+    checkpoint_path,
     complete_checkpoints,
     latest_checkpoint,
     load_checkpoint,
@@ -91,6 +101,37 @@ class StageResult:
     """Wall time of this process's part of the run (excludes a killed run's part before resumption)."""
     bad_steps: int
     checkpoint: Path | None
+
+
+class _RowsOnly:
+    """A rank other than 0 keeps the logged rows (the caller reads them) and writes no file."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    def write(self, row: dict) -> None:
+        self.rows.append(row)
+
+    def close(self) -> None:
+        pass
+
+
+_BROKEN = ("gloo", "nccl", "connection", "monitoredbarrier", "timed out", "timeout", "closed", "peer")
+
+
+@contextmanager
+def _collective_failures(par: ParallelStage | None, name: str, step: Callable[[], int]):
+    """Under torchrun, a collective that broke (another rank died or hung past parallel.timeout_s) becomes a
+    TrainingError naming this rank and the step; torchrun then names the rank that died first."""
+    try:
+        yield
+    except (RuntimeError, torch.distributed.DistError) as e:
+        text = str(e).strip()
+        if par is None or isinstance(e, TrainingError) or not any(w in text.lower() for w in _BROKEN):
+            raise
+        first = text.splitlines()[0] if text else type(e).__name__
+        raise TrainingError(f"{name}: rank {par.ctx.rank} of {par.ctx.world_size} stopped at step {step()}: a "
+                            f"collective with the other ranks failed ({first})") from e
 
 
 def _newest_intact(run_dir: Path, name: str, **objects):
@@ -148,49 +189,68 @@ def train(model: nn.Module, cfg: TrainSection, train_NT: torch.Tensor, run_dir: 
     model.to(device)
     for m in objective.modules.values():
         m.to(device)
+    ctx = runtime.current()
+    par = ParallelStage(ctx, model, batch_size=cfg.batch_size, modules=objective.modules,
+                        param_dtype=torch.bfloat16 if cfg.dtype == "bfloat16" else None) if ctx is not None else None
+    net = par.model if par is not None else model  # what trains: the model, or its parallelised replica
+    main = par is None or par.is_main
     if cfg.compile:
-        compile_blocks(model)
-    params = list(model.named_parameters()) + [(f"{k}.{n}", p) for k, m in objective.modules.items()
-                                               for n, p in m.named_parameters()]
+        compile_blocks(net)
+    params = list(net.named_parameters()) + [(f"{k}.{n}", p) for k, m in objective.modules.items()
+                                             for n, p in m.named_parameters()]
     opt, sched = build_optimizer(params, cfg)
     batches = Batches(train_NT, cfg.batch_size, seed=cfg.seed)
     start, state, bad_steps, tokens = 0, {}, 0, 0
+    sharded = {} if par is None else {"param_shapes": par.param_shapes(opt),
+                                      "load_optimizer": par.optimizer_loader(opt)}
     ckpt, loaded = _newest_intact(run_dir, name, model=model, optimizer=opt, scheduler=sched,
-                                  modules=objective.modules) if resume else (None, None)
+                                  modules=objective.modules, **sharded) if resume else (None, None)
+    if ckpt is not None and par is not None:
+        par.load_from_plain()
     if ckpt is not None:
         start, state = loaded["step"], loaded["state"]
         batches.load_state_dict(state["data"])
         objective.load_state_dict(state["objective"])
         bad_steps, tokens = state["bad_steps"], state["tokens"]
-        print(f"{name}: resumed from {ckpt} (step {start})", file=sys.stderr)
-    log = MetricsLog(run_dir, start if ckpt is not None else None)
-    progress = Progress(name, cfg.steps, cfg.progress, start)
+        if main:
+            print(f"{name}: resumed from {ckpt} (step {start})", file=sys.stderr)
+    log = MetricsLog(run_dir, start if ckpt is not None else None) if main else _RowsOnly()
+    progress = Progress(name, cfg.steps, cfg.progress and main, start)
     amp = autocast(device, cfg.dtype, fp8=bool(getattr(getattr(model, "config", None), "fp8", False)))
-    model.train()
+    net.train()
     t0, tokens_at_t0, last, ckpt_noted = time.perf_counter(), tokens, None, False
-    with stop_on_signal() as stop:
+    step = start
+    with stop_on_signal() as stop, _collective_failures(par, name, lambda: step):
         for step in range(start + 1, cfg.steps + 1):
-            micro = [next(batches) for _ in range(cfg.grad_accum)]
-            counts = [objective.target_tokens(ids) for _, ids in micro]  # host batches: no device read
-            total = sum(counts)
+            micro = [next(batches) for _ in range(cfg.grad_accum)]  # the global batch (every rank draws it)
+            total = sum(objective.target_tokens(ids) for _, ids in micro)  # host batches: no device read
             if total == 0:
                 raise TrainingError(f"{name}: step {step} has no target tokens (every label is ignored)")
+            tokens += sum(ids.numel() for _, ids in micro)
+            if par is not None:
+                micro = [par.rows(idx, ids) for idx, ids in micro]
             opt.zero_grad(set_to_none=True)
             sums: dict = {}
             loss_sum = torch.zeros((), device=device)
-            for (idx, ids), n in zip(micro, counts):
+            for idx, ids in micro:
+                n = objective.target_tokens(ids)  # this rank's share of the global denominator
                 with amp:
-                    res = objective(model, idx, to_device(ids, device), (step - 1) / cfg.steps)
+                    res = objective(net, idx, to_device(ids, device), (step - 1) / cfg.steps)
                 (res.loss * (n / total)).backward()
                 loss_sum += res.loss.detach().float() * (n / total)
                 _accumulate(sums, res.metrics, n / total)
-                tokens += ids.numel()
-            grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.grad_clip or float("inf"))
+            sent = None
+            if par is not None:
+                grad_norm = par.clip([p for _, p in params], cfg.grad_clip or float("inf"))
+                # every rank stops at the same step: the one where any of them had been asked to
+                loss_sum, sums, voted_stop, sent = par.reduce(loss_sum, sums, bool(stop.signum))
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.grad_clip or float("inf"))
             loss_value, grad_value = torch.stack([loss_sum, grad_norm.float()]).tolist()  # the step's one read
             if not (math.isfinite(loss_value) and math.isfinite(grad_value)):
                 bad_steps += 1
                 opt.zero_grad(set_to_none=True)
-                for moe in getattr(model, "moe_layers", lambda: [])():
+                for moe in getattr(net, "moe_layers", lambda: [])():
                     moe.tokens_per_expert.zero_()
                 warnings.warn(f"{name}: step {step} skipped (non-finite loss {loss_value} or gradient norm "
                               f"{grad_value}); {bad_steps} skipped so far", stacklevel=2)
@@ -201,7 +261,9 @@ def train(model: nn.Module, cfg: TrainSection, train_NT: torch.Tensor, run_dir: 
                 progress.update(float("nan"), 0.0)
                 continue
             opt.step()
-            loads = model.update_router_biases() if hasattr(model, "update_router_biases") else {}
+            if par is not None:
+                par.global_router_load()
+            loads = net.update_router_biases() if hasattr(net, "update_router_biases") else {}
             sched.step()
             rate = (tokens - tokens_at_t0) / max(time.perf_counter() - t0, 1e-9)
             eval_now = evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0
@@ -211,29 +273,45 @@ def train(model: nn.Module, cfg: TrainSection, train_NT: torch.Tensor, run_dir: 
                 imbalance = expert_imbalance(loads)
                 if imbalance is not None:
                     row["expert_load_max_over_mean"] = imbalance
+                if sent is not None:
+                    row["ep_bytes_sent"] = sent
                 if eval_now:
+                    if par is not None:
+                        par.sync_plain()  # evaluate() sees the caller's model
                     row.update(evaluate())
-                    model.train()
+                    net.train()
                 log.write(row)
             progress.update(loss_value, rate)
             if step == start + 5:  # long enough for this run's own load to show, early enough to matter
                 warn_if_oversubscribed(torch.get_num_threads())
-            if step == cfg.steps or step % cfg.checkpoint_interval == 0 or stop.signum:
+            halt = bool(stop.signum) if par is None else voted_stop
+            if step == cfg.steps or step % cfg.checkpoint_interval == 0 or halt:
                 state = {"data": batches.state_dict(), "objective": objective.state_dict(), "bad_steps": bad_steps,
                          "tokens": tokens}
+                sharded = {}
+                if par is not None:  # whole tensors gathered on every rank, the caller's model updated
+                    par.sync_plain()
+                    sharded = {"optimizer_state": par.optimizer_state(opt), "param_shapes": par.param_shapes(opt),
+                               "before_commit": par.barrier}
                 # a finished stage keeps only its final checkpoint: resuming past it needs nothing older
-                last = save_checkpoint(run_dir, step, model=model, optimizer=opt, scheduler=sched,
-                                       modules=objective.modules, state=state,
-                                       keep_last=1 if step == cfg.steps else cfg.keep_last)
-                if not ckpt_noted:
+                if main:
+                    last = save_checkpoint(run_dir, step, model=model, optimizer=opt, scheduler=sched,
+                                           modules=objective.modules, state=state,
+                                           keep_last=1 if step == cfg.steps else cfg.keep_last, **sharded)
+                else:
+                    par.barrier()  # rank 0 commits the checkpoint once every rank is here
+                    last = checkpoint_path(run_dir, step)
+                if main and not ckpt_noted:
                     ckpt_noted = progress.note(f"{name}: checkpoint {last.name}: "
                                                f"{sum(f.stat().st_size for f in last.iterdir()) / 2**20:.0f} MB")
-            if stop.signum:  # the step is done and saved: stop here
+            if halt:  # the step is done and saved: stop here
                 progress.close()
                 log.close()
-                raise Interrupted(stop.signum, step, last)
+                raise Interrupted(stop.signum or signal.SIGTERM, step, last)
     progress.close()
     log.close()
+    if par is not None and start >= cfg.steps:
+        par.sync_plain()  # nothing trained here: the caller's model already holds the checkpoint
     model.eval()
     if last is None:
         last = latest_checkpoint(run_dir)

@@ -1,0 +1,108 @@
+"""What one training stage does differently on a parallel plan, in one object the train loop calls.
+
+The loop's step stays the 1-process step; this object supplies the differences, each chosen so that the run's
+numbers do not depend on the plan:
+- the model is a parallelised replica (`parallelize`) of the caller's; the caller's model stays an ordinary
+  module and receives the gathered weights at every checkpoint, before each evaluation and at the end, so the
+  code after training (saving, evaluating, generating) runs unchanged;
+- every rank draws the same global batch and takes its own contiguous rows of it (`rows`); the loss of each
+  rank's rows is weighted by their share of the global target tokens and gradients are summed over the ranks,
+  so the gradient is the 1-process gradient of the whole batch;
+- the step's loss and metrics are summed over the data ranks (`reduce`) before anything reads them, so every
+  rank takes the same decision on a non-finite step, and the router load is summed before the bias update;
+- checkpoints hold whole tensors (kdarch.parallel.state), written by rank 0 and committed only after a barrier.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from kdarch.checks import ConfigError
+from kdarch.model.state import load_state_dict_into
+from kdarch.parallel.expert_parallel import all_reduce_expert_load, ep_bytes_sent
+from kdarch.parallel.parallelize import clip_grad_norm_, parallelize
+from kdarch.parallel.runtime import DistributedContext
+from kdarch.parallel.state import (
+    full_model_state,
+    full_optimizer_state,
+    load_full_model_state,
+    load_full_optimizer_state,
+)
+
+__all__ = ["ParallelStage"]
+
+
+class ParallelStage:
+    """One training stage's parallel side: the replica `model`, its batch rows, reductions and state."""
+
+    def __init__(self, ctx: DistributedContext, model: nn.Module, *, batch_size: int, param_dtype=None,
+                 modules: dict[str, nn.Module] | None = None):
+        ctx.config.validate(ctx.world_size, model.config)
+        if batch_size % ctx.dp_size:
+            raise ConfigError(f"train.batch_size: expected a multiple of the data-parallel ranks dp_replicate * "
+                              f"dp_shard = {ctx.dp_size} (the global batch is split among them), got {batch_size}")
+        if modules:
+            raise ConfigError(f"distill.feature_weight: expected 0 under torchrun (trainable objective modules "
+                              f"{sorted(modules)} are not sharded yet), got a run that trains them")
+        self.ctx, self.plain = ctx, model
+        self.model = parallelize(copy.deepcopy(model), ctx, param_dtype=param_dtype)
+        self.is_main = ctx.is_main
+
+    # --- the step ---------------------------------------------------------------------------------------
+    def rows(self, indices_B: torch.Tensor, ids_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This data rank's contiguous share of a global batch."""
+        b = ids_BT.shape[0] // self.ctx.dp_size
+        r = self.ctx.dp_rank
+        return indices_B[r * b:(r + 1) * b], ids_BT[r * b:(r + 1) * b]
+
+    def clip(self, params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+        return clip_grad_norm_(params, max_norm, self.ctx)
+
+    def reduce(self, loss: torch.Tensor, sums: dict, stop: bool) -> tuple[torch.Tensor, dict, bool, float | None]:
+        """(global loss, global metric sums, whether any rank was asked to stop, expert-parallel bytes all ranks
+        sent this step or None): one all-reduce over the data ranks."""
+        keys = sorted(sums)
+        vals = [loss.detach().double().reshape(())]
+        vals += [torch.as_tensor(sums[k], dtype=torch.float64, device=loss.device).reshape(()) for k in keys]
+        sent = ep_bytes_sent(self.model, reset=True) if self.ctx.config.ep > 1 else None
+        vals += [torch.tensor(float(stop), dtype=torch.float64, device=loss.device),
+                 torch.tensor(float(sent or 0), dtype=torch.float64, device=loss.device)]
+        vec = torch.stack(vals)
+        dist.all_reduce(vec, group=self.ctx.group("dp"))
+        out = {k: vec[1 + i].float() for i, k in enumerate(keys)}
+        stop_any, sent_all = vec[-2:].tolist()  # one host read (the loop reads the loss once more)
+        return vec[0].float(), out, stop_any > 0, (sent_all if sent is not None else None)
+
+    def global_router_load(self) -> None:
+        """Sum every MoE's measured load over the data ranks (before the bias update)."""
+        all_reduce_expert_load(self.model, group=self.ctx.group("dp"))
+
+    # --- state ------------------------------------------------------------------------------------------
+    def sync_plain(self) -> None:
+        """Load the gathered weights into the caller's (plain) model on every rank."""
+        sd = full_model_state(self.model)
+        if self.plain.config.tie_word_embeddings:
+            sd.pop("head.weight", None)
+        load_state_dict_into(self.plain, {k: v.detach() for k, v in sd.items()}, "the gathered state")
+
+    def load_from_plain(self) -> None:
+        """The caller's model (just loaded from a checkpoint) into the replica."""
+        load_full_model_state(self.model, self.plain.state_dict())
+
+    def optimizer_state(self, opt: torch.optim.Optimizer) -> dict:
+        return full_optimizer_state(self.model, opt)
+
+    def optimizer_loader(self, opt: torch.optim.Optimizer) -> Callable[[dict], None]:
+        return lambda sd: load_full_optimizer_state(self.model, opt, sd)
+
+    def param_shapes(self, opt: torch.optim.Optimizer) -> list[list[list[int]]]:
+        """The optimizer's parameter shapes as one process has them (whole experts)."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        return [[list(self.plain.get_parameter(names[id(p)]).shape) for p in g["params"]] for g in opt.param_groups]
+
+    def barrier(self) -> None:
+        self.ctx.barrier()

@@ -1,0 +1,203 @@
+"""The train loop on 2 gloo processes against the same run in 1 process: FSDP2 (dp_shard=2) and FSDP2 + expert
+parallelism (ep=2) give the 1-process losses step by step, the same router biases and weights; a sharded
+checkpoint resumes in 1 process on the same loss curve; a rank that dies makes the other fail, not hang, and
+leaves no complete checkpoint of that step."""
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdarch.config import get_preset
+from kdarch.model import CausalLM
+from kdarch.testing import spawn_gloo
+from kdarch.train.checkpoint import complete_checkpoints
+from kdarch.train.config import TrainSection
+
+CFG = get_preset("debug", n_layers=4, bias_update_speed=0.01)  # layers 1-3 MoE (8 experts), one MTP module
+STEPS = 4
+REL = 1e-4  # fp32, another summation order than one process
+
+
+def _data() -> torch.Tensor:
+    from kdarch.train.data import embedded_corpus
+    raw = "\n\n".join(embedded_corpus()).encode()[:64 * 32]
+    return torch.tensor(list(raw), dtype=torch.long).view(64, 32)  # byte tokens: real text, 64 rows of 32
+
+
+def _cfg(**kw) -> TrainSection:
+    return TrainSection(**{"steps": STEPS, "batch_size": 4, "grad_accum": 2, "lr": 3e-3, "warmup_steps": 1,
+                           "log_every": 1, "checkpoint_every": STEPS, "keep_last": 4, "progress": False,
+                           "deterministic": True, "threads": 1, "device": "cpu", **kw})
+
+
+def _model() -> CausalLM:
+    torch.manual_seed(0)
+    return CausalLM(CFG)
+
+
+def _run(run_dir, *, resume=False, evaluate=None, **kw):
+    from kdarch.train.loop import train
+    model = _model()
+    res = train(model, _cfg(**kw), _data(), run_dir, resume=resume, evaluate=evaluate,
+                **({"name": "t"} if evaluate else {}))
+    return model, res.rows
+
+
+def _save(out_dir, rank, model, rows):
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "head.weight"},
+              os.path.join(out_dir, f"weights{rank}.safetensors"))
+    Path(out_dir, f"rows{rank}.json").write_text(json.dumps(rows))
+
+
+def _worker(rank, out_dir, plan, kw):
+    from kdarch.parallel import runtime
+    from kdarch.parallel.config import ParallelConfig
+    runtime.init_distributed(ParallelConfig(**plan), CFG)
+    try:
+        model, rows = _run(Path(out_dir) / "run", **kw)
+        _save(out_dir, rank, model, rows)
+    finally:
+        runtime.teardown()
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_at_3():
+    raise _Stop()
+
+
+def _worker_stopped(rank, out_dir, plan):
+    """Trains to step 2 (checkpoint), then every rank stops inside step 3: a run killed after a checkpoint."""
+    from kdarch.parallel import runtime
+    from kdarch.parallel.config import ParallelConfig
+    runtime.init_distributed(ParallelConfig(**plan), CFG)
+    try:
+        _run(Path(out_dir) / "run", checkpoint_every=2, eval_every=3, evaluate=_stop_at_3)
+    except _Stop:
+        pass
+    finally:
+        runtime.teardown()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The 1-process run: the independent reference of every test here."""
+    model, rows = _run(tmp_path_factory.mktemp("ref"))
+    return model, rows
+
+
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / abs(b)
+
+
+def _check_same_run(tmp_path, reference, ep: int):
+    ref_model, ref_rows = reference
+    rows = [json.loads((tmp_path / f"rows{r}.json").read_text()) for r in range(2)]
+    timeless = [[{k: v for k, v in row.items() if k != "tokens_per_s"} for row in rs] for rs in rows]
+    assert timeless[0] == timeless[1]  # every rank logged the same (global) values
+    assert [r["step"] for r in rows[0]] == list(range(1, STEPS + 1))
+    rel = [_rel(a["loss"], b["loss"]) for a, b in zip(rows[0], ref_rows)]
+    print(f"ep={ep}: per-step loss relative differences {[f'{x:.1e}' for x in rel]}")
+    assert max(rel) < REL, rel
+    for key in ("lm_loss", "mtp_loss", "grad_norm", "expert_load_max_over_mean"):
+        assert max(_rel(a[key], b[key]) for a, b in zip(rows[0], ref_rows)) < REL, key
+    assert rows[0][-1]["tokens"] == ref_rows[-1]["tokens"] == STEPS * 2 * 4 * 32  # the global batch's tokens
+    assert ref_rows[-1]["loss"] < ref_rows[0]["loss"]  # the reference really trains
+    from safetensors.torch import load_file
+    ref_sd = ref_model.state_dict()
+    for r in range(2):  # each rank's own model got the gathered weights: whole experts, the 1-process values
+        sd = load_file(str(tmp_path / f"weights{r}.safetensors"))
+        for k, v in sd.items():
+            torch.testing.assert_close(v, ref_sd[k], rtol=1e-4, atol=2e-5, msg=k)
+    biases = [k for k in ref_sd if k.endswith("gate.bias")]
+    assert biases and all(ref_sd[k].abs().sum() > 0 for k in biases)  # the bias update did move them
+    for k in biases:  # global load: the same sign-steps as one process, on both ranks
+        torch.testing.assert_close(load_file(str(tmp_path / "weights1.safetensors"))[k], ref_sd[k], rtol=0, atol=1e-7)
+    return rows[0]
+
+
+def test_fsdp2_dp_shard2_equals_one_process(tmp_path, reference):
+    spawn_gloo(_worker, 2, str(tmp_path), {"dp_shard": 2}, {})
+    rows = _check_same_run(tmp_path, reference, ep=1)
+    assert "ep_bytes_sent" not in rows[0]
+    ckpts = complete_checkpoints(tmp_path / "run")
+    assert [s for s, _ in ckpts] == [STEPS]  # rank 0 wrote the final checkpoint, complete
+
+
+def test_fsdp2_with_ep2_equals_one_process(tmp_path, reference):
+    spawn_gloo(_worker, 2, str(tmp_path), {"dp_shard": 2, "ep": 2}, {})
+    rows = _check_same_run(tmp_path, reference, ep=2)
+    # token copies crossed between the ranks every step: fp32 rows of the model width, dispatch and combine
+    assert all(r["ep_bytes_sent"] > 0 and r["ep_bytes_sent"] % (4 * CFG.hidden_size) == 0 for r in rows)
+
+
+def test_sharded_checkpoint_resumes_in_one_process(tmp_path, reference):
+    _, ref_rows = reference
+    spawn_gloo(_worker_stopped, 2, str(tmp_path), {"dp_shard": 2, "ep": 2})
+    assert [s for s, _ in complete_checkpoints(tmp_path / "run")] == [2]
+    from kdarch.train.checkpoint import load_checkpoint
+    from kdarch.train.loop import build_optimizer
+    plain = _model()
+    opt, _ = build_optimizer(list(plain.named_parameters()), _cfg())
+    load_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000002", model=plain, optimizer=opt)
+    assert plain.layers[1].ffn.w_gate_up.shape[0] == CFG.n_routed_experts  # whole experts in the file
+    model, rows = _run(tmp_path / "run", resume=True, checkpoint_every=2)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    rel = [_rel(a["loss"], b["loss"]) for a, b in zip(rows, ref_rows)]
+    print(f"resume 2 -> 1 processes: per-step loss relative differences {[f'{x:.1e}' for x in rel]}")
+    assert max(rel) < REL, rel
+
+
+# --- a rank dies -------------------------------------------------------------------------------------------
+def _dying_rank(rank, port, out_dir, timeout_s):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    from kdarch.parallel import runtime
+    from kdarch.parallel.config import ParallelConfig
+    from kdarch.parallel.training import ParallelStage
+    if rank == 1:  # dies at step 3's checkpoint: after the state was gathered, before the commit barrier
+        calls, barrier = [], ParallelStage.barrier
+
+        def dying_barrier(self):
+            calls.append(1)
+            if len(calls) == 3:
+                os._exit(7)
+            barrier(self)
+        ParallelStage.barrier = dying_barrier
+    runtime.init_distributed(ParallelConfig(dp_shard=2, timeout_s=timeout_s), CFG)
+    try:
+        _run(Path(out_dir) / "run", checkpoint_every=1)
+    except Exception as e:
+        Path(out_dir, f"error{rank}.txt").write_text(f"{type(e).__name__}: {e}")
+        os._exit(1)
+    os._exit(0)
+
+
+def test_a_dead_rank_fails_the_run_without_a_complete_checkpoint(tmp_path):
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_dying_rank, args=(r, port, str(tmp_path), 20.0)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    alive = [p.is_alive() for p in procs]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert alive == [False, False], "a rank hung instead of failing"
+    assert procs[1].exitcode == 7 and procs[0].exitcode == 1
+    error = (tmp_path / "error0.txt").read_text()
+    assert error.startswith("TrainingError: train: rank 0 of 2 stopped at step 3: a collective with the other "
+                            "ranks failed"), error
+    assert [s for s, _ in complete_checkpoints(tmp_path / "run")] == [1, 2]  # step 3 never looked complete
+    assert not any(d.name.startswith(".") for d in (tmp_path / "run" / "checkpoints").iterdir())
