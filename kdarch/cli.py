@@ -105,32 +105,69 @@ def _report_path(out, report: dict) -> None:
     print(f"report: {out / 'report.json'} (summary {out / 'report.md'})")
 
 
+def _start_parallel(args, run, model_cfg=None):
+    """Under torchrun (WORLD_SIZE > 1): join the process group, check [parallel] against the world size (and the
+    model), build the DeviceMesh; None in a 1-process run."""
+    from kdarch.checks import ConfigError
+    from kdarch.parallel import runtime
+    from kdarch.train.device import resolve_device
+    if runtime.env_world_size() == 1:
+        return None
+    if args.out is None:
+        raise ConfigError("--out: expected a run directory under torchrun (every rank must name the same one)")
+    return runtime.init_distributed(run.parallel, model_cfg, resolve_device(run.train.device).type)
+
+
+def _parallel_run_dir(ctx, args, prefix: str) -> Path:
+    """The run directory: made (or checked, on --resume) by rank 0 alone, the others wait for it."""
+    from kdarch.train.pipeline import prepare_run_dir
+    out = prepare_run_dir(args.out, args.resume, prefix) if ctx is None or ctx.is_main else Path(args.out)
+    if ctx is not None:
+        ctx.barrier()
+    return out
+
+
 def cmd_train(args) -> int:
-    from kdarch.train.pipeline import check_train, log_to_stderr, prepare_run_dir, run_train
+    from kdarch.train.pipeline import check_train, log_to_stderr, run_train
     run = _run_config(args)
     check_train(run)  # before the run directory exists
-    out = args.out_dir = prepare_run_dir(args.out, args.resume, "train")
-    row = run_train(run, out, resume=args.resume, log=log_to_stderr)
-    print(json.dumps(row, indent=2))
-    print(f"model: {out / 'model'}")
+    ctx = _start_parallel(args, run, get_preset(run.model.preset, **run.model.overrides))
+    try:
+        out = args.out_dir = _parallel_run_dir(ctx, args, "train")
+        row = run_train(run, out, resume=args.resume, log=log_to_stderr)
+        if ctx is None or ctx.is_main:
+            print(json.dumps(row, indent=2))
+            print(f"model: {out / 'model'}")
+    finally:
+        if ctx is not None:
+            from kdarch.parallel import runtime
+            runtime.teardown()
     return 0
 
 
 def cmd_distill(args) -> int:
-    from kdarch.train.pipeline import check_distill, log_to_stderr, prepare_run_dir, run_distill
+    from kdarch.train.pipeline import check_distill, log_to_stderr, run_distill
     from kdarch.train.reasoning import run_arithmetic, task_stages
     run = _run_config(args)
     if args.quick and args.task != "lm":
         raise ValueError(f"--quick: expected with --task lm (the quick run is the default pipeline), got --task "
                           f"{args.task}")
     task_stages(run) if args.task == "arithmetic" else check_distill(run, quick=args.quick)  # before the run dir
-    out = args.out_dir = prepare_run_dir(args.out, args.resume, f"distill-{'quick' if args.quick else args.task}")
-    log_to_stderr(f"kdarch distill ({args.task}{', quick' if args.quick else ''}): run directory {out}")
-    if args.task == "arithmetic":
-        report = run_arithmetic(run, out, resume=args.resume, log=log_to_stderr)
-    else:
-        report = run_distill(run, out, resume=args.resume, quick=args.quick, log=log_to_stderr)
-    _report_path(out, report)
+    ctx = _start_parallel(args, run)  # each stage's model is checked against [parallel] when it trains
+    try:
+        out = args.out_dir = _parallel_run_dir(ctx, args, f"distill-{'quick' if args.quick else args.task}")
+        if ctx is None or ctx.is_main:
+            log_to_stderr(f"kdarch distill ({args.task}{', quick' if args.quick else ''}): run directory {out}")
+        if args.task == "arithmetic":
+            report = run_arithmetic(run, out, resume=args.resume, log=log_to_stderr)
+        else:
+            report = run_distill(run, out, resume=args.resume, quick=args.quick, log=log_to_stderr)
+        if ctx is None or ctx.is_main:
+            _report_path(out, report)
+    finally:
+        if ctx is not None:
+            from kdarch.parallel import runtime
+            runtime.teardown()
     return 0
 
 
@@ -245,14 +282,18 @@ def cmd_cache_teacher(args) -> int:
 
     import tempfile
 
+    from kdarch.convert.gguf import import_gguf, is_gguf
     from kdarch.distill.loading import load_teacher
     from kdarch.distill.logit_cache import LogitCache, write_logit_cache
+    from kdarch.train.device import resolve_dtype
     from kdarch.train.pipeline import log_to_stderr, prepare_data
     run = _run_config(args)
     out, tdir = Path(args.out), Path(args.teacher)
+    if is_gguf(tdir):
+        tdir = import_gguf(tdir)
     with tempfile.TemporaryDirectory() as scratch:
         data = prepare_data(run, Path(scratch), tokenizer_dir=tdir, log=log_to_stderr)
-    teacher = load_teacher(tdir, dtype=getattr(torch, run.distill.teacher_dtype), device=_device(args),
+    teacher = load_teacher(tdir, dtype=resolve_dtype(run.distill.teacher_dtype, _device(args)), device=_device(args),
                            student_vocab_size=data.tokenizer.vocab_size, student_fingerprint=data.tokenizer.fingerprint)
     t0 = time.perf_counter()
     write_logit_cache(teacher, data.train_NT, out, k=args.k, dtype=args.dtype, shard_size=args.shard_size,
@@ -315,11 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     tr = run_parser("train", "train one model (e.g. a teacher) on a dataset with next-token + MTP loss",
-                    ("model", "data", "train"))
+                    ("model", "data", "train", "parallel"))
     tr.set_defaults(fn=cmd_train)
     di = run_parser("distill", "distill a student from a teacher (kdarch or Hugging Face directory, or a logit "
                     "cache); with no teacher, train one on the data first; compare with a scratch student",
-                    ("model", "data", "train", "distill"), epilog=STAGE_FLAGS_HELP)
+                    ("model", "data", "train", "distill", "parallel"), epilog=STAGE_FLAGS_HELP)
     di.add_argument("--task", choices=("lm", "arithmetic"), default="lm",
                     help="lm: logit distillation on text (default); arithmetic: sequence-level reasoning "
                          "distillation on generated multi-step arithmetic")

@@ -25,7 +25,7 @@ from kdarch.checks import ConfigError
 from kdarch.config import ModelConfig
 from kdarch.parallel.config import ParallelConfig
 
-__all__ = ["DistributedContext", "current", "env_world_size", "init_distributed", "teardown"]
+__all__ = ["DistributedContext", "current", "env_world_size", "init_distributed", "is_main_process", "teardown"]
 
 _CURRENT: DistributedContext | None = None
 
@@ -123,6 +123,11 @@ def init_distributed(config: ParallelConfig, model_cfg: ModelConfig | None = Non
 def current() -> DistributedContext | None:
     """The context `init_distributed` made in this process, or None (a 1-process run)."""
     return _CURRENT
+
+
+def is_main_process() -> bool:
+    """True in a 1-process run and on rank 0: the process that writes the run's files."""
+    return _CURRENT is None or _CURRENT.is_main
 
 
 def teardown() -> None:

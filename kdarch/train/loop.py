@@ -186,6 +186,8 @@ def train(model: nn.Module, cfg: TrainSection, train_NT: torch.Tensor, run_dir: 
     torch.use_deterministic_algorithms(cfg.deterministic)
     set_seed(cfg.seed)
     device = resolve_device(cfg.device)
+    if runtime.current() is not None and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())  # LOCAL_RANK's, set by init_distributed
     model.to(device)
     for m in objective.modules.values():
         m.to(device)

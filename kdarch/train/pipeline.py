@@ -31,11 +31,12 @@ from kdarch.distill.teacher_signal import TopKTeacher
 from kdarch.distill.teachers import HFTeacher, ModelTeacher, Teacher
 from kdarch.io import MANIFEST, discard_directory, read_json, write_json, write_text
 from kdarch.model import CausalLM
+from kdarch.parallel.runtime import is_main_process
 from kdarch.pretrained import KDARCH_MODEL_TYPE, from_pretrained, save_pretrained
 from kdarch.train.checkpoint import CHECKPOINTS
 from kdarch.train.config import DataSection, ModelSection, RunConfig, Stage, TrainSection
 from kdarch.train.data import load_documents, pack, split_documents
-from kdarch.train.device import PeakMemory, check_device, device_label, resolve_device
+from kdarch.train.device import PeakMemory, check_device, device_label, resolve_device, resolve_dtype
 from kdarch.train.evaluate import evaluate_lm, generation_speed
 from kdarch.train.loop import set_seed, train
 from kdarch.train.objective import DistillObjective, Objective
@@ -87,7 +88,7 @@ def prepare_data(run: RunConfig, run_dir: Path, tokenizer_dir: Path | None = Non
             f"{time.perf_counter() - t0:.1f}s")
     else:
         tok = load_tokenizer(cfg.tokenizer)
-    if not (saved / "tokenizer.json").exists():
+    if not (saved / "tokenizer.json").exists() and is_main_process():  # under torchrun rank 0 writes the run
         tok.save(saved)
     data = Data(tok, pack(train_docs, tok, cfg.seq_len), pack(heldout_docs, tok, cfg.seq_len), cfg.seq_len)
     log(f"data: {data.train_NT.numel():,} training tokens ({data.train_NT.shape[0]} x {cfg.seq_len}), "
@@ -133,12 +134,13 @@ def run_stage(stage: Stage, data: Data, run_dir: Path, *, objective_for: Callabl
     device = resolve_device(stage.train.device)
     with PeakMemory(device) as mem:
         res = train(model, stage.train, data.train_NT, stage_dir, objective=objective, resume=resume, name=stage.name)
-    save_pretrained(model, final)
-    data.tokenizer.save(final)
-    write_json(done, {"steps": res.steps, "tokens": res.tokens, "seconds": res.seconds, "peak_memory_mb": mem.peak_mb,
-                      "device": device_label(device)})
-    if not stage.train.keep_checkpoints and (stage_dir / CHECKPOINTS).is_dir():
-        discard_directory(stage_dir / CHECKPOINTS)
+    if is_main_process():
+        save_pretrained(model, final)
+        data.tokenizer.save(final)
+        write_json(done, {"steps": res.steps, "tokens": res.tokens, "seconds": res.seconds,
+                          "peak_memory_mb": mem.peak_mb, "device": device_label(device)})
+        if not stage.train.keep_checkpoints and (stage_dir / CHECKPOINTS).is_dir():
+            discard_directory(stage_dir / CHECKPOINTS)
     last = res.rows[-1] if res.rows else {}
     log(f"[{stage.name}] done in {res.seconds:.0f}s, final training loss {last.get('loss', float('nan')):.3f}; "
         f"model saved to {final}")
@@ -333,7 +335,8 @@ def run_train(run: RunConfig, out: Path, *, resume: bool = False, log=print) -> 
     out/checkpoints, out/config.toml: the layout of each stage of `kdarch distill`); returns its report row."""
     check_train(run)
     data = prepare_data(run, out, log=log)
-    write_text(out / "config.toml", run.to_toml())
+    if is_main_process():
+        write_text(out / "config.toml", run.to_toml())
     res = run_stage(Stage("model", run.model, run.train), data, out, resume=resume, stage_dir=out, log=log)
     return measure(res, data, eval_sequences=run.train.eval_sequences, teacher_top1_NT=None)
 
@@ -364,7 +367,8 @@ def run_distill(run: RunConfig, out: Path, *, resume: bool = False, quick: bool 
             tdir = import_gguf(tdir)
             log(f"teacher: {dcfg.teacher} imported as {tdir}")
         data = prepare_data(run, out, tokenizer_dir=None if cross else tdir, log=log)  # cross: the student's own
-        teacher = load_teacher(tdir, dtype=getattr(torch, dcfg.teacher_dtype), device=teacher_device)
+        teacher = load_teacher(tdir, dtype=resolve_dtype(dcfg.teacher_dtype, teacher_device), device=teacher_device,
+                               compile=dcfg.teacher_compile)
         if cross:
             teacher = CrossTokenizerTeacher(teacher, data.tokenizer, load_tokenizer(tdir))
             log(f"teacher tokenizer: its own ({teacher.teacher_tokenizer.vocab_size} ids; "
@@ -420,7 +424,8 @@ def run_distill(run: RunConfig, out: Path, *, resume: bool = False, quick: bool 
         report["scratch"] = measure(res, data, eval_sequences=n_eval, teacher_top1_NT=top1_NT)
         curves["scratch"] = res.rows
     report["wall_seconds"] = time.perf_counter() - t_start
-    write_report(out, report, curves, run.to_toml(None if dcfg.teacher else teacher_stage, students))
+    if is_main_process():
+        write_report(out, report, curves, run.to_toml(None if dcfg.teacher else teacher_stage, students))
     return report
 
 

@@ -1,0 +1,41 @@
+"""`torchrun -m kdarch train` with dp_shard=2, ep=2 against `python -m kdarch train`: the same losses; rank 0
+alone writes the run directory and prints the result; a [parallel] plan that does not fit the world size fails
+with one line naming the field."""
+import json
+import os
+import subprocess
+import sys
+
+FLAGS = ["--model.preset", "debug", "--model.n_layers", "4", "--data.tokenizer", "bytes", "--data.seq_len", "32",
+         "--train.steps", "4", "--train.batch_size", "4", "--train.log_every", "1", "--train.threads", "1",
+         "--train.deterministic", "true", "--train.progress", "false", "--train.eval_sequences", "4"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+def _losses(run_dir):
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_torchrun_train_equals_one_process(tmp_path):
+    one = subprocess.run([sys.executable, "-m", "kdarch", "train", *FLAGS, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, timeout=300, env=ENV)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([*TORCHRUN, "-m", "kdarch", "train", *FLAGS, "--parallel.dp_shard", "2", "--parallel.ep",
+                          "2", "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300, env=ENV)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(a) == len(b) == 4 and a[-1] < a[0]
+    assert max(abs(x - y) / abs(x) for x, y in zip(a, b)) < 1e-4, (a, b)
+    assert two.stdout.count('"eval_loss"') == 1  # rank 0 alone prints the result
+    assert (tmp_path / "two" / "model" / "model.safetensors").is_file()
+    assert not (tmp_path / "two" / "checkpoints").exists()  # the finished stage's checkpoint was discarded once
+
+
+def test_torchrun_plan_that_does_not_fit_fails_naming_the_field(tmp_path):
+    res = subprocess.run([*TORCHRUN, "-m", "kdarch", "train", *FLAGS, "--parallel.dp_shard", "4", "--out",
+                          str(tmp_path / "bad")], capture_output=True, text=True, timeout=300, env=ENV)
+    assert res.returncode != 0
+    assert "kdarch train: error: parallel.dp_replicate: expected pp*dp_replicate*dp_shard*tp == world size 2" \
+        in res.stderr, res.stderr[-2000:]
+    assert not (tmp_path / "bad").exists()  # refused before any work
