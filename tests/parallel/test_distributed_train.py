@@ -38,12 +38,23 @@ def _model() -> CausalLM:
     return CausalLM(CFG)
 
 
-def _run(run_dir, *, resume=False, evaluate=None, **kw):
+def _run(run_dir, *, resume=False, evaluate=None, distill=False, **kw):
     from kdarch.train.loop import train
     model = _model()
-    res = train(model, _cfg(**kw), _data(), run_dir, resume=resume, evaluate=evaluate,
+    objective = _distill_objective(model) if distill else None
+    res = train(model, _cfg(**kw), _data(), run_dir, resume=resume, evaluate=evaluate, objective=objective,
                 **({"name": "t"} if evaluate else {}))
     return model, res.rows
+
+
+def _distill_objective(student):
+    """Distillation from a small kdarch teacher (another debug model), the default [distill] losses."""
+    from kdarch.distill.teachers import ModelTeacher
+    from kdarch.train.config import DistillSection
+    from kdarch.train.objective import DistillObjective
+    torch.manual_seed(1)
+    teacher = ModelTeacher(CausalLM(get_preset("debug")).eval())
+    return DistillObjective(teacher, student, DistillSection(), total_steps=STEPS)
 
 
 def _save(out_dir, rank, model, rows):
@@ -152,6 +163,19 @@ def test_sharded_checkpoint_resumes_in_one_process(tmp_path, reference):
     rel = [_rel(a["loss"], b["loss"]) for a, b in zip(rows, ref_rows)]
     print(f"resume 2 -> 1 processes: per-step loss relative differences {[f'{x:.1e}' for x in rel]}")
     assert max(rel) < REL, rel
+
+
+def test_distillation_with_ep2_equals_one_process(tmp_path):
+    _, ref_rows = _run(tmp_path / "ref", distill=True)
+    spawn_gloo(_worker, 2, str(tmp_path), {"dp_shard": 2, "ep": 2}, {"distill": True})
+    rows = json.loads((tmp_path / "rows0.json").read_text())
+    assert len(rows) == len(ref_rows) == STEPS
+    assert set(rows[0]) == set(ref_rows[0]) | {"ep_bytes_sent"}
+    rel = [_rel(a["loss"], b["loss"]) for a, b in zip(rows, ref_rows)]
+    print(f"distillation, ep=2: per-step loss relative differences {[f'{x:.1e}' for x in rel]}")
+    for key in sorted(set(ref_rows[0]) - {"tokens_per_s"}):  # every distillation metric, summed over the ranks
+        assert max(abs(a[key] - b[key]) / max(abs(b[key]), 1e-6) for a, b in zip(rows, ref_rows)) < REL, key
+    assert ref_rows[-1]["loss"] < ref_rows[0]["loss"]
 
 
 # --- a rank dies -------------------------------------------------------------------------------------------
