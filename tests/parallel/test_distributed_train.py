@@ -178,6 +178,30 @@ def test_distillation_with_ep2_equals_one_process(tmp_path):
     assert ref_rows[-1]["loss"] < ref_rows[0]["loss"]
 
 
+def test_one_process_checkpoint_resumes_on_two_with_ep2(tmp_path, reference):
+    _, ref_rows = reference
+    with pytest.raises(_Stop):  # the 1-process run killed in step 3, after its step-2 checkpoint
+        _run(tmp_path / "run", checkpoint_every=2, eval_every=3, evaluate=_stop_at_3)
+    spawn_gloo(_worker, 2, str(tmp_path), {"dp_shard": 2, "ep": 2}, {"resume": True, "checkpoint_every": 2})
+    rows = json.loads((tmp_path / "rows0.json").read_text())
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    rel = [_rel(a["loss"], b["loss"]) for a, b in zip(rows, ref_rows)]
+    print(f"resume 1 -> 2 processes (ep=2): per-step loss relative differences {[f'{x:.1e}' for x in rel]}")
+    assert max(rel) < REL, rel
+    assert "ep_bytes_sent" in rows[2] and "ep_bytes_sent" not in rows[1]  # steps 3-4 ran on the plan
+
+
+def test_hsdp_dp_replicate2_equals_one_process(tmp_path, reference):
+    spawn_gloo(_worker, 2, str(tmp_path), {"dp_replicate": 2}, {})
+    _check_same_run(tmp_path, reference, ep=1)
+
+
+def test_a_batch_the_data_ranks_cannot_split_is_refused(tmp_path):
+    msg = r"train.batch_size: expected a multiple of the data-parallel ranks dp_replicate \* dp_shard = 2 \(the "
+    with pytest.raises(Exception, match=msg + r"global batch is split among them\), got 3"):
+        spawn_gloo(_worker, 2, str(tmp_path), {"dp_shard": 2}, {"batch_size": 3})
+
+
 # --- a rank dies -------------------------------------------------------------------------------------------
 def _dying_rank(rank, port, out_dir, timeout_s):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
