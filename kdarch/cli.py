@@ -118,6 +118,10 @@ def _start_parallel(args, run, model_cfg=None):
     return runtime.init_distributed(run.parallel, model_cfg, resolve_device(run.train.device).type)
 
 
+def _quiet(msg: str) -> None:
+    """The log of ranks other than 0 under torchrun: rank 0 tells the run's story once."""
+
+
 def _parallel_run_dir(ctx, args, prefix: str) -> Path:
     """The run directory: made (or checked, on --resume) by rank 0 alone, the others wait for it."""
     from kdarch.train.pipeline import prepare_run_dir
@@ -134,7 +138,7 @@ def cmd_train(args) -> int:
     ctx = _start_parallel(args, run, get_preset(run.model.preset, **run.model.overrides))
     try:
         out = args.out_dir = _parallel_run_dir(ctx, args, "train")
-        row = run_train(run, out, resume=args.resume, log=log_to_stderr)
+        row = run_train(run, out, resume=args.resume, log=log_to_stderr if ctx is None or ctx.is_main else _quiet)
         if ctx is None or ctx.is_main:
             print(json.dumps(row, indent=2))
             print(f"model: {out / 'model'}")
@@ -155,13 +159,17 @@ def cmd_distill(args) -> int:
     task_stages(run) if args.task == "arithmetic" else check_distill(run, quick=args.quick)  # before the run dir
     ctx = _start_parallel(args, run)  # each stage's model is checked against [parallel] when it trains
     try:
+        if ctx is not None and args.task != "lm":
+            from kdarch.checks import ConfigError
+            raise ConfigError(f"--task: expected lm under torchrun (the {args.task} task runs in one process), "
+                              f"got {args.task}")
+        log = log_to_stderr if ctx is None or ctx.is_main else _quiet
         out = args.out_dir = _parallel_run_dir(ctx, args, f"distill-{'quick' if args.quick else args.task}")
-        if ctx is None or ctx.is_main:
-            log_to_stderr(f"kdarch distill ({args.task}{', quick' if args.quick else ''}): run directory {out}")
+        log(f"kdarch distill ({args.task}{', quick' if args.quick else ''}): run directory {out}")
         if args.task == "arithmetic":
-            report = run_arithmetic(run, out, resume=args.resume, log=log_to_stderr)
+            report = run_arithmetic(run, out, resume=args.resume, log=log)
         else:
-            report = run_distill(run, out, resume=args.resume, quick=args.quick, log=log_to_stderr)
+            report = run_distill(run, out, resume=args.resume, quick=args.quick, log=log)
         if ctx is None or ctx.is_main:
             _report_path(out, report)
     finally:

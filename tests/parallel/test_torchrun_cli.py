@@ -39,3 +39,10 @@ def test_torchrun_plan_that_does_not_fit_fails_naming_the_field(tmp_path):
     assert "kdarch train: error: parallel.dp_replicate: expected pp*dp_replicate*dp_shard*tp == world size 2" \
         in res.stderr, res.stderr[-2000:]
     assert not (tmp_path / "bad").exists()  # refused before any work
+
+
+def test_torchrun_refuses_the_arithmetic_task(tmp_path):
+    res = subprocess.run([*TORCHRUN, "-m", "kdarch", "distill", "--task", "arithmetic", "--parallel.dp_shard", "2",
+                          "--out", str(tmp_path / "arith")], capture_output=True, text=True, timeout=300, env=ENV)
+    assert res.returncode != 0
+    assert "kdarch distill: error: --task: expected lm under torchrun" in res.stderr, res.stderr[-2000:]
