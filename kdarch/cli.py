@@ -290,14 +290,18 @@ def cmd_cache_teacher(args) -> int:
 
     import tempfile
 
+    from kdarch.convert.gguf import import_gguf, is_gguf
     from kdarch.distill.loading import load_teacher
     from kdarch.distill.logit_cache import LogitCache, write_logit_cache
+    from kdarch.train.device import resolve_dtype
     from kdarch.train.pipeline import log_to_stderr, prepare_data
     run = _run_config(args)
     out, tdir = Path(args.out), Path(args.teacher)
+    if is_gguf(tdir):
+        tdir = import_gguf(tdir)
     with tempfile.TemporaryDirectory() as scratch:
         data = prepare_data(run, Path(scratch), tokenizer_dir=tdir, log=log_to_stderr)
-    teacher = load_teacher(tdir, dtype=getattr(torch, run.distill.teacher_dtype), device=_device(args),
+    teacher = load_teacher(tdir, dtype=resolve_dtype(run.distill.teacher_dtype, _device(args)), device=_device(args),
                            student_vocab_size=data.tokenizer.vocab_size, student_fingerprint=data.tokenizer.fingerprint)
     t0 = time.perf_counter()
     write_logit_cache(teacher, data.train_NT, out, k=args.k, dtype=args.dtype, shard_size=args.shard_size,

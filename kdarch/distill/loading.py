@@ -25,11 +25,12 @@ __all__ = ["load_teacher"]
 
 def load_teacher(spec: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                  student_vocab_size: int | None = None, student_fingerprint: str | None = None,
-                 n_real_tokens: int | None = None, verify: bool = True) -> Teacher:
+                 n_real_tokens: int | None = None, verify: bool = True, compile: bool = False) -> Teacher:
     """The teacher a directory holds: a logit cache (manifest.json) -> CachedTeacher (shards checksummed when
     `verify`); a kdarch model directory -> ModelTeacher (dtype default: as saved); any other model directory with
     config.json -> HFTeacher (dtype default bfloat16); a .gguf file -> HFTeacher of its imported directory. The
-    student's vocabulary arguments go to `align_to`."""
+    student's vocabulary arguments go to `align_to`; `compile` runs a model teacher's forward under
+    `torch.compile`."""
     path = Path(spec)
     if is_gguf(path):
         path = import_gguf(path)
@@ -41,9 +42,10 @@ def load_teacher(spec: str | os.PathLike, *, dtype: torch.dtype | None = None, d
             raise ValueError(f"load_teacher: {path / 'config.json'}: expected a JSON object, got {type(raw).__name__}")
         if raw.get("model_type") == KDARCH_MODEL_TYPE:
             teacher = ModelTeacher(from_pretrained(path, dtype=dtype, device=device),
-                                   fingerprint=tokenizer_fingerprint(path))
+                                   fingerprint=tokenizer_fingerprint(path), compile=compile)
         else:
-            teacher = HFTeacher(path, dtype=dtype if dtype is not None else torch.bfloat16, device=device)
+            teacher = HFTeacher(path, dtype=dtype if dtype is not None else torch.bfloat16, device=device,
+                                compile=compile)
     else:
         raise FileNotFoundError(f"load_teacher: {path}: expected a directory holding a logit cache ({MANIFEST}), a "
                                 f"kdarch model or a Hugging Face causal LM (config.json), or a .gguf file, got neither")

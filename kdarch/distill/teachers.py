@@ -113,7 +113,7 @@ class ModelTeacher(Teacher):
     forward_kwargs: dict = {}
 
     def __init__(self, model: nn.Module, name: str | None = None, fingerprint: str | None = None,
-                 vocab_size: int | None = None):
+                 vocab_size: int | None = None, compile: bool = False):
         check(isinstance(model, nn.Module), "ModelTeacher: model", "a torch.nn.Module", type(model).__name__)
         V = vocab_size if vocab_size is not None else getattr(getattr(model, "config", None), "vocab_size", None)
         check(is_int(V) and V >= 1, "ModelTeacher: vocab_size",
@@ -121,6 +121,8 @@ class ModelTeacher(Teacher):
         self.model = model.eval()
         super().__init__(name if name is not None else f"{type(model).__name__}@{weights_digest(model)}",
                          fingerprint, V)
+        if compile:  # after the digest: compiling wraps the forward, not the weights
+            self.model.compile()
 
     def _run(self, input_ids_BT, indices_B, hidden_states):
         if self.model.training:
@@ -178,7 +180,7 @@ class HFTeacher(ModelTeacher):
     forward_kwargs = {"use_cache": False}
 
     def __init__(self, path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
-                 name: str | None = None, fingerprint: str | None = None):
+                 name: str | None = None, fingerprint: str | None = None, compile: bool = False):
         path = Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"HFTeacher: {path}: expected a Hugging Face model directory (with config.json), "
@@ -197,4 +199,4 @@ class HFTeacher(ModelTeacher):
             transformers.logging.set_verbosity(verbosity)
         self.path = path
         super().__init__(model, name=name, fingerprint=fingerprint if fingerprint is not None else
-                         tokenizer_fingerprint(path))
+                         tokenizer_fingerprint(path), compile=compile)

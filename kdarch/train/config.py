@@ -185,10 +185,15 @@ class TrainSection:
 class DistillSection:
     """[distill]: how a student learns from its teacher."""
     teacher: str = ""
-    """Teacher: a kdarch checkpoint directory, a Hugging Face causal-LM directory or a logit-cache directory
-    (kdarch cache-teacher). Empty with `kdarch distill`: train a teacher first ([teacher] table)."""
-    teacher_dtype: str = "float32"
-    """dtype of a Hugging Face teacher's forward pass ("float32" or "bfloat16")."""
+    """Teacher: a kdarch checkpoint directory, a Hugging Face causal-LM directory, a GGUF file or a logit-cache
+    directory (kdarch cache-teacher). Empty with `kdarch distill`: train a teacher first ([teacher] table)."""
+    teacher_dtype: str = "auto"
+    """dtype of a given teacher's forward pass: "float32", "bfloat16", or "auto": bfloat16 where matmuls run
+    natively in it (CUDA; a CPU with AMX or AVX512-BF16: 4.5x float32's tokens/s for Gemma-3-270M there,
+    benchmarks/teacher_speed.py), float32 elsewhere."""
+    teacher_compile: bool = False
+    """Run a given teacher's forward under torch.compile (a first call of tens of seconds, and one per new batch
+    shape, for a few percent in bfloat16 on the CPU: see benchmarks/teacher_speed.py)."""
     teacher_device: str = ""
     """Where the teacher runs ("cpu", "cuda", "cuda:N", "auto"); empty: the student's train.device."""
     kind: str = "forward_kl"
@@ -239,7 +244,7 @@ class DistillSection:
 
     def __post_init__(self):
         check_field_types(self, "distill")
-        choice_arg("distill.teacher_dtype", self.teacher_dtype, DTYPES, error=ConfigError)
+        choice_arg("distill.teacher_dtype", self.teacher_dtype, ("auto", *DTYPES), error=ConfigError)
         require(self.teacher_device == "" or DEVICE_SPEC.fullmatch(self.teacher_device) is not None,
                 "distill.teacher_device", '"" (the student\'s device), "auto", "cpu", "cuda" or "cuda:N"',
                 self.teacher_device)

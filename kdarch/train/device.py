@@ -42,6 +42,16 @@ def resolve_device(spec: str) -> torch.device:
     return torch.device(spec)
 
 
+def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    """"float32" / "bfloat16" as named; "auto": bfloat16 where matmuls run natively in it (CUDA, or a CPU with AMX
+    or AVX512-BF16 — without them bf16 is emulated and slower than float32), else float32."""
+    if spec != "auto":
+        return getattr(torch, spec)
+    native = device.type == "cuda" or (device.type == "cpu" and (torch.cpu._is_amx_tile_supported()
+                                                                 or torch.cpu._is_avx512_bf16_supported()))
+    return torch.bfloat16 if native else torch.float32
+
+
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host batch on `device`: from pinned memory without blocking on CUDA, as it is on the CPU."""
     if device.type != "cuda":

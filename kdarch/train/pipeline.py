@@ -36,7 +36,7 @@ from kdarch.pretrained import KDARCH_MODEL_TYPE, from_pretrained, save_pretraine
 from kdarch.train.checkpoint import CHECKPOINTS
 from kdarch.train.config import DataSection, ModelSection, RunConfig, Stage, TrainSection
 from kdarch.train.data import load_documents, pack, split_documents
-from kdarch.train.device import PeakMemory, check_device, device_label, resolve_device
+from kdarch.train.device import PeakMemory, check_device, device_label, resolve_device, resolve_dtype
 from kdarch.train.evaluate import evaluate_lm, generation_speed
 from kdarch.train.loop import set_seed, train
 from kdarch.train.objective import DistillObjective, Objective
@@ -367,7 +367,8 @@ def run_distill(run: RunConfig, out: Path, *, resume: bool = False, quick: bool 
             tdir = import_gguf(tdir)
             log(f"teacher: {dcfg.teacher} imported as {tdir}")
         data = prepare_data(run, out, tokenizer_dir=None if cross else tdir, log=log)  # cross: the student's own
-        teacher = load_teacher(tdir, dtype=getattr(torch, dcfg.teacher_dtype), device=teacher_device)
+        teacher = load_teacher(tdir, dtype=resolve_dtype(dcfg.teacher_dtype, teacher_device), device=teacher_device,
+                               compile=dcfg.teacher_compile)
         if cross:
             teacher = CrossTokenizerTeacher(teacher, data.tokenizer, load_tokenizer(tdir))
             log(f"teacher tokenizer: its own ({teacher.teacher_tokenizer.vocab_size} ids; "

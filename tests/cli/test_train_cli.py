@@ -132,8 +132,10 @@ def test_cache_teacher_then_distill_from_the_cache(trained, tmp_path, capsys):
     # A cache covers the training sequences only: no held-out evaluation or agreement for it.
     assert "eval_loss" not in report["teacher"] and "top1_agreement" not in report["student"]
     assert report["teacher"]["cache_k"] == 8 and report["teacher"]["cache_sequences"] == info["sequences"]
-    trained_row = json.loads((trained / "model" / "config.json").read_text())  # what the cache recorded of it
-    assert report["teacher"]["params_total"] > 0 and report["teacher"]["dtype"] == trained_row.get("dtype", "float32")
+    from kdarch import from_pretrained  # what the cache recorded of its teacher: sizes and the dtype it ran in
+    from kdarch.train.device import resolve_dtype
+    assert report["teacher"]["params_total"] == from_pretrained(teacher).config.num_params()
+    assert report["teacher"]["dtype"] == str(resolve_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
     assert MODEL_FIELDS - {"top1_agreement"} <= set(report["student"]) & set(report["scratch"])
     # The cache refuses data it was not computed on.
     assert main(["distill", "--out", str(tmp_path / "other"), "--distill.teacher", str(cache), "--train.steps", "1",

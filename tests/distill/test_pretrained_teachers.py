@@ -183,3 +183,12 @@ def test_distill_from_a_hugging_face_teacher_fills_its_report_row(arch, tokenize
     assert report["gap_closed"] == pytest.approx((b - s) / (b - t))
     tok = load_tokenizer(out / "student" / "model")
     assert tok.prefix_ids == [tokenizer.bos_id]
+
+
+def test_compiled_teacher_gives_the_eager_logits(tokenizer, tmp_path):
+    m = hf_model("llama", tokenizer.vocab_size)
+    m.save_pretrained(tmp_path)
+    x = ids(tokenizer.vocab_size)
+    eager, compiled = (load_teacher(tmp_path, dtype=torch.float32, compile=c) for c in (False, True))
+    assert eager.name == compiled.name  # the same weights: compiling changes how, not what
+    torch.testing.assert_close(compiled(x).signal, eager(x).signal, rtol=1e-5, atol=1e-5)

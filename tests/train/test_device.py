@@ -122,3 +122,15 @@ def test_a_distillation_step_compiles_whole_and_matches_eager(signal):
         assert (g is None) == (w is None)
         if w is not None:
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("amx, avx512_bf16, want", [(False, False, torch.float32), (True, False, torch.bfloat16),
+                                                    (False, True, torch.bfloat16)])
+def test_auto_dtype_is_bfloat16_only_where_matmuls_run_natively_in_it(monkeypatch, amx, avx512_bf16, want):
+    from kdarch.train.device import resolve_dtype
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    assert resolve_dtype("auto", torch.device("cpu")) == want
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16  # a device object only: nothing allocated
+    assert resolve_dtype("float32", torch.device("cuda")) == torch.float32
+    assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
