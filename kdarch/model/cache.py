@@ -2,14 +2,17 @@
 
 That is kv_lora_rank + qk_rope_head_dim values per token per layer instead of H*(qk_head_dim + v_head_dim)
 for a full-head cache: the point of MLA at inference. Slots are shared across the batch (prompts are
-left-padded), and `valid` marks which slots hold a real token for each row.
+left-padded), and `valid` marks which slots hold a real token for each row. Both live side by side in one
+preallocated buffer row [latent, k_rope] per slot, written in place, so absorbed attention scores a query
+against the whole row in one matmul and a step never copies the cache. Until a padded batch arrives the
+mask is only the causal order: `attention_mask` then returns None and a one-token step builds no mask.
 
 `StaticLatentKVCache` is the same cache for a decode step that compiles into one fixed graph (a CUDA graph
 under `torch.compile(mode="reduce-overhead")`): the next free slot lives in a device tensor, not a Python
 int, new tokens are written with `index_copy_`, and attention always spans all S slots, so no shape or
 guard changes from one step to the next and nothing is read back to the host.
 
-Shape legend: L layers, B batch, S cache slots, T new tokens, C kv latent width, R rope width.
+Shape legend: L layers, B batch, S cache slots, T new tokens, C kv latent width, R rope width, X = C + R.
 """
 from __future__ import annotations
 
@@ -29,38 +32,49 @@ class LatentKVCache:
             raise ValueError(f"LatentKVCache: max_len={max_len} exceeds ModelConfig.max_seq_len={cfg.max_seq_len}")
         n_layers = cfg.n_layers if n_layers is None else n_layers
         self.max_len, self.first_layer = max_len, first_layer
-        self.latent_LBSC = torch.zeros(n_layers, batch_size, max_len, cfg.kv_lora_rank, dtype=dtype, device=device)
-        self.k_rope_LBSR = torch.zeros(n_layers, batch_size, max_len, cfg.qk_rope_head_dim, dtype=dtype,
-                                       device=device)
+        self.kv_LBSX = torch.zeros(n_layers, batch_size, max_len, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
+                                   dtype=dtype, device=device)
+        self.latent_LBSC, self.k_rope_LBSR = self.kv_LBSX.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
         self.valid_BS = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.length = 0  # slots filled so far
+        self.padded = False  # whether any slot so far was padding: masks are needed from then on
+        self._mask = None  # this forward's mask, built by the first layer that asks
 
     @property
     def batch_size(self) -> int:
         return self.valid_BS.shape[0]
 
     def nbytes(self) -> int:
-        return self.latent_LBSC.nbytes + self.k_rope_LBSR.nbytes
+        return self.kv_LBSX.nbytes
 
-    def begin(self, valid_BT: torch.Tensor) -> None:
-        """Reserve slots for T new tokens; valid_BT marks which of them are real (not padding)."""
+    def begin(self, valid_BT: torch.Tensor, all_valid: bool = False) -> None:
+        """Reserve slots for T new tokens; valid_BT marks which of them are real (not padding). `all_valid`
+        says, without reading the tensor, that none is padding."""
         t = valid_BT.shape[1]
         if self.length + t > self.max_len:
             raise ValueError(f"LatentKVCache: {self.length} cached + {t} new tokens exceed max_len={self.max_len}")
         self.valid_BS[:, self.length:self.length + t] = valid_BT
+        self.padded = self.padded or not all_valid
+        self._mask = None
 
-    def update(self, layer: int, latent_BTC: torch.Tensor, k_rope_BTR: torch.Tensor):
-        """Write the new tokens of one layer; return that layer's cache up to and including them."""
+    def update(self, layer: int, latent_BTC: torch.Tensor, k_rope_BTR: torch.Tensor) -> torch.Tensor:
+        """Write the new tokens of one layer in place; return that layer's [B, S, X] rows up to and including
+        them (S = length + T)."""
         end, i = self.length + latent_BTC.shape[1], layer - self.first_layer
         self.latent_LBSC[i, :, self.length:end] = latent_BTC
         self.k_rope_LBSR[i, :, self.length:end] = k_rope_BTR
-        return self.latent_LBSC[i, :, :end], self.k_rope_LBSR[i, :, :end]
+        return self.kv_LBSX[i, :, :end]
 
-    def attention_mask(self, t: int) -> torch.Tensor:
+    def attention_mask(self, t: int) -> torch.Tensor | None:
         """[B, 1, T, S] bool: query i (slot length+i) sees the valid slots before it and always its own slot
-        (so a padding query attends to itself and stays finite instead of softmaxing over nothing)."""
-        end = self.length + t
-        return _mask(torch.arange(self.length, end, device=self.valid_BS.device), self.valid_BS[:, :end])
+        (so a padding query attends to itself and stays finite instead of softmaxing over nothing). None while
+        no slot is padding: the causal order is then the whole rule. Built once per forward."""
+        if not self.padded:
+            return None
+        if self._mask is None:
+            end = self.length + t
+            self._mask = _mask(torch.arange(self.length, end, device=self.valid_BS.device), self.valid_BS[:, :end])
+        return self._mask
 
     def advance(self, t: int) -> None:
         self.length += t
@@ -71,6 +85,7 @@ class LatentKVCache:
             raise ValueError(f"LatentKVCache.truncate: expected 0 <= length <= {self.length}, got {length}")
         self.valid_BS[:, length:] = False
         self.length = length
+        self.padded = self.padded and length > 0
 
 
 class StaticLatentKVCache(LatentKVCache):
@@ -81,21 +96,21 @@ class StaticLatentKVCache(LatentKVCache):
         super().__init__(cfg, batch_size, max_len, **kwargs)
         self.next_slot = torch.zeros((), dtype=torch.long, device=self.valid_BS.device)
         del self.length  # the host does not know it without a read: next_slot holds it
-        for buffer in (self.latent_LBSC, self.k_rope_LBSR, self.valid_BS, self.next_slot):
+        for buffer in (self.kv_LBSX, self.valid_BS, self.next_slot):
             torch._dynamo.mark_static_address(buffer)  # mutated in place by a captured graph
 
     def _new_slots(self, t: int) -> torch.Tensor:
         return self.next_slot + torch.arange(t, device=self.next_slot.device)
 
-    def begin(self, valid_BT: torch.Tensor) -> None:
+    def begin(self, valid_BT: torch.Tensor, all_valid: bool = False) -> None:
         self.valid_BS.index_copy_(1, self._new_slots(valid_BT.shape[1]), valid_BT)
 
-    def update(self, layer: int, latent_BTC: torch.Tensor, k_rope_BTR: torch.Tensor):
-        """Write the new tokens of one layer at the next slots; return the layer's whole cache (all S slots)."""
+    def update(self, layer: int, latent_BTC: torch.Tensor, k_rope_BTR: torch.Tensor) -> torch.Tensor:
+        """Write the new tokens of one layer at the next slots; return the layer's whole [B, S, X] buffer."""
         i, slots_T = layer - self.first_layer, self._new_slots(latent_BTC.shape[1])
         self.latent_LBSC[i].index_copy_(1, slots_T, latent_BTC)
         self.k_rope_LBSR[i].index_copy_(1, slots_T, k_rope_BTR)
-        return self.latent_LBSC[i], self.k_rope_LBSR[i]
+        return self.kv_LBSX[i]
 
     def attention_mask(self, t: int) -> torch.Tensor:
         """[B, 1, T, S] over all S slots, by the rule of LatentKVCache.attention_mask."""

@@ -3,6 +3,9 @@ eager on a growing cache or compiled on a static one.
 
 Prompts of different lengths are left-padded into one batch; padding slots are masked out of attention
 and every row gets its own rope positions, so a row's tokens do not depend on what it is batched with.
+A batch without padding builds no mask at all. Eager generation runs under `torch.inference_mode`; the
+prefill attends on expanded heads and each one-token step on the latent cache
+(`kdarch.model.attention.choose_path`).
 
 Shape legend: B batch, T tokens, V vocabulary.
 """
@@ -76,13 +79,20 @@ def compiled_decode_step(device_type: str):
     return torch.compile(decode_step, fullgraph=True, mode=mode)
 
 
-@torch.no_grad()
 def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, eos_token_id: int | None = None, generator: torch.Generator | None = None,
              cache_dtype: torch.dtype | None = None, compile: bool = False) -> list[list[int]]:
     """Continue each prompt by up to `max_new_tokens` tokens; returns the new tokens per prompt, ending
     with `eos_token_id` (default: the config's) where it was produced. `compile=True` decodes on a
     preallocated StaticLatentKVCache with the compiled `decode_step` (same tokens, fixed shapes)."""
+    # inference mode drops autograd's per-op bookkeeping; torch.compile cannot trace the views of its tensors
+    with torch.no_grad() if compile else torch.inference_mode():
+        return _generate(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                         eos_token_id=eos_token_id, generator=generator, cache_dtype=cache_dtype, compile=compile)
+
+
+def _generate(model, prompts, max_new_tokens, *, temperature, top_k, top_p, eos_token_id, generator, cache_dtype,
+              compile):
     cfg = model.config
     eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
     device = next(model.parameters()).device
@@ -102,7 +112,8 @@ def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0, t
         step_fn = compiled_decode_step(device.type)
     else:
         cache, step_fn = LatentKVCache(cfg, B, T + max_new_tokens, dtype=dtype, device=device), decode_step
-    logits_BV = model(ids_BT, cache=cache, position_ids=pos_BT, valid_mask=valid_BT).logits[:, -1]
+    padded = not isinstance(prompts, torch.Tensor) and any(len(p) != T for p in prompts)
+    logits_BV = model(ids_BT, cache=cache, position_ids=pos_BT, valid_mask=valid_BT if padded else None).logits[:, -1]
     pos_B1 = pos_BT[:, -1:] + 1
     new_BN = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
     done_B = torch.zeros(B, dtype=torch.bool, device=device)

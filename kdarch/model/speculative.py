@@ -30,7 +30,7 @@ class SpeculativeStats:
         return self.accepted / max(1, self.drafted)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate_speculative(model, prompt: list[int], max_new_tokens: int, *,
                          eos_token_id: int | None = None) -> tuple[list[int], SpeculativeStats]:
     """Greedy continuation of one prompt (same tokens as `generate(..., temperature=0)`), drafted by MTP."""
@@ -57,7 +57,7 @@ def generate_speculative(model, prompt: list[int], max_new_tokens: int, *,
         """Feed the MTP module the positions it has not seen (their hidden states + the tokens after them)."""
         start = mtp_cache.length
         pos = torch.arange(start, start + h_1TD.shape[1], device=device)
-        mtp_cache.begin(torch.ones(1, len(pos), dtype=torch.bool, device=device))
+        mtp_cache.begin(torch.ones(1, len(pos), dtype=torch.bool, device=device), all_valid=True)
         emb = model.embed(torch.tensor([next_tokens], device=device))
         _, h_normed, _ = mtp(h_1TD, emb, model.rope_cos[pos], model.rope_sin[pos], mtp_cache)
         mtp_cache.advance(len(pos))

@@ -153,7 +153,7 @@ class CausalLM(nn.Module):
         here; -100 is ignored) it returns the losses, computed by a fused chunked head that never keeps
         [B*T, V] logits for backward; the returned logits then carry no autograd history, and
         `return_logits=False` skips them (also without labels: a distillation head then works from
-        `last_hidden_state` / `mtp_hidden_states`). With `cache` it runs the absorbed-attention path, appending these
+        `last_hidden_state` / `mtp_hidden_states`). With `cache` it attends over the latent cache, appending these
         tokens at `position_ids` ([B, T]; `valid_mask` marks non-padding tokens)."""
         self._check_ids("input_ids", input_ids)
         B, T = input_ids.shape
@@ -176,7 +176,8 @@ class CausalLM(nn.Module):
         cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]
         if cache is not None:
             all_valid = valid_mask is None
-            cache.begin(torch.ones(B, T, dtype=torch.bool, device=input_ids.device) if all_valid else valid_mask)
+            cache.begin(torch.ones(B, T, dtype=torch.bool, device=input_ids.device) if all_valid else valid_mask,
+                        all_valid=all_valid)
 
         x = self.embed(input_ids)
         hidden = [x] if output_hidden_states else None
