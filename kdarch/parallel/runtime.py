@@ -92,12 +92,11 @@ def env_world_size() -> int:
 def init_distributed(config: ParallelConfig, model_cfg: ModelConfig | None = None,
                      device_type: str = "cpu") -> DistributedContext:
     """Join the default process group (unless one exists), check `config` against it and the model, build the
-    DeviceMesh; the context becomes `current()`. Refuses layouts the train loop cannot run yet (pp, tp > 1)."""
+    DeviceMesh; the context becomes `current()`. Refuses layouts the train loop cannot run yet (tp > 1)."""
     global _CURRENT
-    if config.pp > 1 or config.tp > 1:
-        name = "pp" if config.pp > 1 else "tp"
-        raise ConfigError(f"parallel.{name}: expected 1 in the train loop (pipeline and tensor parallelism are "
-                          f"estimated by kdarch plan only so far), got {getattr(config, name)}")
+    if config.tp > 1:
+        raise ConfigError(f"parallel.tp: expected 1 in the train loop (tensor parallelism is estimated by kdarch "
+                          f"plan only so far), got {config.tp}")
     owns = not dist.is_initialized()
     world = dist.get_world_size() if not owns else env_world_size()
     if model_cfg is not None:

@@ -25,6 +25,7 @@ from kdarch.checks import ConfigError
 from kdarch.model.state import load_state_dict_into
 from kdarch.parallel.expert_parallel import all_reduce_expert_load, ep_bytes_sent
 from kdarch.parallel.parallelize import clip_grad_norm_, parallelize
+from kdarch.parallel.pipeline import Pipeline
 from kdarch.parallel.runtime import DistributedContext
 from kdarch.parallel.state import (
     full_model_state,
@@ -50,6 +51,8 @@ class ParallelStage:
                               f"{sorted(modules)} are not sharded yet), got a run that trains them")
         self.ctx, self.plain = ctx, model
         self.model = parallelize(copy.deepcopy(model), ctx, param_dtype=param_dtype)
+        self.pipe = Pipeline(self.model, ctx, batch_size=batch_size,
+                             dtype="float32" if param_dtype is None else "bfloat16") if ctx.config.pp > 1 else None
         self.is_main = ctx.is_main
 
     # --- the step ---------------------------------------------------------------------------------------
@@ -60,11 +63,15 @@ class ParallelStage:
         return indices_B[r * b:(r + 1) * b], ids_BT[r * b:(r + 1) * b]
 
     def clip(self, params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+        if self.pipe is not None:
+            self.pipe.sum_shared_grads()
+            return self.pipe.clip_grad_norm_(max_norm)
         return clip_grad_norm_(params, max_norm, self.ctx)
 
     def reduce(self, loss: torch.Tensor, sums: dict, stop: bool) -> tuple[torch.Tensor, dict, bool, float | None]:
         """(global loss, global metric sums, whether any rank was asked to stop, expert-parallel bytes all ranks
-        sent this step or None): one all-reduce over the data ranks."""
+        sent this step or None): one all-reduce over all ranks (data ranks' shares; off the last pipeline stage,
+        zeros)."""
         keys = sorted(sums)
         vals = [loss.detach().double().reshape(())]
         vals += [torch.as_tensor(sums[k], dtype=torch.float64, device=loss.device).reshape(()) for k in keys]
@@ -72,31 +79,37 @@ class ParallelStage:
         vals += [torch.tensor(float(stop), dtype=torch.float64, device=loss.device),
                  torch.tensor(float(sent or 0), dtype=torch.float64, device=loss.device)]
         vec = torch.stack(vals)
-        dist.all_reduce(vec, group=self.ctx.group("dp"))
+        dist.all_reduce(vec)
         out = {k: vec[1 + i].float() for i, k in enumerate(keys)}
         stop_any, sent_all = vec[-2:].tolist()  # one host read (the loop reads the loss once more)
         return vec[0].float(), out, stop_any > 0, (sent_all if sent is not None else None)
 
     def global_router_load(self) -> None:
-        """Sum every MoE's measured load over the data ranks (before the bias update)."""
-        all_reduce_expert_load(self.model, group=self.ctx.group("dp"))
+        """Sum every MoE's measured load over the ranks (data ranks' tokens; each pipeline stage's own layers),
+        before the bias update: every rank then moves every bias alike."""
+        all_reduce_expert_load(self.model)
 
     # --- state ------------------------------------------------------------------------------------------
     def sync_plain(self) -> None:
         """Load the gathered weights into the caller's (plain) model on every rank."""
-        sd = full_model_state(self.model)
+        sd = self.pipe.full_model_state() if self.pipe is not None else full_model_state(self.model)
         if self.plain.config.tie_word_embeddings:
             sd.pop("head.weight", None)
         load_state_dict_into(self.plain, {k: v.detach() for k, v in sd.items()}, "the gathered state")
 
     def load_from_plain(self) -> None:
         """The caller's model (just loaded from a checkpoint) into the replica."""
-        load_full_model_state(self.model, self.plain.state_dict())
+        if self.pipe is not None:
+            self.model.load_state_dict(self.plain.state_dict())
+        else:
+            load_full_model_state(self.model, self.plain.state_dict())
 
     def optimizer_state(self, opt: torch.optim.Optimizer) -> dict:
-        return full_optimizer_state(self.model, opt)
+        return self.pipe.full_optimizer_state(opt) if self.pipe is not None else full_optimizer_state(self.model, opt)
 
     def optimizer_loader(self, opt: torch.optim.Optimizer) -> Callable[[dict], None]:
+        if self.pipe is not None:  # whole parameters on every rank: the 1-process state as it is
+            return opt.load_state_dict
         return lambda sd: load_full_optimizer_state(self.model, opt, sd)
 
     def param_shapes(self, opt: torch.optim.Optimizer) -> list[list[list[int]]]:

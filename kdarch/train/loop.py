@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kdarch.checks import ConfigError
 from kdarch.parallel import runtime
 from kdarch.parallel.training import ParallelStage
 from kdarch.train.checkpoint import (
@@ -57,7 +58,7 @@ from kdarch.train.data import Batches
 from kdarch.train.device import autocast, resolve_device, to_device
 from kdarch.train.interrupt import Interrupted, stop_on_signal
 from kdarch.train.metrics import MetricsLog, Progress, expert_imbalance, warn_if_oversubscribed
-from kdarch.train.objective import LMObjective, Objective
+from kdarch.train.objective import LMObjective, Objective, labels_for
 
 
 class TrainingError(RuntimeError):
@@ -196,6 +197,10 @@ def train(model: nn.Module, cfg: TrainSection, train_NT: torch.Tensor, run_dir: 
                         param_dtype=torch.bfloat16 if cfg.dtype == "bfloat16" else None) if ctx is not None else None
     net = par.model if par is not None else model  # what trains: the model, or its parallelised replica
     main = par is None or par.is_main
+    pipe = par.pipe if par is not None else None
+    if pipe is not None and type(objective) is not LMObjective:
+        raise ConfigError(f"parallel.pp: expected 1 for a {type(objective).__name__} (pipeline stages run the "
+                          f"language-model loss only), got {ctx.config.pp}")
     if cfg.compile:
         compile_blocks(net)
     params = list(net.named_parameters()) + [(f"{k}.{n}", p) for k, m in objective.modules.items()
@@ -235,6 +240,12 @@ def train(model: nn.Module, cfg: TrainSection, train_NT: torch.Tensor, run_dir: 
             sums: dict = {}
             loss_sum = torch.zeros((), device=device)
             for idx, ids in micro:
+                if pipe is not None:  # forward and backward through the stages, each micro-batch's share inside
+                    part, metrics = pipe.step(to_device(ids, device), to_device(labels_for(ids, objective.pad_id),
+                                                                                device), total)
+                    loss_sum += part
+                    _accumulate(sums, metrics, 1.0)
+                    continue
                 n = objective.target_tokens(ids)  # this rank's share of the global denominator
                 with amp:
                     res = objective(net, idx, to_device(ids, device), (step - 1) / cfg.steps)

@@ -148,9 +148,13 @@ def test_fsdp2_with_ep2_equals_one_process(tmp_path, reference):
     assert all(r["ep_bytes_sent"] > 0 and r["ep_bytes_sent"] % (4 * CFG.hidden_size) == 0 for r in rows)
 
 
-def test_sharded_checkpoint_resumes_in_one_process(tmp_path, reference):
+PP2_DUALPIPEV = {"pp": 2, "pp_schedule": "DualPipeV", "pp_microbatches": 4}
+
+
+@pytest.mark.parametrize("plan", [{"dp_shard": 2, "ep": 2}, PP2_DUALPIPEV], ids=["ep2", "pp2"])
+def test_sharded_checkpoint_resumes_in_one_process(tmp_path, reference, plan):
     _, ref_rows = reference
-    spawn_gloo(_worker_stopped, 2, str(tmp_path), {"dp_shard": 2, "ep": 2})
+    spawn_gloo(_worker_stopped, 2, str(tmp_path), plan)
     assert [s for s, _ in complete_checkpoints(tmp_path / "run")] == [2]
     from kdarch.train.checkpoint import load_checkpoint
     from kdarch.train.loop import build_optimizer
@@ -161,7 +165,7 @@ def test_sharded_checkpoint_resumes_in_one_process(tmp_path, reference):
     model, rows = _run(tmp_path / "run", resume=True, checkpoint_every=2)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     rel = [_rel(a["loss"], b["loss"]) for a, b in zip(rows, ref_rows)]
-    print(f"resume 2 -> 1 processes: per-step loss relative differences {[f'{x:.1e}' for x in rel]}")
+    print(f"resume 2 ({plan}) -> 1 process: per-step loss relative differences {[f'{x:.1e}' for x in rel]}")
     assert max(rel) < REL, rel
 
 
@@ -196,10 +200,26 @@ def test_hsdp_dp_replicate2_equals_one_process(tmp_path, reference):
     _check_same_run(tmp_path, reference, ep=1)
 
 
+def test_pipeline_refuses_distillation(tmp_path):
+    with pytest.raises(Exception, match=r"parallel.pp: expected 1 for a DistillObjective \(pipeline stages run the "
+                                        r"language-model loss only\), got 2"):
+        spawn_gloo(_worker, 2, str(tmp_path), {"pp": 2, "pp_microbatches": 2}, {"distill": True})
+
+
 def test_a_batch_the_data_ranks_cannot_split_is_refused(tmp_path):
     msg = r"train.batch_size: expected a multiple of the data-parallel ranks dp_replicate \* dp_shard = 2 \(the "
     with pytest.raises(Exception, match=msg + r"global batch is split among them\), got 3"):
         spawn_gloo(_worker, 2, str(tmp_path), {"dp_shard": 2}, {"batch_size": 3})
+
+
+@pytest.mark.parametrize("schedule,microbatches", [("DualPipeV", 4), ("ZBVZeroBubble", 4), ("1F1B", 2),
+                                                   ("Interleaved1F1B", 2)])
+def test_pipeline_pp2_equals_one_process(tmp_path, reference, schedule, microbatches):
+    """pp=2: DualPipeV and ZBVZeroBubble (4 stages in a V: embedding, head and MTP on rank 0), 1F1B and
+    Interleaved1F1B (the last stage, with the MTP's use of the embedding, on rank 1: its gradient summed over the
+    ranks)."""
+    spawn_gloo(_worker, 2, str(tmp_path), {"pp": 2, "pp_schedule": schedule, "pp_microbatches": microbatches}, {})
+    _check_same_run(tmp_path, reference, ep=f"1, pp=2 {schedule}")
 
 
 # --- a rank dies -------------------------------------------------------------------------------------------
