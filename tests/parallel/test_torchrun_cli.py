@@ -41,8 +41,25 @@ def test_torchrun_plan_that_does_not_fit_fails_naming_the_field(tmp_path):
     assert not (tmp_path / "bad").exists()  # refused before any work
 
 
-def test_torchrun_refuses_the_arithmetic_task(tmp_path):
+def test_torchrun_refuses_the_arithmetic_task_and_a_pipelined_distill(tmp_path):
     res = subprocess.run([*TORCHRUN, "-m", "kdarch", "distill", "--task", "arithmetic", "--parallel.dp_shard", "2",
                           "--out", str(tmp_path / "arith")], capture_output=True, text=True, timeout=300, env=ENV)
     assert res.returncode != 0
     assert "kdarch distill: error: --task: expected lm under torchrun" in res.stderr, res.stderr[-2000:]
+    res = subprocess.run([*TORCHRUN, "-m", "kdarch", "distill", "--quick", "--parallel.pp", "2",
+                          "--parallel.pp_microbatches", "2", "--out", str(tmp_path / "pp")],
+                         capture_output=True, text=True, timeout=300, env=ENV)
+    assert res.returncode != 0
+    assert "kdarch distill: error: parallel.pp: expected 1 for kdarch distill" in res.stderr, res.stderr[-2000:]
+
+
+def test_torchrun_train_with_dualpipev_equals_one_process(tmp_path):
+    one = subprocess.run([sys.executable, "-m", "kdarch", "train", *FLAGS, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, timeout=300, env=ENV)
+    assert one.returncode == 0, one.stderr[-2000:]
+    pp = subprocess.run([*TORCHRUN, "-m", "kdarch", "train", *FLAGS, "--parallel.pp", "2", "--parallel.pp_schedule",
+                         "DualPipeV", "--parallel.pp_microbatches", "4", "--out", str(tmp_path / "pp")],
+                        capture_output=True, text=True, timeout=300, env=ENV)
+    assert pp.returncode == 0, pp.stderr[-3000:]
+    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "pp")
+    assert len(a) == len(b) == 4 and max(abs(x - y) / abs(x) for x, y in zip(a, b)) < 1e-4, (a, b)
