@@ -39,7 +39,7 @@ class ParallelConfig:
     """Expert-parallel ranks (a divisor of dp_shard): each keeps n_routed_experts / ep routed experts and token
     copies travel to them by all-to-all."""
     pp: int = 1
-    """Pipeline stages' ranks (kdarch plan only so far; the train loop refuses pp > 1)."""
+    """Pipeline ranks (torch.distributed.pipelining stages; in the train loop alone, for the language-model loss)."""
     pp_schedule: str = "1F1B"
     """Pipeline schedule of torch.distributed.pipelining: 1F1B, Interleaved1F1B, ZBVZeroBubble or DualPipeV."""
     pp_microbatches: int = 1

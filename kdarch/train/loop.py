@@ -24,7 +24,8 @@ get the same optimiser, schedule, accumulation, bias update, logging, checkpoint
   replica through `kdarch.parallel.training.ParallelStage`: each data rank takes its rows of the same global
   batch (`train.batch_size` is global), losses and metrics are summed over the ranks with the global target
   count as denominator, so the losses are the 1-process run's; rank 0 alone writes metrics, progress and
-  checkpoints (whole tensors, resumable on any world size).
+  checkpoints (whole tensors, resumable on any world size). Under `parallel.pp` each micro-batch goes through the
+  pipeline schedule (`kdarch.parallel.pipeline`), which runs forward and backward itself.
 """
 from __future__ import annotations
 
