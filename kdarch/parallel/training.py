@@ -40,7 +40,7 @@ __all__ = ["ParallelStage"]
 class ParallelStage:
     """One training stage's parallel side: the replica `model`, its batch rows, reductions and state."""
 
-    def __init__(self, ctx: DistributedContext, model: nn.Module, *, batch_size: int, param_dtype=None,
+    def __init__(self, ctx: DistributedContext, model: nn.Module, *, batch_size: int, device=None, param_dtype=None,
                  modules: dict[str, nn.Module] | None = None):
         ctx.config.validate(ctx.world_size, model.config)
         if batch_size % ctx.dp_size:
@@ -50,7 +50,7 @@ class ParallelStage:
             raise ConfigError(f"distill.feature_weight: expected 0 under torchrun (trainable objective modules "
                               f"{sorted(modules)} are not sharded yet), got a run that trains them")
         self.ctx, self.plain = ctx, model
-        self.model = parallelize(copy.deepcopy(model), ctx, param_dtype=param_dtype)
+        self.model = parallelize(copy.deepcopy(model).to(device), ctx, param_dtype=param_dtype)
         self.pipe = Pipeline(self.model, ctx, batch_size=batch_size,
                              dtype="float32" if param_dtype is None else "bfloat16") if ctx.config.pp > 1 else None
         self.is_main = ctx.is_main

@@ -188,13 +188,15 @@ def train(model: nn.Module, cfg: TrainSection, train_NT: torch.Tensor, run_dir: 
     torch.use_deterministic_algorithms(cfg.deterministic)
     set_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    if runtime.current() is not None and device.type == "cuda":
+    ctx = runtime.current()
+    if ctx is not None and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())  # LOCAL_RANK's, set by init_distributed
-    model.to(device)
+    if ctx is None:
+        model.to(device)
     for m in objective.modules.values():
         m.to(device)
-    ctx = runtime.current()
-    par = ParallelStage(ctx, model, batch_size=cfg.batch_size, modules=objective.modules,
+    # under a plan the caller's model stays where it is while its replica trains on the device
+    par = ParallelStage(ctx, model, batch_size=cfg.batch_size, modules=objective.modules, device=device,
                         param_dtype=torch.bfloat16 if cfg.dtype == "bfloat16" else None) if ctx is not None else None
     net = par.model if par is not None else model  # what trains: the model, or its parallelised replica
     main = par is None or par.is_main
@@ -324,8 +326,8 @@ def train(model: nn.Module, cfg: TrainSection, train_NT: torch.Tensor, run_dir: 
                 raise Interrupted(stop.signum or signal.SIGTERM, step, last)
     progress.close()
     log.close()
-    if par is not None and start >= cfg.steps:
-        par.sync_plain()  # nothing trained here: the caller's model already holds the checkpoint
+    if par is not None:
+        model.to(device)  # holding the gathered weights of the last step, where a 1-process run leaves it
     model.eval()
     if last is None:
         last = latest_checkpoint(run_dir)
