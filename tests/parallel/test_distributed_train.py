@@ -222,6 +222,40 @@ def test_pipeline_pp2_equals_one_process(tmp_path, reference, schedule, microbat
     _check_same_run(tmp_path, reference, ep=f"1, pp=2 {schedule}")
 
 
+def _sigterm_self_on_rank1():
+    import signal
+
+    import torch.distributed as dist
+    if dist.get_rank() == 1:
+        os.kill(os.getpid(), signal.SIGTERM)  # as if only this rank had been told to stop
+    return {}
+
+
+def _worker_signalled(rank, out_dir, plan):
+    from kdarch.parallel import runtime
+    from kdarch.parallel.config import ParallelConfig
+    from kdarch.train.interrupt import Interrupted
+    runtime.init_distributed(ParallelConfig(**plan), CFG)
+    try:
+        _run(Path(out_dir) / "run", eval_every=2, evaluate=_sigterm_self_on_rank1)
+    except Interrupted as e:
+        Path(out_dir, f"interrupted{rank}.json").write_text(json.dumps([e.step, e.checkpoint.name, e.exit_code]))
+    finally:
+        runtime.teardown()
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_one_step(tmp_path, reference):
+    _, ref_rows = reference
+    spawn_gloo(_worker_signalled, 2, str(tmp_path), {"dp_shard": 2, "ep": 2})
+    # signalled during step 2's logging: the ranks agree at step 3's reduction, save step 3 and stop there
+    got = [json.loads((tmp_path / f"interrupted{r}.json").read_text()) for r in range(2)]
+    assert got[0] == got[1] == [3, "step_00000003", 143]
+    assert [s for s, _ in complete_checkpoints(tmp_path / "run")] == [3]
+    _, rows = _run(tmp_path / "run", resume=True)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert max(_rel(a["loss"], b["loss"]) for a, b in zip(rows, ref_rows)) < REL
+
+
 # --- a rank dies -------------------------------------------------------------------------------------------
 def _dying_rank(rank, port, out_dir, timeout_s):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
