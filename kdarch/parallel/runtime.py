@@ -112,7 +112,8 @@ def init_distributed(config: ParallelConfig, model_cfg: ModelConfig | None = Non
     meshes = {"ep": mesh["ep"], "dp": mesh["dp_replicate", "dp_shard_out", "ep"]._flatten("dp"),
               "dp_shard": mesh["dp_shard_out", "ep"]._flatten("dp_shard")}
     if config.dp_replicate > 1:  # HSDP: replicate x shard (2-D); else FSDP over dp_shard alone
-        meshes.update(fsdp=mesh["dp_replicate", "dp_shard"], expert=mesh["dp_replicate", "dp_shard_out"])
+        fsdp = meshes["dp"]._unflatten(0, (config.dp_replicate, config.dp_shard), ("hsdp_replicate", "hsdp_shard"))
+        meshes.update(fsdp=fsdp, expert=mesh["dp_replicate", "dp_shard_out"])
     else:
         meshes.update(fsdp=meshes["dp_shard"], expert=mesh["dp_shard_out"])
     _CURRENT = DistributedContext(config, mesh, dist.get_rank(), dist.get_world_size(), device_type, owns, meshes)
