@@ -163,6 +163,9 @@ def cmd_distill(args) -> int:
         if ctx is not None and args.task != "lm":
             raise ConfigError(f"--task: expected lm under torchrun (the {args.task} task runs in one process), "
                               f"got {args.task}")
+        if ctx is not None and run.distill.on_policy > 0:
+            raise ConfigError(f"distill.on_policy: expected 0 under torchrun (the student's rollouts run in inference "
+                              f"mode, which FSDP-sharded weights cannot take part in yet), got {run.distill.on_policy}")
         if ctx is not None and run.parallel.pp > 1:
             raise ConfigError(f"parallel.pp: expected 1 for kdarch distill (pipeline stages run the language-model "
                               f"loss only; kdarch train takes pp), got {run.parallel.pp}")

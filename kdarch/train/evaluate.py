@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from kdarch.distill.cross_tokenizer import CrossTokenizerTeacher, TokenizerView, retokenize
 from kdarch.distill.teachers import Teacher
 
 TopOneFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -39,20 +40,35 @@ def _logits(model, ids_BT: torch.Tensor) -> torch.Tensor:
     return model(ids_BT.to(param.device) if param is not None else ids_BT).logits.cpu()
 
 
+def token_bytes(tokenizer) -> torch.Tensor:
+    """[V] int64: the UTF-8 bytes of each id's text (0 for special tokens and unused ids), to count a held-out
+    loss per byte of text — the one loss that compares across tokenizers."""
+    view = TokenizerView(tokenizer)
+    return torch.tensor([len(p) if p is not None else 0 for p in view.pieces], dtype=torch.long)
+
+
+def _per_byte(out: dict, nll: float, n_bytes: int) -> dict:
+    if n_bytes:
+        out["bits_per_byte"] = nll / n_bytes / math.log(2)
+    return out
+
+
 @torch.no_grad()
 def evaluate_lm(model, heldout_NT: torch.Tensor, *, batch_size: int = 16, max_sequences: int = 0,
-                teacher_top1: TopOneFn | None = None, pad_id: int | None = None) -> dict[str, float]:
+                teacher_top1: TopOneFn | None = None, pad_id: int | None = None,
+                token_bytes_V: torch.Tensor | None = None) -> dict[str, float]:
     """eval_loss (mean next-token CE over held-out tokens), perplexity and, with a teacher, top1_agreement;
-    per_sequence holds each sequence's summed CE and target count, for the report's intervals.
-    `model`: a kdarch model, or a `kdarch.distill` teacher giving dense logits (e.g. a Hugging Face model).
-    `pad_id`: padding of one-document-per-row data, never a target."""
+    per_sequence holds each sequence's summed CE and target count, for the report's intervals; with
+    `token_bytes_V` (`token_bytes(tokenizer)`) also bits_per_byte, the summed CE over the bytes of the target
+    tokens' text, in bits. `model`: a kdarch model, or a `kdarch.distill` teacher giving dense logits (e.g. a
+    Hugging Face model). `pad_id`: padding of one-document-per-row data, never a target."""
     if heldout_NT.dim() != 2 or heldout_NT.shape[0] == 0 or heldout_NT.shape[1] < 2:
         raise ValueError(f"evaluate_lm: expected held-out sequences [N >= 1, T >= 2], got {tuple(heldout_NT.shape)}")
     module = model if isinstance(model, torch.nn.Module) else None
     was_training = module is not None and module.training
     if module is not None:
         module.eval()
-    seq_nll, seq_tokens, agree = [], [], 0
+    seq_nll, seq_tokens, agree, n_bytes = [], [], 0, 0
     for idx, ids in _batches(heldout_NT, batch_size, max_sequences):
         logits = _logits(model, ids)[:, :-1].float()
         target = ids[:, 1:] if pad_id is None else ids[:, 1:].masked_fill(ids[:, 1:] == pad_id, -100)
@@ -60,6 +76,8 @@ def evaluate_lm(model, heldout_NT: torch.Tensor, *, batch_size: int = 16, max_se
         valid = target != -100
         seq_nll += nll_BT.sum(1).double().tolist()
         seq_tokens += valid.sum(1).tolist()
+        if token_bytes_V is not None:
+            n_bytes += int(token_bytes_V[ids[:, 1:]][valid].sum())
         if teacher_top1 is not None:
             agree += ((logits.argmax(-1) == teacher_top1(idx, ids)[:, :-1]) & valid).sum().item()
     if module is not None:
@@ -70,7 +88,34 @@ def evaluate_lm(model, heldout_NT: torch.Tensor, *, batch_size: int = 16, max_se
            "per_sequence": {"nll": seq_nll, "tokens": seq_tokens}}
     if teacher_top1 is not None:
         out["top1_agreement"] = agree / count
-    return out
+    return _per_byte(out, sum(seq_nll), n_bytes) if token_bytes_V is not None else out
+
+
+@torch.no_grad()
+def evaluate_cross_tokenizer_teacher(teacher: CrossTokenizerTeacher, heldout_NT: torch.Tensor, *,
+                                     batch_size: int = 16, max_sequences: int = 0) -> dict[str, float]:
+    """A teacher of another tokenizer on the same held-out text: each student row re-tokenised for it (as the
+    distillation loss sees it), its next-token CE over its own tokens of the text the students predict (all but
+    the row's first student token) — bits_per_byte, comparable with the students' (`evaluate_lm` with
+    `token_bytes_V`), and eval_loss_own_tokens, which is not."""
+    inner, bytes_V = teacher.inner, token_bytes(teacher.teacher_tokenizer)
+    nll, count, n_bytes = 0.0, 0, 0
+    for _, ids in _batches(heldout_NT, batch_size, max_sequences):
+        retok = retokenize(ids, teacher.student, teacher.teacher_tokenizer)
+        t_ids, n_B = retok.teacher_ids, retok.teacher_lengths
+        logits = inner(t_ids).signal[:, :-1].float()
+        # the targets the students predict too: text after the row's first student token (which no model is
+        # asked for), within the row's real teacher tokens
+        first_B = [spans[0][1] for spans in retok.student_spans]
+        start_BU = torch.tensor([[sp[0] for sp in spans] + [-1] * (t_ids.shape[1] - len(spans))
+                                 for spans in retok.teacher_spans])
+        late_BU = start_BU[:, 1:] >= torch.tensor(first_B)[:, None]
+        target = t_ids[:, 1:].masked_fill(~late_BU | (torch.arange(1, t_ids.shape[1]) >= n_B[:, None]), -100)
+        nll += F.cross_entropy(logits.transpose(1, 2), target, reduction="sum").double().item()
+        valid = target != -100
+        count += int(valid.sum())
+        n_bytes += int(bytes_V[t_ids[:, 1:]][valid].sum())
+    return _per_byte({"eval_loss_own_tokens": nll / max(count, 1), "eval_tokens_own": count}, nll, n_bytes)
 
 
 def _generator(model) -> Callable[[list[list[int]], int], object]:

@@ -10,6 +10,7 @@ lives in its own directory under the run (checkpoints, metrics, the final model 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 import sys
@@ -37,7 +38,7 @@ from kdarch.train.checkpoint import CHECKPOINTS
 from kdarch.train.config import DataSection, ModelSection, RunConfig, Stage, TrainSection
 from kdarch.train.data import load_documents, pack, split_documents
 from kdarch.train.device import PeakMemory, check_device, device_label, resolve_device, resolve_dtype
-from kdarch.train.evaluate import evaluate_lm, generation_speed
+from kdarch.train.evaluate import evaluate_cross_tokenizer_teacher, evaluate_lm, generation_speed, token_bytes
 from kdarch.train.loop import set_seed, train
 from kdarch.train.objective import DistillObjective, Objective
 from kdarch.train.report import write_report
@@ -67,6 +68,11 @@ class Data:
     seq_len: int
     pad_id: int | None = None
     """Set when rows hold one document each, padded: padding is then never a target."""
+
+    @functools.cached_property
+    def token_bytes_V(self) -> torch.Tensor:
+        """[V] the UTF-8 bytes of each token's text: held-out losses per byte (`evaluate.token_bytes`)."""
+        return token_bytes(self.tokenizer)
 
 
 def prepare_data(run: RunConfig, run_dir: Path, tokenizer_dir: Path | None = None, log=print) -> Data:
@@ -167,7 +173,7 @@ def measure(run: StageRun, data: Data, *, eval_sequences: int, teacher_top1_NT: 
     cfg = run.model.config
     lookup = (lambda idx, ids: teacher_top1_NT[idx]) if teacher_top1_NT is not None else None
     row = evaluate_lm(run.model, data.heldout_NT, max_sequences=eval_sequences, teacher_top1=lookup,
-                      pad_id=data.pad_id)
+                      pad_id=data.pad_id, token_bytes_V=data.token_bytes_V)
     prompts = [data.heldout_NT[i, :16].tolist() for i in range(min(4, data.heldout_NT.shape[0]))]
     row.update(generation_speed(run.model, prompts, new_tokens=48))
     row.update(cfg.figures())
@@ -181,13 +187,17 @@ def measure(run: StageRun, data: Data, *, eval_sequences: int, teacher_top1_NT: 
 def measure_teacher(model_teacher: ModelTeacher, teacher: Teacher, data: Data, eval_sequences: int,
                     top1_NT: torch.Tensor | None, device: torch.device) -> dict:
     """The report row of a given teacher model (kdarch, Hugging Face or GGUF), measured as `measure` measures a
-    student: held-out loss from its logits (on the student's tokens; none for a teacher of another tokenizer,
-    whose tokens are other ones), top-1 agreement with itself, generation speed on the same prompts (the
-    teacher's own tokens of the same text when it has another tokenizer), peak memory, sizes."""
+    student: held-out loss from its logits and bits per byte (a teacher of another tokenizer: bits per byte of
+    the same text, and its loss over its own tokens, which does not compare), top-1 agreement with itself,
+    generation speed on the same prompts (its own tokens of the same text for another tokenizer), peak memory,
+    sizes."""
     with PeakMemory(device) as mem:
-        row = {} if teacher is not model_teacher else evaluate_lm(
-            teacher, data.heldout_NT, max_sequences=eval_sequences,
-            teacher_top1=None if top1_NT is None else lambda idx, ids: top1_NT[idx], pad_id=data.pad_id)
+        if isinstance(teacher, CrossTokenizerTeacher):
+            row = evaluate_cross_tokenizer_teacher(teacher, data.heldout_NT, max_sequences=eval_sequences)
+        else:
+            row = evaluate_lm(teacher, data.heldout_NT, max_sequences=eval_sequences, pad_id=data.pad_id,
+                              teacher_top1=None if top1_NT is None else lambda idx, ids: top1_NT[idx],
+                              token_bytes_V=data.token_bytes_V)
         prompts = [data.heldout_NT[i, :16].tolist() for i in range(min(4, data.heldout_NT.shape[0]))]
         if isinstance(teacher, CrossTokenizerTeacher):
             retok = retokenize(torch.tensor(prompts), teacher.student, teacher.teacher_tokenizer)

@@ -25,7 +25,8 @@ MODEL_KEYS = ("teacher", "student", "scratch")
 COLORS = {"teacher": "#4c4c4c", "student": "#1f9e74", "scratch": "#d0602a"}
 """One colour per model, in every figure (further students of a chain take the default cycle)."""
 COLUMNS = (("eval_loss", "held-out loss", "{:.4f}"), ("eval_loss_se", "± s.e.", "{:.4f}"),
-           ("perplexity", "perplexity", "{:.2f}"), ("top1_agreement", "top-1 agreement with teacher", "{:.3f}"),
+           ("perplexity", "perplexity", "{:.2f}"), ("bits_per_byte", "bits / byte", "{:.4f}"),
+           ("top1_agreement", "top-1 agreement with teacher", "{:.3f}"),
            ("params_total", "parameters", "{:,}"), ("params_active", "active / token", "{:,}"),
            ("kv_cache_bytes_per_token", "KV bytes / token", "{:,}"),
            ("generate_tokens_per_s", "generate tok/s", "{:.0f}"), ("peak_memory_mb", "peak MiB", "{:.0f}"),
@@ -58,10 +59,11 @@ def add_uncertainty(report: dict) -> None:
                                            "verdict": verdict}
 
 
-def gap_closed(report: dict) -> float | None:
-    """(scratch − student) / (scratch − teacher) on eval_loss, when all three were measured."""
+def gap_closed(report: dict, key: str = "eval_loss") -> float | None:
+    """(scratch − student) / (scratch − teacher) on `key` (eval_loss, or bits_per_byte: the one that compares
+    across tokenizers), when all three were measured."""
     try:
-        t, s, b = (report[k]["eval_loss"] for k in MODEL_KEYS)
+        t, s, b = (report[k][key] for k in MODEL_KEYS)
     except KeyError:
         return None
     return (b - s) / (b - t) if b != t else None
@@ -85,9 +87,11 @@ def _verdict_sentence(report: dict) -> list[str]:
     sentence = (f"{head[d['verdict']]} the same architecture trained from scratch on the same tokens: held-out loss "
                 f"{s:.4f} vs {b:.4f}, difference {d['eval_loss']:+.4f} (95% interval [{lo:+.4f}, {hi:+.4f}] over "
                 f"{n} held-out sequences)")
-    gap = report.get("gap_closed")
+    gap, per_byte = report.get("gap_closed"), report.get("gap_closed_bits_per_byte")
     if gap is not None and d["verdict"] != "no measurable difference":
         sentence += f"; gap closed (scratch − student) / (scratch − teacher) = {gap:.1%}"
+    elif per_byte is not None and d["verdict"] != "no measurable difference":  # a teacher of another tokenizer
+        sentence += f"; gap closed in bits per byte (the teacher's tokens are other ones) = {per_byte:.1%}"
     return [sentence + ".", ""]
 
 
@@ -166,9 +170,9 @@ def write_report(out: Path, report: dict, curves: dict[str, list[dict]], config_
     configuration that ran, out/config.toml); returns the JSON path."""
     out = Path(out)
     add_uncertainty(report)
-    gap = gap_closed(report)
-    if gap is not None:
-        report["gap_closed"] = gap
+    for name, key in (("gap_closed", "eval_loss"), ("gap_closed_bits_per_byte", "bits_per_byte")):
+        if (gap := gap_closed(report, key)) is not None:
+            report[name] = gap
     try:
         report["plots"] = plot(out, report, curves)
     except ImportError:

@@ -199,6 +199,10 @@ def test_distill_from_a_teacher_of_another_tokenizer(trained, tmp_path, capsys, 
     assert "distilled with distill.cross_tokenizer" in capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
     assert report["student"]["eval_loss"] > 0 and "top1_agreement" not in report["student"]  # other tokens
+    t, st, b = (report[k]["bits_per_byte"] for k in ("teacher", "student", "scratch"))  # the same text's bytes
+    assert "eval_loss" not in report["teacher"] and report["gap_closed_bits_per_byte"] == pytest.approx((b - st) /
+                                                                                                       (b - t))
+    assert report["teacher"]["params_total"] > 0 and report["teacher"]["generate_tokens_per_s"] > 0
     rows = [json.loads(line) for line in (out / "student" / "metrics.jsonl").read_text().splitlines()]
     assert all(0 < r["aligned_fraction"] <= 1 and r["soft"] >= 0 for r in rows)
     assert json.loads((out / "student" / "model" / "tokenizer.json").read_text())["model"]["type"] == "BPE"
