@@ -41,20 +41,20 @@ def _model() -> CausalLM:
 def _run(run_dir, *, resume=False, evaluate=None, distill=False, **kw):
     from kdarch.train.loop import train
     model = _model()
-    objective = _distill_objective(model) if distill else None
+    objective = _distill_objective(model, **({} if distill is True else distill)) if distill else None
     res = train(model, _cfg(**kw), _data(), run_dir, resume=resume, evaluate=evaluate, objective=objective,
                 **({"name": "t"} if evaluate else {}))
     return model, res.rows
 
 
-def _distill_objective(student):
+def _distill_objective(student, **distill):
     """Distillation from a small kdarch teacher (another debug model), the default [distill] losses."""
     from kdarch.distill.teachers import ModelTeacher
     from kdarch.train.config import DistillSection
     from kdarch.train.objective import DistillObjective
     torch.manual_seed(1)
     teacher = ModelTeacher(CausalLM(get_preset("debug")).eval())
-    return DistillObjective(teacher, student, DistillSection(), total_steps=STEPS)
+    return DistillObjective(teacher, student, DistillSection(**distill), total_steps=STEPS)
 
 
 def _save(out_dir, rank, model, rows):
@@ -211,6 +211,12 @@ def test_pipeline_refuses_distillation(tmp_path):
     with pytest.raises(Exception, match=r"parallel.pp: expected 1 for a DistillObjective \(pipeline stages run the "
                                         r"language-model loss only\), got 2"):
         spawn_gloo(_worker, 2, str(tmp_path), {"pp": 2, "pp_microbatches": 2}, {"distill": True})
+
+
+def test_on_policy_distillation_is_refused_under_a_plan(tmp_path):
+    with pytest.raises(Exception, match=r"distill.on_policy: expected 0 under torchrun \(the student's rollouts run "
+                                        r"in inference mode"):
+        spawn_gloo(_worker, 2, str(tmp_path), {"dp_shard": 2}, {"distill": {"on_policy": 1.0}})
 
 
 def test_a_batch_the_data_ranks_cannot_split_is_refused(tmp_path):
