@@ -5,6 +5,7 @@ leaves no complete checkpoint of that step."""
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -270,21 +271,23 @@ def test_a_signal_to_one_rank_stops_every_rank_at_one_step(tmp_path, reference):
 
 
 # --- a rank dies -------------------------------------------------------------------------------------------
-def _dying_rank(rank, port, out_dir, timeout_s):
+def _failing_rank(rank, port, out_dir, timeout_s, mode):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
     torch.set_num_threads(1)
     from kdarch.parallel import runtime
     from kdarch.parallel.config import ParallelConfig
     from kdarch.parallel.training import ParallelStage
-    if rank == 1:  # dies at step 3's checkpoint: after the state was gathered, before the commit barrier
+    if rank == 1:  # dies (or hangs) at step 3's checkpoint: after the state was gathered, before the commit barrier
         calls, barrier = [], ParallelStage.barrier
 
-        def dying_barrier(self):
+        def failing_barrier(self):
             calls.append(1)
             if len(calls) == 3:
-                os._exit(7)
+                if mode == "dies":
+                    os._exit(7)
+                time.sleep(600)  # hangs: alive, silent
             barrier(self)
-        ParallelStage.barrier = dying_barrier
+        ParallelStage.barrier = failing_barrier
     runtime.init_distributed(ParallelConfig(dp_shard=2, timeout_s=timeout_s), CFG)
     try:
         _run(Path(out_dir) / "run", checkpoint_every=1)
@@ -294,25 +297,31 @@ def _dying_rank(rank, port, out_dir, timeout_s):
     os._exit(0)
 
 
-def test_a_dead_rank_fails_the_run_without_a_complete_checkpoint(tmp_path):
+@pytest.mark.parametrize("mode", ["dies", "hangs"])
+def test_a_failed_rank_fails_the_run_without_a_complete_checkpoint(tmp_path, mode):
     import torch.multiprocessing as mp
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_dying_rank, args=(r, port, str(tmp_path), 20.0)) for r in range(2)]
+    procs = [ctx.Process(target=_failing_rank, args=(r, port, str(tmp_path), 8.0, mode)) for r in range(2)]
     for p in procs:
         p.start()
-    for p in procs:
-        p.join(timeout=240)
-    alive = [p.is_alive() for p in procs]
+    procs[0].join(timeout=240)
+    rank0_done = not procs[0].is_alive()
+    procs[1].join(timeout=1 if mode == "hangs" else 60)
+    rank1_alive = procs[1].is_alive()
     for p in procs:
         if p.is_alive():
             p.kill()
-    assert alive == [False, False], "a rank hung instead of failing"
-    assert procs[1].exitcode == 7 and procs[0].exitcode == 1
+            p.join()
+    assert rank0_done, "rank 0 hung instead of failing"
+    assert procs[0].exitcode == 1
+    assert rank1_alive if mode == "hangs" else procs[1].exitcode == 7
     error = (tmp_path / "error0.txt").read_text()
     assert error.startswith("TrainingError: train: rank 0 of 2 stopped at step 3: a collective with the other "
                             "ranks failed"), error
+    if mode == "hangs":  # the monitored barrier names the rank that did not arrive within parallel.timeout_s
+        assert "Ranks 1 failed to pass monitoredBarrier in 8000 ms" in error, error
     assert [s for s, _ in complete_checkpoints(tmp_path / "run")] == [1, 2]  # step 3 never looked complete
     assert not any(d.name.startswith(".") for d in (tmp_path / "run" / "checkpoints").iterdir())
