@@ -1,7 +1,7 @@
 """Greedy decoding: kdarch's latent-cache generation beside transformers' `generate` on the same weights.
 
     python benchmarks/decode.py --quick                  # about a minute: both configs, prompts 512 and 2048
-    python benchmarks/decode.py                          # the full sweep (~10 min on 2 CPU threads)
+    python benchmarks/decode.py                          # the full sweep (~15 min on 2 busy CPU cores)
     python benchmarks/decode.py --publish                # the full sweep, also copied to benchmarks/measured/
     python benchmarks/decode.py --configs bench --prompts 512 --batches 1 --new-tokens 32
     python benchmarks/decode.py --configs --model runs/distill-.../student/model   # MTP drafting on a trained model
@@ -178,7 +178,7 @@ def bench_config(name: str, args, dev: torch.device, rows: list, lines: list, pa
             setup = {"config": name, "batch": B, "prompt": P, "new_tokens": N, "repeat": args.repeat,
                      "dtype": "float32", "threads": args.threads, "kdarch_decode_path": path,
                      "kdarch_prefill_path": choose_path(P, P, cfg)}
-            rate = {k: B / statistics.median(v) for k, v in steps.items()}  # the median step: robust to spikes
+            rate = {k: statistics.median([B / s for s in v]) for k, v in steps.items()}  # robust to spikes
             for provider in clocks:
                 rows += [row("decode", provider, "greedy", "tokens_per_s", "tok/s", "prompt", P,
                              [B / s for s in steps[provider]], setup),
@@ -217,9 +217,11 @@ def plot(rows: list, path: Path) -> Path | None:
     for ax, (cfg, by_provider) in zip(axes[0], sorted(pts.items())):
         for provider, xy in sorted(by_provider.items()):
             ax.plot(*zip(*sorted(xy)), marker="o", label=provider)
-        ax.set(title=f"{cfg}: greedy decoding, batch 1", xlabel="prompt tokens", ylabel="new tokens / s", xscale="log")
+        ax.set(title=f"{cfg}: greedy decoding, batch 1", xlabel="prompt tokens", ylabel="new tokens / s")
+        ax.set_xscale("log", base=2)
         ax.set_xticks(sorted({x for xy in by_provider.values() for x, _ in xy}))
-        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.set_ylim(bottom=0)
         ax.legend()
     fig.tight_layout()
@@ -261,9 +263,9 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--max-batch-tokens", type=int, default=4096,
                    help="batches above 1 run only the prompts with batch x prompt <= this")
-    p.add_argument("--new-tokens", type=int, default=24)
+    p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--repeat", type=int, default=2)
-    p.add_argument("--path-repeat", type=int, default=7, help="repeats of the per-path decode step (0: skip it)")
+    p.add_argument("--path-repeat", type=int, default=3, help="repeats of the per-path decode step (0: skip it)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="prompts 512 and 2048, batch 1, 8 new tokens, 1 call each")
     p.add_argument("--publish", action="store_true", help="also write the CSV and plot to benchmarks/measured/")
