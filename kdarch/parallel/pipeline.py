@@ -9,7 +9,8 @@ the first and the last stage on rank 0: the embedding is then used on one rank o
 parameter two ranks use (the embedding; the head when tied) is summed over the pp ranks after the backward.
 
 The loss of each micro-batch is weighted by its share of the step's target tokens inside `loss_fn` (the schedules'
-own gradient scaling is off), so a step's gradient is the 1-process gradient of the whole batch. Each rank keeps the
+own gradient scaling is off), so a step's gradient is the 1-process gradient of the whole batch. Beside pp,
+dp_replicate replicas each run their rows of the batch through their own pipeline and sum gradients. Each rank keeps the
 whole model and its optimizer steps only the parameters that received gradients (its stages'); the router load is
 summed over the ranks before the bias update, so every rank moves every bias alike. For a checkpoint every tensor
 is broadcast from the rank that trains it: the state is the 1-process one.
@@ -78,10 +79,10 @@ class Pipeline:
 
     def __init__(self, model: nn.Module, ctx: DistributedContext, *, batch_size: int, dtype: str = "float32"):
         c = ctx.config
-        if c.dp_replicate * c.dp_shard > 1 or c.ep > 1:
-            raise ConfigError(f"parallel.pp: expected dp_replicate = dp_shard = ep = 1 beside pp > 1 in the train loop "
-                              f"(pipeline stages are not data- or expert-parallel yet), got pp={c.pp}, dp_replicate="
-                              f"{c.dp_replicate}, dp_shard={c.dp_shard}, ep={c.ep}")
+        if c.dp_shard > 1 or c.ep > 1:
+            raise ConfigError(f"parallel.pp: expected dp_shard = ep = 1 beside pp > 1 in the train loop (pipeline "
+                              f"stages are replicated, not FSDP- or expert-sharded, yet: use dp_replicate), got "
+                              f"pp={c.pp}, dp_shard={c.dp_shard}, ep={c.ep}")
         if model.config.seq_aux_loss_coef > 0:
             raise ConfigError(f"model.seq_aux_loss_coef: expected 0 with parallel.pp > 1 (the balance loss of the "
                               f"middle stages does not reach the loss yet), got {model.config.seq_aux_loss_coef}")
@@ -93,9 +94,9 @@ class Pipeline:
         if dtype != "float32":
             raise ConfigError(f"train.dtype: expected float32 with parallel.pp > 1 (the stages exchange fp32 "
                               f"activations), got {dtype}")
-        if batch_size % c.pp_microbatches:
-            raise ConfigError(f"train.batch_size: expected a multiple of parallel.pp_microbatches = "
-                              f"{c.pp_microbatches}, got {batch_size}")
+        if batch_size % (c.dp_replicate * c.pp_microbatches):
+            raise ConfigError(f"train.batch_size: expected a multiple of dp_replicate * pp_microbatches = "
+                              f"{c.dp_replicate * c.pp_microbatches}, got {batch_size}")
         self.model, self.ctx, self.group = model, ctx, ctx.mesh["pp"].get_group()
         self.pp_rank, per = ctx.mesh["pp"].get_local_rank(), model.config.n_layers // S
         self.n_stages = S
@@ -186,11 +187,17 @@ class Pipeline:
         return self.sums.get("loss", zero), {k: self.sums.get(k, zero) for k in keys}
 
     def sum_shared_grads(self) -> None:
-        """A parameter two ranks use gets the sum of both ranks' gradients."""
+        """A parameter two pipeline ranks use gets the sum of both ranks' gradients; with dp_replicate > 1 every
+        gradient is then summed over the replicas (each ran its own rows of the batch)."""
         for p in self.shared:
             g = p.grad if p.grad is not None else torch.zeros_like(p)
             dist.all_reduce(g, group=self.group)
             p.grad = g
+        if self.ctx.config.dp_replicate > 1:
+            dp = self.ctx.group("dp")
+            for p in self.model.parameters():  # the same stages, so the same parameters, on every replica
+                if p.grad is not None:
+                    dist.all_reduce(p.grad, group=dp)
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:

@@ -50,7 +50,8 @@ class ParallelStage:
             raise ConfigError(f"distill.feature_weight: expected 0 under torchrun (trainable objective modules "
                               f"{sorted(modules)} are not sharded yet), got a run that trains them")
         self.ctx, self.plain = ctx, model
-        self.model = parallelize(copy.deepcopy(model).to(device), ctx, param_dtype=param_dtype)
+        replica = copy.deepcopy(model).to(device)
+        self.model = parallelize(replica, ctx, param_dtype=param_dtype) if ctx.config.pp == 1 else replica
         self.pipe = Pipeline(self.model, ctx, batch_size=batch_size,
                              dtype="float32" if param_dtype is None else "bfloat16") if ctx.config.pp > 1 else None
         self.is_main = ctx.is_main

@@ -152,6 +152,15 @@ def test_fsdp2_with_ep2_equals_one_process(tmp_path, reference):
 PP2_DUALPIPEV = {"pp": 2, "pp_schedule": "DualPipeV", "pp_microbatches": 4}
 
 
+def test_four_ranks_dualpipev_pp2_beside_dp_replicate2(tmp_path, reference):
+    """pp=2 (DualPipeV) x dp_replicate=2: each replica's pipeline runs its rows, gradients summed over replicas.
+    One micro-batch of 8 rows per step (2 per replica and micro-batch): the same rows and tokens per step as the
+    reference's 2 of 4."""
+    spawn_gloo(_worker, 4, str(tmp_path), {**PP2_DUALPIPEV, "dp_replicate": 2, "pp_microbatches": 4},
+               {"batch_size": 8, "grad_accum": 1})
+    _check_same_run(tmp_path, reference, ep="1, pp=2 DualPipeV x dp_replicate=2")
+
+
 def test_four_ranks_experts_sharded_over_dp_shard_out(tmp_path, reference):
     """dp_shard=4, ep=2: each expert slice is FSDP-sharded over the 2 ranks of dp_shard_out (4 processes, the only
     test here beyond 2: slower on 2 cores, but the one layout where the experts are sharded by both)."""
