@@ -109,7 +109,7 @@ class Pipeline:
                 users.setdefault(id(p), set()).add(ranks[s])
         self.owner = {n: min(users.get(id(p), {0})) for n, p in model.named_parameters()}
         self.shared = [p for p in model.parameters() if len(users.get(id(p), ())) > 1]
-        self._stage_of_module = self._module_owners(S, per, ranks)
+        self._state_owner = self._module_owners(S, per, ranks)
         self.total = 1
         self.sums: dict[str, torch.Tensor] = {}
 
@@ -220,7 +220,7 @@ class Pipeline:
         """Every tensor as its owner holds it, on every rank."""
         sd = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         for name, t in sd.items():
-            dist.broadcast(t, group_src=self._stage_of_module[name], group=self.group)
+            dist.broadcast(t, group_src=self._state_owner[name], group=self.group)
         return sd
 
     def full_optimizer_state(self, opt: torch.optim.Optimizer) -> dict:
