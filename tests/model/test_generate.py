@@ -88,6 +88,25 @@ def test_greedy_generation_equals_transformers_generate(changes):
     assert len({t for r in ours for t in r}) > 3  # not a degenerate constant output
 
 
+def test_attention_mask_only_with_padding():
+    """No padding: no mask (causal order is the rule). With padding: query slot q sees valid slots s <= q and
+    itself, compared with a mask written out by loops."""
+    cfg = get_preset("debug")
+    cache = LatentKVCache(cfg, 2, 8)
+    cache.begin(torch.ones(2, 3, dtype=torch.bool), all_valid=True)
+    assert cache.attention_mask(3) is None
+    cache = LatentKVCache(cfg, 2, 8)
+    valid_BT = torch.tensor([[False, False, True, True], [True, True, True, True]])
+    cache.begin(valid_BT)
+    cache.advance(4)
+    cache.begin(torch.ones(2, 2, dtype=torch.bool), all_valid=True)  # padding stays masked after the prompt
+    valid = torch.cat([valid_BT, torch.ones(2, 2, dtype=torch.bool)], 1)
+    want = torch.tensor([[[(s <= q and bool(valid[b, s])) or s == q for s in range(6)] for q in (4, 5)]
+                         for b in range(2)])
+    got = cache.attention_mask(2)
+    assert torch.equal(got[:, 0], want) and cache.attention_mask(2) is got  # built once per forward
+
+
 def test_stop_token_ends_a_row():
     model = make()
     first = model.generate([[1, 2, 3]], 5)[0]
@@ -133,10 +152,12 @@ def test_generate_errors():
 
 # ------------------------------------------------------- the static cache: a decode step that compiles
 
-def test_static_cache_decodes_like_the_growing_cache_without_host_syncs(value_checks_off):
+@pytest.mark.parametrize("path", ["absorbed", "expanded"])
+def test_static_cache_decodes_like_the_growing_cache_without_host_syncs(value_checks_off, path):
     """All S slots attended under the mask, index_copy writes at a device-side slot: the same logits as
     the growing cache, left padding included, and a decode step that reads nothing back."""
     model, cfg = make(), get_preset("debug")
+    set_path(model, path)
     ids_BT, valid_BT, pos_BT = left_pad([[5, 6, 7, 8, 9], [40, 41]])
     steps_B = torch.tensor([[3, 250], [17, 64], [42, 5], [99, 128]])
     logits = []
