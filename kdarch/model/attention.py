@@ -9,11 +9,12 @@ by every head. The cache keeps only [latent, k_rope] per token; attention over i
   cache, so a decode step reads C + R values per cached token instead of H * (N + R + V).
 `choose_path` picks per call from the shapes (FLOPs of each path; a one-token step is always absorbed:
 expanding S latents costs more than attending to them); `set_path` pins one path for tests and benchmarks.
-Absorbed attention is multi-query attention with the heads as query rows: one bmm per batch row against
-the [S, C + R] cache buffer, no per-head copies and no fp32 copy of the cache.
+Absorbed attention is multi-query attention with the heads as query rows: one bmm over the batch against
+the [S, C + R] cache rows, no per-head copies and no fp32 copy of the cache.
 
 Shape legend: B batch, T query tokens, S key tokens, H heads, D model width, C kv latent width,
-N qk nope width, R rope width, V value width, X = C + R (a cache row), M = B * T, L = T * H.
+N qk nope width, R rope width, V value width, X = C + R (a cache row), U = N + V (one head's rows of wkv_b),
+O = H * V, M = B * T, L = T * H.
 """
 from __future__ import annotations
 
@@ -101,12 +102,12 @@ class MLA(nn.Module):
         if path == "absorbed":
             if mask_B1TS is None and T > 1:
                 mask_B1TS = _causal_TS(T, S, x_BTD.device)[None, None]
-            o_BTY = self._absorbed(q_BTHK, kv_BSX, mask_B1TS)
+            o_BTO = self._absorbed(q_BTHK, kv_BSX, mask_B1TS)
         else:
             if mask_B1TS is None and T < S:
                 mask_B1TS = _causal_TS(T, S, x_BTD.device)[None, None]
-            o_BTY = self._expanded(q_BTHK, kv_BSX[..., :self.kv_rank], kv_BSX[..., self.kv_rank:], mask_B1TS)
-        return self.wo(o_BTY)
+            o_BTO = self._expanded(q_BTHK, kv_BSX[..., :self.kv_rank], kv_BSX[..., self.kv_rank:], mask_B1TS)
+        return self.wo(o_BTO)
 
     def _expanded(self, q_BTHK, latent_BSC, k_rope_BSR, mask_B1TS) -> torch.Tensor:
         """Full-head SDPA on up-projected latents; mask None = causal with T == S. Returns [B, T, H * V]."""
@@ -126,9 +127,9 @@ class MLA(nn.Module):
         """Attention against the latent cache with W_uk folded into q and W_uv into the output. [B, T, H * V]"""
         B, T, H, _ = q_BTHK.shape
         N, C = self.nope_dim, self.kv_rank
-        w_HYC = self.wkv_b.weight.view(H, N + self.v_dim, C)
+        w_HUC = self.wkv_b.weight.view(H, N + self.v_dim, C)
         q_nope_HMN = q_BTHK[..., :N].reshape(B * T, H, N).transpose(0, 1)
-        q_lat_MHC = torch.bmm(q_nope_HMN, w_HYC[:, :N]).transpose(0, 1)                 # W_uk folded into q
+        q_lat_MHC = torch.bmm(q_nope_HMN, w_HUC[:, :N]).transpose(0, 1)                 # W_uk folded into q
         q_BLX = torch.cat((q_lat_MHC.reshape(B, T * H, C), q_BTHK[..., N:].reshape(B, T * H, -1)), -1)
         scores_BLS = torch.bmm(q_BLX.mul_(self.softmax_scale), kv_BSX.transpose(1, 2))  # heads as query rows
         if mask_B1TS is not None:
@@ -136,5 +137,5 @@ class MLA(nn.Module):
             scores_BTHS.masked_fill_(mask_B1TS.transpose(1, 2).logical_not(), float("-inf"))
         probs_BLS = scores_BLS.float().softmax(dim=-1).to(kv_BSX.dtype)
         o_lat_HMC = torch.bmm(probs_BLS, kv_BSX[..., :C]).view(B * T, H, C).transpose(0, 1)
-        o_HMV = torch.bmm(o_lat_HMC, w_HYC[:, N:].transpose(1, 2))                     # W_uv folded into the output
+        o_HMV = torch.bmm(o_lat_HMC, w_HUC[:, N:].transpose(1, 2))                     # W_uv folded into the output
         return o_HMV.transpose(0, 1).reshape(B, T, H * self.v_dim)
