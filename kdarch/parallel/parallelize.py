@@ -62,20 +62,24 @@ def parallelize(model: nn.Module, ctx: DistributedContext, *, param_dtype: torch
 
 
 @torch.no_grad()
-def clip_grad_norm_(params: list[nn.Parameter], max_norm: float, ctx: DistributedContext) -> torch.Tensor:
-    """The global gradient norm of the sharded `params` (the 1-process norm of the whole model), and every
-    gradient scaled by min(1, max_norm / (norm + 1e-6)) as torch.nn.utils.clip_grad_norm_ does."""
-    grads = [p.grad for p in params if p.grad is not None]
-    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
-    device = local[0].device if local else torch.device(ctx.device_type)
+def clip_grad_norm_(params: list[nn.Parameter], max_norm: float, ctx: DistributedContext,
+                    replicated: list[nn.Parameter] = ()) -> torch.Tensor:
+    """The global gradient norm of the sharded `params` plus the `replicated` ones (whole on every rank, their
+    gradients already summed: counted once), the 1-process norm; every gradient scaled by
+    min(1, max_norm / (norm + 1e-6)) as torch.nn.utils.clip_grad_norm_ does."""
+    local = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params if p.grad is not None]
+    whole = [p.grad for p in replicated if p.grad is not None]
+    device = (local + whole)[0].device if local + whole else torch.device(ctx.device_type)
     sq = torch.zeros((), dtype=torch.float32, device=device)
     for g in local:
         sq += g.float().pow(2).sum()
     if ctx.config.dp_shard > 1:
         dist.all_reduce(sq, group=ctx.group("dp_shard"))
+    for g in whole:
+        sq += g.float().pow(2).sum()
     norm = sq.sqrt()
     if max_norm != float("inf"):
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for g in local:
+        for g in local + whole:
             g.mul_(coef.to(g.dtype))
     return norm

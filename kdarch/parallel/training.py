@@ -46,12 +46,18 @@ class ParallelStage:
         if batch_size % ctx.dp_size:
             raise ConfigError(f"train.batch_size: expected a multiple of the data-parallel ranks dp_replicate * "
                               f"dp_shard = {ctx.dp_size} (the global batch is split among them), got {batch_size}")
-        if modules:
-            raise ConfigError(f"distill.feature_weight: expected 0 under torchrun (trainable objective modules "
-                              f"{sorted(modules)} are not sharded yet), got a run that trains them")
+        if modules and ctx.config.pp > 1:
+            raise ConfigError(f"parallel.pp: expected 1 with trainable objective modules ({sorted(modules)}), got "
+                              f"{ctx.config.pp}")
+        # objective modules (a feature-KD projector: small) stay whole on every rank, their gradients summed
+        self.replicated = [p for m in (modules or {}).values() for p in m.parameters()]
         self.ctx, self.plain = ctx, model
         replica = copy.deepcopy(model).to(device)
         self.model = parallelize(replica, ctx, param_dtype=param_dtype) if ctx.config.pp == 1 else replica
+        self.trained = nn.Module()  # everything the optimizer steps, by name: the model and those modules
+        self.trained.add_module("model", self.model)
+        for k, m in (modules or {}).items():
+            self.trained.add_module(f"objective_{k}", m)
         self.pipe = Pipeline(self.model, ctx, batch_size=batch_size,
                              dtype="float32" if param_dtype is None else "bfloat16") if ctx.config.pp > 1 else None
         self.is_main = ctx.is_main
@@ -64,10 +70,15 @@ class ParallelStage:
         return indices_B[r * b:(r + 1) * b], ids_BT[r * b:(r + 1) * b]
 
     def clip(self, params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+        """Gradients completed over the ranks, then the global norm and clipping."""
         if self.pipe is not None:
             self.pipe.sum_shared_grads()
             return self.pipe.clip_grad_norm_(max_norm)
-        return clip_grad_norm_(params, max_norm, self.ctx)
+        rep = {id(p) for p in self.replicated}
+        for p in self.replicated:
+            if p.grad is not None:
+                dist.all_reduce(p.grad, group=self.ctx.group("dp"))
+        return clip_grad_norm_([p for p in params if id(p) not in rep], max_norm, self.ctx, self.replicated)
 
     def reduce(self, loss: torch.Tensor, sums: dict, stop: bool) -> tuple[torch.Tensor, dict, bool, float | None]:
         """(global loss, global metric sums, whether any rank was asked to stop, expert-parallel bytes all ranks
@@ -106,17 +117,19 @@ class ParallelStage:
             load_full_model_state(self.model, self.plain.state_dict())
 
     def optimizer_state(self, opt: torch.optim.Optimizer) -> dict:
-        return self.pipe.full_optimizer_state(opt) if self.pipe is not None else full_optimizer_state(self.model, opt)
+        return self.pipe.full_optimizer_state(opt) if self.pipe is not None else full_optimizer_state(self.trained, opt)
 
     def optimizer_loader(self, opt: torch.optim.Optimizer) -> Callable[[dict], None]:
         if self.pipe is not None:  # whole parameters on every rank: the 1-process state as it is
             return opt.load_state_dict
-        return lambda sd: load_full_optimizer_state(self.model, opt, sd)
+        return lambda sd: load_full_optimizer_state(self.trained, opt, sd)
 
     def param_shapes(self, opt: torch.optim.Optimizer) -> list[list[list[int]]]:
         """The optimizer's parameter shapes as one process has them (whole experts)."""
+        plain = {id(p): list(p.shape) for p in self.replicated}  # whole on every rank
         names = {id(p): n for n, p in self.model.named_parameters()}
-        return [[list(self.plain.get_parameter(names[id(p)]).shape) for p in g["params"]] for g in opt.param_groups]
+        return [[plain[id(p)] if id(p) in plain else list(self.plain.get_parameter(names[id(p)]).shape)
+                 for p in g["params"]] for g in opt.param_groups]
 
     def barrier(self) -> None:
         self.ctx.barrier()

@@ -187,8 +187,24 @@ def test_sharded_checkpoint_resumes_in_one_process(tmp_path, reference, plan):
 
 
 def test_distillation_with_ep2_equals_one_process(tmp_path):
-    _, ref_rows = _run(tmp_path / "ref", distill=True)
-    spawn_gloo(_worker, 2, str(tmp_path), {"dp_shard": 2, "ep": 2}, {"distill": True})
+    """Logit KD plus feature KD: its projector trains whole on every rank, gradients summed, saved once."""
+    distill = {"feature_weight": 0.5}
+    _, ref_rows = _run(tmp_path / "ref", distill=distill)
+    spawn_gloo(_worker, 2, str(tmp_path), {"dp_shard": 2, "ep": 2}, {"distill": distill})
+    from kdarch.train.checkpoint import CHECKPOINTS
+    from kdarch.train.checkpoint import load_checkpoint as load
+    from kdarch.train.loop import build_optimizer
+    saved = {}
+    for run in ("ref", "run"):  # the projector's weights and AdamW moments after the run, as each checkpoint has them
+        student, (ckpt,) = _model(), list((tmp_path / run / CHECKPOINTS).iterdir())
+        objective = _distill_objective(student, **distill)
+        opt, _ = build_optimizer(list(student.named_parameters()) + [
+            (f"features.{n}", q) for n, q in objective.modules["features"].named_parameters()], _cfg())
+        load(ckpt, model=student, optimizer=opt, modules=objective.modules)
+        proj = list(objective.modules["features"].parameters())
+        saved[run] = [q.detach().clone() for q in proj] + [opt.state[q]["exp_avg"] for q in proj]
+    for a, b in zip(saved["run"], saved["ref"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     rows = json.loads((tmp_path / "rows0.json").read_text())
     assert len(rows) == len(ref_rows) == STEPS
     assert set(rows[0]) == set(ref_rows[0]) | {"ep_bytes_sent"}
