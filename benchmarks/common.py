@@ -20,6 +20,8 @@ import torch
 
 RESULTS_DIR = Path(os.environ.get("KDARCH_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 """Where CSVs go: benchmarks/results, or $KDARCH_BENCH_RESULTS (the GPU suite points every benchmark at its own)."""
+MEASURED_DIR = Path(__file__).resolve().parent / "measured"
+"""The published copy of a run (`--publish`): the CSVs and plots the README cites, kept in the repository."""
 CSV_FIELDS = ["kernel", "provider", "mode", "metric", "unit", "x_name", "x_value", "p50", "p20", "p80", "config",
               "device", "timestamp", "version"]
 

