@@ -139,7 +139,6 @@ class ModelTeacher(Teacher):
         hidden = tuple(h.float().to(dev) for h in out.hidden_states) if hidden_states else None
         return logits_BTV.float().to(dev), hidden
 
-
     def figures(self) -> dict:
         """The report's sizes of the teacher model: parameters (active per token too when known), the KV-cache
         bytes one token of context costs in the cache the model generates with, and the compute dtype."""

@@ -2,9 +2,11 @@
 
 The three models of a distillation report (teacher, distilled student, scratch student) are measured the same
 way here, so their rows compare: next-token cross-entropy over every position of the held-out sequences
-(mean over tokens, perplexity = exp of it), the fraction of those positions where the model's argmax equals
-the teacher's, and greedy generation throughput on the latent KV cache, each on the model's own device (peak
-memory is measured in `kdarch.train.device`).
+(mean over tokens, perplexity = exp of it) and the same sum in bits per byte of the text (the figure that
+compares across tokenizers: a teacher of another tokenizer is scored on its own tokens of the same bytes), the
+fraction of positions where the model's argmax equals the teacher's, and greedy generation throughput — a
+kdarch model on its latent KV cache, a Hugging Face model through transformers' `generate` — as the median of
+repeated runs, each on the model's own device (peak memory is measured in `kdarch.train.device`).
 """
 from __future__ import annotations
 

@@ -168,14 +168,18 @@ def _finished_stage(stage: Stage, data: Data, final: Path, done: dict, teacher: 
                     done.get("device"))
 
 
+def generation_prompts(data: Data) -> list[list[int]]:
+    """The prompts every report row's generation speed is measured on: the first 16 tokens of 4 held-out rows."""
+    return [data.heldout_NT[i, :16].tolist() for i in range(min(4, data.heldout_NT.shape[0]))]
+
+
 def measure(run: StageRun, data: Data, *, eval_sequences: int, teacher_top1_NT: torch.Tensor | None) -> dict:
     """The report row of one model."""
     cfg = run.model.config
     lookup = (lambda idx, ids: teacher_top1_NT[idx]) if teacher_top1_NT is not None else None
     row = evaluate_lm(run.model, data.heldout_NT, max_sequences=eval_sequences, teacher_top1=lookup,
                       pad_id=data.pad_id, token_bytes_V=data.token_bytes_V)
-    prompts = [data.heldout_NT[i, :16].tolist() for i in range(min(4, data.heldout_NT.shape[0]))]
-    row.update(generation_speed(run.model, prompts, new_tokens=48))
+    row.update(generation_speed(run.model, generation_prompts(data), new_tokens=48))
     row.update(cfg.figures())
     row.update(device=run.device, peak_memory_mb=run.peak_memory_mb, train_seconds=run.seconds, train_tokens=run.tokens,
                train_steps=len(run.rows) and run.rows[-1]["step"], model_dir=str(run.directory))
@@ -198,7 +202,7 @@ def measure_teacher(model_teacher: ModelTeacher, teacher: Teacher, data: Data, e
             row = evaluate_lm(teacher, data.heldout_NT, max_sequences=eval_sequences, pad_id=data.pad_id,
                               teacher_top1=None if top1_NT is None else lambda idx, ids: top1_NT[idx],
                               token_bytes_V=data.token_bytes_V)
-        prompts = [data.heldout_NT[i, :16].tolist() for i in range(min(4, data.heldout_NT.shape[0]))]
+        prompts = generation_prompts(data)
         if isinstance(teacher, CrossTokenizerTeacher):
             retok = retokenize(torch.tensor(prompts), teacher.student, teacher.teacher_tokenizer)
             n = int(retok.teacher_lengths.min())
