@@ -25,7 +25,8 @@ from kdarch.checks import ConfigError
 from kdarch.config import ModelConfig
 from kdarch.parallel.config import ParallelConfig
 
-__all__ = ["DistributedContext", "current", "env_world_size", "init_distributed", "is_main_process", "teardown"]
+__all__ = ["DistributedContext", "barrier", "current", "env_world_size", "init_distributed", "is_main_process",
+           "teardown"]
 
 _CURRENT: DistributedContext | None = None
 
@@ -128,6 +129,12 @@ def current() -> DistributedContext | None:
 def is_main_process() -> bool:
     """True in a 1-process run and on rank 0: the process that writes the run's files."""
     return _CURRENT is None or _CURRENT.is_main
+
+
+def barrier() -> None:
+    """Every rank of the run reaches here (within parallel.timeout_s); nothing in a 1-process run."""
+    if _CURRENT is not None:
+        _CURRENT.barrier()
 
 
 def teardown() -> None:

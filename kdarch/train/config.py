@@ -196,6 +196,10 @@ class DistillSection:
     shape, for a few percent in bfloat16 on the CPU: see benchmarks/teacher_speed.py)."""
     teacher_device: str = ""
     """Where the teacher runs ("cpu", "cuda", "cuda:N", "auto"); empty: the student's train.device."""
+    teacher_shard: bool = False
+    """Under torchrun, shard a model teacher's weights with FSDP2 over the data-parallel ranks (each holds 1 / dp
+    of them, a block gathered for its forward): a teacher bigger than one device. False: a whole teacher on every
+    rank. No effect in one process."""
     kind: str = "forward_kl"
     """Soft-label divergence: forward_kl, reverse_kl, jsd or tvd."""
     alpha: str = "constant:0.9"

@@ -25,7 +25,9 @@ get the same optimiser, schedule, accumulation, bias update, logging, checkpoint
   batch (`train.batch_size` is global), losses and metrics are summed over the ranks with the global target
   count as denominator, so the losses are the 1-process run's; rank 0 alone writes metrics, progress and
   checkpoints (whole tensors, resumable on any world size). Under `parallel.pp` each micro-batch goes through the
-  pipeline schedule (`kdarch.parallel.pipeline`), which runs forward and backward itself.
+  pipeline schedule (`kdarch.parallel.pipeline`), which runs forward and backward itself. A distillation teacher
+  runs on each data rank's own rows: whole on every rank, or FSDP2-sharded over the data ranks with
+  `distill.teacher_shard` (`kdarch.parallel.teacher`).
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ from torch import nn
 
 from kdarch.checks import ConfigError
 from kdarch.parallel import runtime
+from kdarch.parallel.teacher import shard_teacher
 from kdarch.parallel.training import ParallelStage
 from kdarch.train.checkpoint import (
     CorruptCheckpointError,
@@ -208,6 +211,8 @@ def train(model: nn.Module, cfg: TrainSection, train_NT: torch.Tensor, run_dir: 
     if pipe is not None and type(objective) is not LMObjective:
         raise ConfigError(f"parallel.pp: expected 1 for a {type(objective).__name__} (pipeline stages run the "
                           f"language-model loss only), got {ctx.config.pp}")
+    if par is not None and getattr(getattr(objective, "cfg", None), "teacher_shard", False):
+        shard_teacher(objective.teacher, ctx)  # else a model teacher stays whole on every data rank
     if cfg.compile:
         compile_blocks(net)
     params = list(net.named_parameters()) + [(f"{k}.{n}", p) for k, m in objective.modules.items()

@@ -32,7 +32,7 @@ from kdarch.distill.teacher_signal import TopKTeacher
 from kdarch.distill.teachers import HFTeacher, ModelTeacher, Teacher
 from kdarch.io import MANIFEST, discard_directory, read_json, write_json, write_text
 from kdarch.model import CausalLM
-from kdarch.parallel.runtime import is_main_process
+from kdarch.parallel.runtime import barrier, is_main_process
 from kdarch.pretrained import KDARCH_MODEL_TYPE, from_pretrained, save_pretrained
 from kdarch.train.checkpoint import CHECKPOINTS
 from kdarch.train.config import DataSection, ModelSection, RunConfig, Stage, TrainSection
@@ -82,7 +82,8 @@ def prepare_data(run: RunConfig, run_dir: Path, tokenizer_dir: Path | None = Non
     docs = load_documents(cfg.dataset, field=cfg.text_field)
     train_docs, heldout_docs = split_documents(docs, cfg.heldout_fraction, cfg.split_seed)
     saved = run_dir / "tokenizer"
-    if (saved / "tokenizer.json").exists():
+    found = (saved / "tokenizer.json").exists()
+    if found:
         tok = load_tokenizer(saved)
     elif cfg.tokenizer == "bpe" and tokenizer_dir is not None and (tokenizer_dir / "tokenizer.json").exists():
         tok = load_tokenizer(tokenizer_dir)
@@ -94,7 +95,8 @@ def prepare_data(run: RunConfig, run_dir: Path, tokenizer_dir: Path | None = Non
             f"{time.perf_counter() - t0:.1f}s")
     else:
         tok = load_tokenizer(cfg.tokenizer)
-    if not (saved / "tokenizer.json").exists() and is_main_process():  # under torchrun rank 0 writes the run
+    barrier()  # under torchrun every rank has looked for a saved tokenizer before rank 0 writes one
+    if not found and is_main_process():  # under torchrun rank 0 writes the run
         tok.save(saved)
     data = Data(tok, pack(train_docs, tok, cfg.seq_len), pack(heldout_docs, tok, cfg.seq_len), cfg.seq_len)
     log(f"data: {data.train_NT.numel():,} training tokens ({data.train_NT.shape[0]} x {cfg.seq_len}), "
