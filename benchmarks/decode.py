@@ -37,9 +37,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, print_table, row, write_csv  # noqa: E402
+from common import MEASURED_DIR, RESULTS_DIR, print_table, row, write_csv  # noqa: E402
 
-MEASURED_DIR = Path(__file__).resolve().parent / "measured"
 CONFIGS = {"bench": {},
            "v3-attn": dict(n_heads=16, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, kv_lora_rank=512,
                            q_lora_rank=1536)}
