@@ -13,8 +13,9 @@ from pathlib import Path
 from kdarch.checks import ConfigError, check, check_field_types, choice_arg
 from kdarch.config import PRESETS, ModelConfig, get_preset
 from kdarch.parallel.config import PP_SCHEDULES as SCHEDULES
+from kdarch.parallel.config import ParallelConfig
 
-__all__ = ["DTYPE_BYTES", "MODELS", "SCHEDULES", "Cluster", "Plan", "check_plan", "load_model_config"]
+__all__ = ["DTYPE_BYTES", "LAYOUT_FIELDS", "MODELS", "SCHEDULES", "Cluster", "Plan", "check_plan", "load_model_config"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,10 @@ def load_model_config(spec: str) -> ModelConfig:
     if raw.get("model_type") == HF_MODEL_TYPE:
         return hf_config_to_kdarch(raw)
     return ModelConfig.from_dict({k: v for k, v in raw.items() if k != "model_type"})
+
+
+LAYOUT_FIELDS = ("dp_replicate", "dp_shard", "ep", "pp", "pp_schedule", "pp_microbatches", "tp")
+"""The fields a Plan shares with the run's ParallelConfig: one description of a layout, read by both."""
 
 
 @dataclass(frozen=True)
@@ -150,6 +155,20 @@ class Plan:
 
     def replace(self, **changes) -> Plan:
         return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_parallel(cls, parallel: ParallelConfig, **rest) -> Plan:
+        """The plan of a run's `[parallel]` layout (its degrees, schedule and micro-batches), with the estimate's
+        own fields (batch, sequence length, dtypes, ZeRO stage, recomputation) in `rest`, which win."""
+        check(isinstance(parallel, ParallelConfig), "Plan.from_parallel: parallel", "a ParallelConfig",
+              type(parallel).__name__, error=ConfigError)
+        return cls(**{**{k: getattr(parallel, k) for k in LAYOUT_FIELDS}, **rest})
+
+    @property
+    def parallel(self) -> ParallelConfig:
+        """This plan's layout as the `[parallel]` config a run under torchrun takes (a ConfigError naming the field
+        where only the estimate can take it, e.g. ep ranks borrowed from tp)."""
+        return ParallelConfig(**{**{k: getattr(self, k) for k in LAYOUT_FIELDS}, "pp_microbatches": self.microbatches})
 
 
 def _fail(name: str, expected: str, got) -> None:

@@ -211,3 +211,15 @@ def test_cli_plan_text_json_and_errors(capsys, tmp_path):
     assert json.loads(capsys.readouterr().out)["params_total"] == get_preset("debug").num_params()
     assert main(["plan", str(tmp_path / "missing.json"), "--gpus", "1"]) == 2
     assert "CONFIG: expected a model name" in capsys.readouterr().err
+
+
+def test_plan_and_parallel_config_describe_one_layout():
+    from kdarch.parallel.config import ParallelConfig
+    layout = ParallelConfig(dp_replicate=2, dp_shard=4, ep=2, pp=2, pp_schedule="DualPipeV", pp_microbatches=8)
+    plan = Plan.from_parallel(layout, seq_len=128, recompute=True)
+    assert (plan.dp, plan.ep, plan.pp, plan.microbatches, plan.recompute) == (8, 2, 2, 8, True)
+    assert plan.parallel == layout
+    assert Plan.from_parallel(layout, pp_microbatches=16).microbatches == 16  # the estimate's fields win
+    assert Plan(dp_shard=2, pp=2, global_batch=8).parallel.pp_microbatches == 4  # 8 rows over 2 data ranks
+    with pytest.raises(ConfigError, match=r"^parallel\.ep: expected a divisor of dp_shard=1, got 2$"):
+        _ = Plan(tp=2, ep=2).parallel  # ep ranks borrowed from tp: the estimate takes it, the train loop does not
