@@ -257,14 +257,20 @@ def cmd_generate(args) -> int:
     if args.speculative:
         from kdarch.model import generate_speculative
         new, stats = generate_speculative(model, prompt, args.max_new_tokens)
-        extra = f"MTP drafting: acceptance {stats.acceptance:.0%}, {stats.main_steps} main-model steps"
+        dt = time.perf_counter() - t0
+        t1 = time.perf_counter()  # plain greedy decoding of the same prompt, for the comparison
+        plain = model.generate([prompt], args.max_new_tokens)[0]
+        greedy_rate = len(plain) / (time.perf_counter() - t1)
+        same = "the same tokens" if list(plain) == list(new) else "OTHER TOKENS than greedy"
+        extra = (f"MTP drafting: acceptance {stats.acceptance:.0%}, {stats.main_steps} main-model steps; plain greedy "
+                 f"{greedy_rate:.0f} tok/s (speculative / greedy {len(new) / dt / greedy_rate:.2f}x), {same}")
     else:
         generator = torch.Generator(model.embed.weight.device).manual_seed(args.seed)
         new = model.generate([prompt], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                              top_p=args.top_p, generator=generator, compile=args.compile)[0]
+        dt = time.perf_counter() - t0
         extra = f"temperature {args.temperature}, top-k {args.top_k}, top-p {args.top_p}" + (
             ", compiled (time includes compilation)" if args.compile else "")
-    dt = time.perf_counter() - t0
     print(args.prompt + tok.decode(new))
     print(f"[{len(new)} tokens in {dt:.2f}s, {len(new) / dt:.0f} tok/s; {extra}]", file=sys.stderr)
     return 0

@@ -161,3 +161,37 @@ def generation_speed(model, prompts: list[list[int]], new_tokens: int = 64, repe
         seconds.append(time.perf_counter() - t0)
     return {"generate_tokens_per_s": len(prompts) * new_tokens / statistics.median(seconds),
             "generate_batch": len(prompts), "generate_new_tokens": new_tokens, "generate_repeats": repeats}
+
+
+@torch.no_grad()
+def speculative_speed(model, prompts: list[list[int]], new_tokens: int = 48, repeats: int = 3) -> dict[str, float]:
+    """MTP self-speculative greedy decoding (`kdarch.model.generate_speculative`) beside plain greedy decoding on
+    the same prompts, one prompt at a time (as speculative decoding runs): the drafts' acceptance, both
+    tokens/s (each the median of `repeats` passes over the prompts, the two alternating) and their ratio. Empty
+    for a model without MTP modules. Both give the same tokens (checked: a mismatch is an error)."""
+    from kdarch.model import generate_speculative
+    if not getattr(model, "mtp", None):
+        return {}
+    model.eval()
+    drafted = accepted = 0
+    greedy_s, spec_s = [], []
+    for r in range(repeats + 1):  # pass 0 warms up both
+        t_greedy = t_spec = 0.0
+        for p in prompts:
+            t0 = time.perf_counter()
+            plain = model.generate([p], new_tokens, eos_token_id=-1)[0]
+            t1 = time.perf_counter()
+            drafted_ids, stats = generate_speculative(model, p, new_tokens, eos_token_id=-1)
+            t2 = time.perf_counter()
+            if list(drafted_ids) != list(plain):
+                raise RuntimeError("speculative_speed: MTP-drafted decoding gave other tokens than greedy decoding")
+            t_greedy, t_spec = t_greedy + t1 - t0, t_spec + t2 - t1
+            if r == 0:
+                drafted, accepted = drafted + stats.drafted, accepted + stats.accepted
+        if r:
+            greedy_s.append(t_greedy)
+            spec_s.append(t_spec)
+    n = len(prompts) * new_tokens
+    greedy, spec = n / statistics.median(greedy_s), n / statistics.median(spec_s)
+    return {"mtp_acceptance": accepted / max(drafted, 1), "speculative_tokens_per_s": spec,
+            "greedy_batch1_tokens_per_s": greedy, "speculative_speedup": spec / greedy}

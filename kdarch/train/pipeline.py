@@ -38,7 +38,13 @@ from kdarch.train.checkpoint import CHECKPOINTS
 from kdarch.train.config import DataSection, ModelSection, RunConfig, Stage, TrainSection
 from kdarch.train.data import load_documents, pack, split_documents
 from kdarch.train.device import PeakMemory, check_device, device_label, resolve_device, resolve_dtype
-from kdarch.train.evaluate import evaluate_cross_tokenizer_teacher, evaluate_lm, generation_speed, token_bytes
+from kdarch.train.evaluate import (
+    evaluate_cross_tokenizer_teacher,
+    evaluate_lm,
+    generation_speed,
+    speculative_speed,
+    token_bytes,
+)
 from kdarch.train.loop import set_seed, train
 from kdarch.train.objective import DistillObjective, Objective
 from kdarch.train.report import write_report
@@ -175,13 +181,17 @@ def generation_prompts(data: Data) -> list[list[int]]:
     return [data.heldout_NT[i, :16].tolist() for i in range(min(4, data.heldout_NT.shape[0]))]
 
 
-def measure(run: StageRun, data: Data, *, eval_sequences: int, teacher_top1_NT: torch.Tensor | None) -> dict:
-    """The report row of one model."""
+def measure(run: StageRun, data: Data, *, eval_sequences: int, teacher_top1_NT: torch.Tensor | None,
+            speculative: bool = True) -> dict:
+    """The report row of one model; with `speculative`, a model with MTP modules also gets its MTP drafts'
+    acceptance and self-speculative decoding's speed beside plain greedy decoding (two prompts, batch 1)."""
     cfg = run.model.config
     lookup = (lambda idx, ids: teacher_top1_NT[idx]) if teacher_top1_NT is not None else None
     row = evaluate_lm(run.model, data.heldout_NT, max_sequences=eval_sequences, teacher_top1=lookup,
                       pad_id=data.pad_id, token_bytes_V=data.token_bytes_V)
     row.update(generation_speed(run.model, generation_prompts(data), new_tokens=48))
+    if speculative:
+        row.update(speculative_speed(run.model, generation_prompts(data)[:2], new_tokens=48))
     row.update(cfg.figures())
     row.update(device=run.device, peak_memory_mb=run.peak_memory_mb, train_seconds=run.seconds, train_tokens=run.tokens,
                train_steps=len(run.rows) and run.rows[-1]["step"], model_dir=str(run.directory))
@@ -411,7 +421,8 @@ def run_distill(run: RunConfig, out: Path, *, resume: bool = False, quick: bool 
               f"kdarch model {dcfg.teacher}")
     report: dict = {"teacher": {"name": teacher.name, "source": source}}
     if teacher_run is not None:
-        report["teacher"].update(measure(teacher_run, data, eval_sequences=n_eval, teacher_top1_NT=top1_NT))
+        report["teacher"].update(measure(teacher_run, data, eval_sequences=n_eval, teacher_top1_NT=top1_NT,
+                                         speculative=False))
     elif isinstance(teacher, CachedTeacher):
         report["teacher"].update(teacher.cache.figures())
     else:

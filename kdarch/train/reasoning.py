@@ -157,7 +157,8 @@ def run_arithmetic(run: RunConfig, out: Path, *, resume: bool = False, log=print
                     "arithmetic": {"curation": dataclasses.asdict(stats),
                                                          "test_problems": len(test)}}
     for key, res in runs.items():
-        report[key] = {**report.get(key, {}), **measure(res, teacher_data, eval_sequences=0, teacher_top1_NT=top1_NT)}
+        report[key] = {**report.get(key, {}), **measure(res, teacher_data, eval_sequences=0, teacher_top1_NT=top1_NT,
+                                                               speculative=key != "teacher")}
         completions = solve(res.model, test, tok)
         report["arithmetic"][key] = {"exact_match": ar.exact_match(test, completions),
                                      "example": ar.prompt(test[0]) + completions[0]}

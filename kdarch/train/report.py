@@ -29,7 +29,8 @@ COLUMNS = (("eval_loss", "held-out loss", "{:.4f}"), ("eval_loss_se", "± s.e.",
            ("top1_agreement", "top-1 agreement with teacher", "{:.3f}"),
            ("params_total", "parameters", "{:,}"), ("params_active", "active / token", "{:,}"),
            ("kv_cache_bytes_per_token", "KV bytes / token", "{:,}"),
-           ("generate_tokens_per_s", "generate tok/s", "{:.0f}"), ("peak_memory_mb", "peak MiB", "{:.0f}"),
+           ("generate_tokens_per_s", "generate tok/s", "{:.0f}"), ("mtp_acceptance", "MTP acceptance", "{:.1%}"),
+           ("speculative_speedup", "speculative / greedy", "{:.2f}x"), ("peak_memory_mb", "peak MiB", "{:.0f}"),
            ("train_seconds", "train s", "{:.0f}"), ("train_tokens", "train tokens", "{:,}"), ("device", "device", "{}"))
 BOOTSTRAP_SAMPLES = 2000
 

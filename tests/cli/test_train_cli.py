@@ -93,6 +93,8 @@ def test_eval_generate_convert(trained, tmp_path, capsys):
     assert main(["generate", "--model", model_dir, "--prompt", "The ", "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.startswith("The ")
     assert main(["generate", "--model", model_dir, "--prompt", "x", "--max-new-tokens", "4", "--speculative"]) == 0
+    err = capsys.readouterr().err
+    assert "MTP drafting: acceptance" in err and "tok/s (speculative / greedy" in err and "the same tokens" in err
     sampled = ["generate", "--model", model_dir, "--prompt", "The ", "--max-new-tokens", "6", "--seed", "3"]
     capsys.readouterr()
     assert main(sampled) == 0

@@ -9,7 +9,13 @@ import torch.nn.functional as F
 from kdarch import CausalLM, get_preset
 from kdarch.distill import CrossTokenizerTeacher, ModelTeacher
 from kdarch.train.data import embedded_corpus
-from kdarch.train.evaluate import evaluate_cross_tokenizer_teacher, evaluate_lm, generation_speed, token_bytes
+from kdarch.train.evaluate import (
+    evaluate_cross_tokenizer_teacher,
+    evaluate_lm,
+    generation_speed,
+    speculative_speed,
+    token_bytes,
+)
 from kdarch.train.tokenizer import BPETokenizer, ByteTokenizer
 
 
@@ -69,3 +75,14 @@ def test_generation_speed_is_the_median_of_repeated_runs(monkeypatch):
     monkeypatch.setattr(ev.time, "perf_counter", lambda: next(clock))
     out = generation_speed(model(64), [[1, 2, 3, 4]] * 2, new_tokens=5, repeats=3)
     assert out["generate_tokens_per_s"] == pytest.approx(2 * 5 / 1.0) and out["generate_repeats"] == 3
+
+
+def test_speculative_figures_count_the_drafts_and_compare_with_greedy():
+    from kdarch.model import generate_speculative
+    m, prompts = model(64), [[1, 2, 3, 4], [5, 6, 7]]
+    out = speculative_speed(m, prompts, 6)
+    stats = [generate_speculative(m, p, 6, eos_token_id=-1)[1] for p in prompts]
+    assert out["mtp_acceptance"] == sum(s.accepted for s in stats) / sum(s.drafted for s in stats)
+    assert out["speculative_speedup"] == pytest.approx(out["speculative_tokens_per_s"] /
+                                                       out["greedy_batch1_tokens_per_s"])
+    assert speculative_speed(CausalLM(get_preset("debug", vocab_size=64, n_mtp_modules=0)), prompts, 6) == {}
