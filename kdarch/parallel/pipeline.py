@@ -1,4 +1,5 @@
-"""Pipeline parallelism for the LM objective: a CausalLM cut into stages run by torch.distributed.pipelining.
+"""Pipeline parallelism for the LM and distillation objectives: a CausalLM cut into stages run by
+torch.distributed.pipelining.
 
 Stage s of S = pp x (stages per rank) holds n_layers / S consecutive blocks; stage 0 also the embedding, the last
 stage the final norm, the output head and the MTP modules, whose loss is the schedule's `loss_fn` (the MTP modules
@@ -9,7 +10,9 @@ the first and the last stage on rank 0: the embedding is then used on one rank o
 parameter two ranks use (the embedding; the head when tied) is summed over the pp ranks after the backward.
 
 The loss of each micro-batch is weighted by its share of the step's target tokens inside `loss_fn` (the schedules'
-own gradient scaling is off), so a step's gradient is the 1-process gradient of the whole batch. Beside pp,
+own gradient scaling is off), so a step's gradient is the 1-process gradient of the whole batch. A distillation
+runs its teacher on the rank of the last stage, once per step's micro-batch, and its KD loss (main head and MTP
+depths) in `loss_fn`: the target carries each row's index, which picks that row's teacher signal. Beside pp,
 dp_replicate replicas each run their rows of the batch through their own pipeline and sum gradients. Each rank keeps the
 whole model and its optimizer steps only the parameters that received gradients (its stages'); the router load is
 summed over the ranks before the bias update, so every rank moves every bias alike. For a checkpoint every tensor
@@ -18,6 +21,8 @@ is broadcast from the rank that trains it: the state is the 1-process one.
 Shape legend: b rows of a micro-batch, T positions, D model width.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -110,7 +115,7 @@ class Pipeline:
         self.owner = {n: min(users.get(id(p), {0})) for n, p in model.named_parameters()}
         self.shared = [p for p in model.parameters() if len(users.get(id(p), ())) > 1]
         self._state_owner = self._module_owners(S, per, ranks)
-        self.total = 1
+        self.total, self.head, self.last_rank = 1, None, ranks[S - 1]
         self.sums: dict[str, torch.Tensor] = {}
 
     def _module_owners(self, S: int, per: int, ranks: list[int]) -> dict[str, int]:
@@ -126,30 +131,40 @@ class Pipeline:
         return owner
 
     # --- a step ----------------------------------------------------------------------------------------
-    def _loss(self, h_bTD: torch.Tensor, target_b2T: torch.Tensor) -> torch.Tensor:
-        """The micro-batch's LM + MTP loss (as CausalLM.forward composes it), weighted by its share of the step's
-        target tokens."""
+    def _mtp_hidden(self, h_bTD: torch.Tensor, ids_bT: torch.Tensor) -> list[torch.Tensor]:
+        """The MTP modules' normed hidden states [b, T - k, D], as CausalLM.forward computes them."""
+        model, T = self.model, ids_bT.shape[1]
+        pos = torch.arange(T, device=h_bTD.device)
+        cos, sin = model.rope_cos[pos], model.rope_sin[pos]
+        h_prev, out = h_bTD, []
+        for k, module in enumerate(model.mtp, start=1):
+            if T - k < 1:
+                break
+            h_prev, h_normed, _ = module(h_prev[:, :T - k], model.embed(ids_bT[:, k:]), cos[..., :T - k, :],
+                                         sin[..., :T - k, :])
+            out.append(h_normed)
+        return out
+
+    def _loss(self, h_bTD: torch.Tensor, target_b3T: torch.Tensor) -> torch.Tensor:
+        """The micro-batch's loss, weighted by its share of the step's target tokens: LM + MTP (as CausalLM.forward
+        composes it), or the distillation head's (`step(head=...)`) on the rows the target's third channel names."""
         model = self.model
-        ids_bT, labels_bT = target_b2T[:, 0], target_b2T[:, 1]
-        T = ids_bT.shape[1]
-        lm, _ = model._head(h_bTD, labels_bT, 1, False)
-        loss, metrics = lm, {"lm_loss": lm}
-        if model.mtp:
-            pos = torch.arange(T, device=h_bTD.device)
-            cos, sin = model.rope_cos[pos], model.rope_sin[pos]
-            h_prev, losses = h_bTD, []
-            for k, module in enumerate(model.mtp, start=1):
-                if T - k < 1:
-                    break
-                h_prev, h_normed, _ = module(h_prev[:, :T - k], model.embed(ids_bT[:, k:]), cos[..., :T - k, :],
-                                             sin[..., :T - k, :])
-                losses.append(model._head(h_normed, labels_bT, k + 1, False)[0])
+        ids_bT, labels_bT, rows_b = target_b3T[:, 0], target_b3T[:, 1], target_b3T[:, 2, 0]
+        if self.head is not None:
+            loss, metrics = self.head(h_bTD, lambda: self._mtp_hidden(h_bTD, ids_bT), model.head.weight, labels_bT,
+                                      rows_b)
+        else:
+            lm, _ = model._head(h_bTD, labels_bT, 1, False)
+            loss, metrics = lm, {"lm_loss": lm}
+            losses = [model._head(h, labels_bT, k + 1, False)[0]
+                      for k, h in enumerate(self._mtp_hidden(h_bTD, ids_bT) if model.mtp else [], start=1)]
             if losses:
                 metrics["mtp_loss"] = torch.stack(losses).mean()
                 loss = loss + model.config.mtp_loss_weight * metrics["mtp_loss"]
         share = (labels_bT[:, 1:] != -100).sum().float() / self.total
         for k, v in {"loss": loss, **metrics}.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v.detach().float() * share
+            v = v.detach().float() if isinstance(v, torch.Tensor) else torch.tensor(float(v), device=h_bTD.device)
+            self.sums[k] = self.sums.get(k, 0.0) + v * share
         return loss * share
 
     def _build(self, ids_BT: torch.Tensor) -> None:
@@ -167,9 +182,12 @@ class Pipeline:
                                                   scale_grads=False)
         self.shape = tuple(ids_BT.shape)
 
-    def step(self, ids_BT: torch.Tensor, labels_BT: torch.Tensor, total: int) -> tuple[torch.Tensor, dict]:
+    def step(self, ids_BT: torch.Tensor, labels_BT: torch.Tensor, total: int,
+             head: Callable[[], Callable] | None = None) -> tuple[torch.Tensor, dict]:
         """Forward and backward of one global micro-batch through the pipeline; returns this rank's part of the
-        token-weighted loss and metrics (zero off the last stage: the caller sums over the ranks)."""
+        token-weighted loss and metrics (zero off the last stage: the caller sums over the ranks). `head`, for a
+        distillation: called on the rank of the last stage only (it runs the teacher on these rows), it gives that
+        stage's loss function (`DistillObjective.pipeline_head`); None: the language-model loss."""
         if self.schedule is None:
             self._build(ids_BT)
         elif tuple(ids_BT.shape) != self.shape:
@@ -177,13 +195,20 @@ class Pipeline:
                              f"shapes are fixed at its first batch), got {tuple(ids_BT.shape)}")
         self.total, self.sums = total, {}
         first, last = 0 in self.modules, self.n_stages - 1 in self.modules
-        target = torch.stack([ids_BT, labels_BT], dim=1) if last else None
+        self.head = head() if head is not None and last else None
+        rows_BT = torch.arange(ids_BT.shape[0], device=ids_BT.device)[:, None].expand_as(ids_BT)
+        target = torch.stack([ids_BT, labels_BT, rows_BT], dim=1) if last else None
         if first:
             self.schedule.step(ids_BT, target=target)
         else:
             self.schedule.step(target=target)
         zero = torch.zeros((), device=ids_BT.device)
-        keys = ["lm_loss"] + (["mtp_loss"] if len(self.model.mtp) and ids_BT.shape[1] > 1 else [])
+        if head is None:
+            keys = ["lm_loss"] + (["mtp_loss"] if len(self.model.mtp) and ids_BT.shape[1] > 1 else [])
+        else:  # the distillation's metrics, as the last stage has them
+            keys = [sorted(k for k in self.sums if k != "loss") if last else None]
+            dist.broadcast_object_list(keys, group_src=self.last_rank, group=self.group)
+            keys = keys[0]
         return self.sums.get("loss", zero), {k: self.sums.get(k, zero) for k in keys}
 
     def sum_shared_grads(self) -> None:

@@ -25,7 +25,8 @@ get the same optimiser, schedule, accumulation, bias update, logging, checkpoint
   batch (`train.batch_size` is global), losses and metrics are summed over the ranks with the global target
   count as denominator, so the losses are the 1-process run's; rank 0 alone writes metrics, progress and
   checkpoints (whole tensors, resumable on any world size). Under `parallel.pp` each micro-batch goes through the
-  pipeline schedule (`kdarch.parallel.pipeline`), which runs forward and backward itself. A distillation teacher
+  pipeline schedule (`kdarch.parallel.pipeline`), which runs forward and backward itself (a distillation's teacher
+  and loss on the rank of the last stage). A distillation teacher
   runs on each data rank's own rows: whole on every rank, or FSDP2-sharded over the data ranks with
   `distill.teacher_shard` (`kdarch.parallel.teacher`).
 """
@@ -208,9 +209,12 @@ def train(model: nn.Module, cfg: TrainSection, train_NT: torch.Tensor, run_dir: 
     if par is not None and on_policy > 0:
         raise ConfigError(f"distill.on_policy: expected 0 under torchrun (the student's rollouts run in inference "
                           f"mode, which FSDP-sharded weights cannot take part in yet), got {on_policy}")
-    if pipe is not None and type(objective) is not LMObjective:
+    kd_stage = pipe is not None and type(objective) is not LMObjective  # the teacher and KD loss on the last stage
+    if kd_stage and not hasattr(objective, "pipeline_head"):
         raise ConfigError(f"parallel.pp: expected 1 for a {type(objective).__name__} (pipeline stages run the "
-                          f"language-model loss only), got {ctx.config.pp}")
+                          f"language-model or the distillation loss only), got {ctx.config.pp}")
+    if kd_stage:
+        objective.check_pipeline(ctx.config.pp)
     if par is not None and getattr(getattr(objective, "cfg", None), "teacher_shard", False):
         shard_teacher(objective.teacher, ctx)  # else a model teacher stays whole on every data rank
     if cfg.compile:
@@ -253,8 +257,11 @@ def train(model: nn.Module, cfg: TrainSection, train_NT: torch.Tensor, run_dir: 
             loss_sum = torch.zeros((), device=device)
             for idx, ids in micro:
                 if pipe is not None:  # forward and backward through the stages, each micro-batch's share inside
-                    part, metrics = pipe.step(to_device(ids, device), to_device(labels_for(ids, objective.pad_id),
-                                                                                device), total)
+                    ids_dev = to_device(ids, device)
+                    head = (lambda i=idx, x=ids_dev, at=(step - 1) / cfg.steps: objective.pipeline_head(i, x, at)) \
+                        if kd_stage else None
+                    part, metrics = pipe.step(ids_dev, to_device(labels_for(ids, objective.pad_id), device), total,
+                                              head=head)
                     loss_sum += part
                     _accumulate(sums, metrics, 1.0)
                     continue

@@ -13,7 +13,9 @@ head and each MTP depth (`multi_token_kd_loss`, α·soft + (1 − α)·hard with
 optional feature KD (learned projectors, trained and checkpointed with the student) and relation KD (on the
 last hidden states or, with `distill.relation_source = "mla"`, on the MLA latents the KV cache stores, captured
 from both models by forward hooks), plus the model's own balance loss. A NaN/inf in the teacher's signal
-makes the loss non-finite, and the loop skips that step.
+makes the loss non-finite, and the loop skips that step. Under pipeline parallelism (`pipeline_head`) the teacher
+runs on the rank of the last stage and the same KD loss of the main head and the MTP depths is the schedule's loss
+function; feature and relation KD, which need every stage's hidden states, are refused there.
 
 On-policy steps (`distill.on_policy` = λ > 0, `kdarch.distill.on_policy`): the batch's rows are cut to prompts and
 continued by the student's own samples first; everything above then runs on the sampled rows, with the loss on
@@ -35,6 +37,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from kdarch.checks import ConfigError
 from kdarch.distill.cross_tokenizer import CrossTokenizerTeacher, cross_tokenizer_kd_loss
 from kdarch.distill.features import FeatureDistiller
 from kdarch.distill.mtp import multi_token_kd_loss
@@ -174,23 +177,10 @@ class DistillObjective:
         with capture_mla_latents(model) if latents else nullcontext() as s_latents:
             out = model(ids_BT, output_hidden_states=need_hidden, output_mtp_hidden_states=cfg.mtp,
                         return_logits=False)
-        res = multi_token_kd_loss(out.last_hidden_state, (out.mtp_hidden_states or []) if cfg.mtp else [],
-                                  model.head.weight, labels_BT, signal,
-                                  depth_weights=self.depth_weights,
-                                  mtp_weight=self.mtp_weight, kind=cfg.kind, temperature=temperature, alpha=alpha,
-                                  beta=cfg.beta)
-        loss = res.total
-        metrics = {"kd_loss": res.main.total.detach(), "alpha": alpha, "temperature": temperature}
+        loss, metrics = self._kd_loss(out.last_hidden_state, (out.mtp_hidden_states or []) if cfg.mtp else [],
+                                      model.head.weight, labels_BT, signal, alpha, temperature)
         if cfg.on_policy > 0:
             metrics["on_policy"] = float(sampled)
-        if res.main.soft is not None:
-            metrics["soft"] = res.main.soft.detach()
-            if self.schedule.adaptive:  # the next step's α depends on this value: the one host read
-                self.schedule.observe(metrics["soft"].item())
-        if res.main.hard is not None:
-            metrics["hard_ce"] = res.main.hard.detach()
-        if res.mtp is not None:
-            metrics["mtp_kd_loss"] = res.mtp.detach()
         if out.balance_loss is not None:
             loss = loss + out.balance_loss
         if cfg.feature_weight > 0:
@@ -203,6 +193,56 @@ class DistillObjective:
             loss = loss + cfg.relation_weight * rel
             metrics["relation_loss"] = rel.detach()
         return StepLoss(loss, metrics)
+
+    def _kd_loss(self, h_BTD, mtp_hidden, head_VD, labels_BT, signal, alpha, temperature) -> tuple[torch.Tensor, dict]:
+        """The main head's and the MTP depths' KD loss from the student's hidden states, and its metrics."""
+        cfg = self.cfg
+        res = multi_token_kd_loss(h_BTD, mtp_hidden, head_VD, labels_BT, signal, depth_weights=self.depth_weights,
+                                  mtp_weight=self.mtp_weight, kind=cfg.kind, temperature=temperature, alpha=alpha,
+                                  beta=cfg.beta)
+        metrics = {"kd_loss": res.main.total.detach(), "alpha": alpha, "temperature": temperature}
+        if res.main.soft is not None:
+            metrics["soft"] = res.main.soft.detach()
+            if self.schedule.adaptive:  # the next step's α depends on this value: the one host read
+                self.schedule.observe(metrics["soft"].item())
+        if res.main.hard is not None:
+            metrics["hard_ce"] = res.main.hard.detach()
+        if res.mtp is not None:
+            metrics["mtp_kd_loss"] = res.mtp.detach()
+        return res.total, metrics
+
+    # --- under pipeline parallelism: the teacher and the loss on the rank of the last stage ----------------------
+    def check_pipeline(self, pp: int) -> None:
+        """Refuse what a pipeline's last stage cannot compute (it sees only the final hidden states), naming the
+        field."""
+        cfg = self.cfg
+        for name in ("feature_weight", "relation_weight"):
+            if getattr(cfg, name):
+                raise ConfigError(f"distill.{name}: expected 0 with parallel.pp={pp} (the last pipeline stage sees "
+                                  f"only the final hidden states), got {getattr(cfg, name)}")
+        if self.cross:
+            raise ConfigError(f"distill.cross_tokenizer: expected a teacher of the student's tokenizer with "
+                              f"parallel.pp={pp}, got {cfg.cross_tokenizer!r}")
+        if self.schedule.adaptive:
+            raise ConfigError(f"distill.alpha: expected a schedule that does not observe the loss with "
+                              f"parallel.pp={pp} (only the last stage sees it), got {cfg.alpha!r}")
+
+    def pipeline_head(self, indices_B: torch.Tensor, ids_BT: torch.Tensor, progress: float):
+        """The teacher's signal for these rows, run once here, and the loss function of the pipeline's last stage:
+        `head(h_bTD, mtp_hidden, head_VD, labels_bT, rows_b) -> (loss, metrics)` for the micro-batch of rows
+        `rows_b` of `ids_BT` (`mtp_hidden()`: the MTP modules' normed hidden states, as the model computes them;
+        `head_VD`: the output head's weight)."""
+        cfg = self.cfg
+        step = min(self.total_steps, round(progress * self.total_steps))
+        alpha, temperature = self.schedule.at(step, self.total_steps)
+        signal = self.teacher(ids_BT, indices_B).signal
+        if cfg.top_k and not isinstance(signal, TopKTeacher):
+            signal = TopKTeacher.from_logits(signal, cfg.top_k)
+
+        def head(h_bTD, mtp_hidden, head_VD, labels_bT, rows_b):
+            rows = signal.take(rows_b) if isinstance(signal, TopKTeacher) else signal.index_select(0, rows_b)
+            return self._kd_loss(h_bTD, mtp_hidden() if cfg.mtp else [], head_VD, labels_bT, rows, alpha, temperature)
+        return head
 
     def _cross_tokenizer_loss(self, model, ids_BT, labels_BT, t_out, alpha, temperature, sampled) -> StepLoss:
         cfg = self.cfg

@@ -234,8 +234,9 @@ def test_hsdp_dp_replicate2_equals_one_process(tmp_path, reference):
 
 
 REFUSALS = [  # (plan, run, the ConfigError each rank must raise before any work)
-    ({"pp": 2, "pp_microbatches": 2}, {"distill": True},
-     "parallel.pp: expected 1 for a DistillObjective (pipeline stages run the language-model loss only), got 2"),
+    ({"pp": 2, "pp_microbatches": 2}, {"distill": {"relation_weight": 0.5}},
+     "distill.relation_weight: expected 0 with parallel.pp=2 (the last pipeline stage sees only the final hidden "
+     "states), got 0.5"),
     ({"dp_shard": 2}, {"distill": {"on_policy": 1.0}},
      "distill.on_policy: expected 0 under torchrun (the student's rollouts run in inference mode"),
     ({"dp_shard": 2}, {"batch_size": 3}, "train.batch_size: expected a multiple of the data-parallel ranks "
@@ -274,6 +275,28 @@ def test_pipeline_pp2_equals_one_process(tmp_path, reference, schedule, microbat
     summed over the ranks)."""
     spawn_gloo(_worker, 2, str(tmp_path), {"pp": 2, "pp_schedule": schedule, "pp_microbatches": microbatches}, {})
     _check_same_run(tmp_path, reference, ep=f"1, pp=2 {schedule}")
+
+
+@pytest.mark.parametrize("schedule,microbatches", [("DualPipeV", 4), ("1F1B", 2)])
+def test_distillation_under_pp2_equals_one_process(tmp_path, schedule, microbatches):
+    """The teacher runs on the rank of the last stage (rank 1 under 1F1B, rank 0 in DualPipeV's V), its signal
+    for the main head and the MTP depth (distill.mtp) meets the student's hidden states in the schedule's loss."""
+    ref_model, ref_rows = _run(tmp_path / "ref", distill=True)
+    spawn_gloo(_worker, 2, str(tmp_path), {"pp": 2, "pp_schedule": schedule, "pp_microbatches": microbatches},
+               {"distill": True})
+    from safetensors.torch import load_file
+    ref_sd = ref_model.state_dict()
+    for k, v in load_file(str(tmp_path / "weights0.safetensors")).items():  # the gathered stages' weights
+        torch.testing.assert_close(v, ref_sd[k], rtol=1e-4, atol=2e-5, msg=k)
+    rows = [json.loads((tmp_path / f"rows{r}.json").read_text()) for r in range(2)]
+    assert [{k: v for k, v in row.items() if k != "tokens_per_s"} for row in rows[0]] == \
+        [{k: v for k, v in row.items() if k != "tokens_per_s"} for row in rows[1]]
+    assert set(rows[0][0]) == set(ref_rows[0]) and "mtp_kd_loss" in ref_rows[0]
+    rel = [_rel(a["loss"], b["loss"]) for a, b in zip(rows[0], ref_rows)]
+    print(f"distillation, pp=2 {schedule}: per-step loss relative differences {[f'{x:.1e}' for x in rel]}")
+    for key in sorted(set(ref_rows[0]) - {"tokens_per_s"}):
+        assert max(abs(a[key] - b[key]) / max(abs(b[key]), 1e-6) for a, b in zip(rows[0], ref_rows)) < REL, key
+    assert ref_rows[-1]["loss"] < ref_rows[0]["loss"]
 
 
 def _sigterm_self_on_rank1():
