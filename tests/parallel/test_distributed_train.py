@@ -277,13 +277,30 @@ def test_pipeline_pp2_equals_one_process(tmp_path, reference, schedule, microbat
     _check_same_run(tmp_path, reference, ep=f"1, pp=2 {schedule}")
 
 
-@pytest.mark.parametrize("schedule,microbatches", [("DualPipeV", 4), ("1F1B", 2)])
-def test_distillation_under_pp2_equals_one_process(tmp_path, schedule, microbatches):
-    """The teacher runs on the rank of the last stage (rank 1 under 1F1B, rank 0 in DualPipeV's V), its signal
-    for the main head and the MTP depth (distill.mtp) meets the student's hidden states in the schedule's loss."""
-    ref_model, ref_rows = _run(tmp_path / "ref", distill=True)
-    spawn_gloo(_worker, 2, str(tmp_path), {"pp": 2, "pp_schedule": schedule, "pp_microbatches": microbatches},
-               {"distill": True})
+def _worker_counting_teacher(rank, out_dir, plan, kw):
+    """_worker, counting the teacher's forward passes on this rank."""
+    from kdarch.distill.teachers import Teacher
+    calls, call = [], Teacher.__call__
+
+    def counted(self, *a, **k):
+        calls.append(1)
+        return call(self, *a, **k)
+    Teacher.__call__ = counted
+    _worker(rank, out_dir, plan, kw)
+    Path(out_dir, f"teacher_calls{rank}.txt").write_text(str(len(calls)))
+
+
+@pytest.mark.parametrize("schedule,microbatches,distill,last",
+                         [("DualPipeV", 4, True, 0), ("1F1B", 2, {"top_k": 8}, 1)], ids=["DualPipeV", "1F1B-top8"])
+def test_distillation_under_pp2_equals_one_process(tmp_path, schedule, microbatches, distill, last):
+    """The teacher runs on the rank of the last stage alone (rank 1 under 1F1B, rank 0 in DualPipeV's V), once per
+    micro-batch of the step; its signal (dense logits, or their top-k) for the main head and the MTP depth
+    (distill.mtp) meets the student's hidden states in the schedule's loss."""
+    ref_model, ref_rows = _run(tmp_path / "ref", distill=distill)
+    spawn_gloo(_worker_counting_teacher, 2, str(tmp_path),
+               {"pp": 2, "pp_schedule": schedule, "pp_microbatches": microbatches}, {"distill": distill})
+    calls = [int((tmp_path / f"teacher_calls{r}.txt").read_text()) for r in range(2)]
+    assert calls[last] == STEPS * 2 and calls[1 - last] == 0, calls  # grad_accum = 2 micro-batches a step
     from safetensors.torch import load_file
     ref_sd = ref_model.state_dict()
     for k, v in load_file(str(tmp_path / "weights0.safetensors")).items():  # the gathered stages' weights
