@@ -316,6 +316,21 @@ def test_distillation_under_pp2_equals_one_process(tmp_path, schedule, microbatc
     assert ref_rows[-1]["loss"] < ref_rows[0]["loss"]
 
 
+def test_distillation_under_dualpipev_pp2_beside_dp_replicate2(tmp_path):
+    """4 processes: each replica's last-stage rank (pp rank 0 in the V) runs the teacher on its replica's rows."""
+    ref_model, ref_rows = _run(tmp_path / "ref", distill=True)
+    spawn_gloo(_worker_counting_teacher, 4, str(tmp_path), {**PP2_DUALPIPEV, "dp_replicate": 2},
+               {"distill": True, "batch_size": 8, "grad_accum": 1})
+    calls = [int((tmp_path / f"teacher_calls{r}.txt").read_text()) for r in range(4)]
+    assert calls == [STEPS, STEPS, 0, 0], calls  # pp is the outer mesh dim: ranks 0, 1 are pp rank 0 of each replica
+    rows = json.loads((tmp_path / "rows0.json").read_text())
+    rel = [_rel(a["loss"], b["loss"]) for a, b in zip(rows, ref_rows)]
+    print(f"distillation, pp=2 DualPipeV x dp_replicate=2: per-step loss relative differences "
+          f"{[f'{x:.1e}' for x in rel]}")
+    for key in sorted(set(ref_rows[0]) - {"tokens_per_s"}):
+        assert max(abs(a[key] - b[key]) / max(abs(b[key]), 1e-6) for a, b in zip(rows, ref_rows)) < REL, key
+
+
 def _sigterm_self_on_rank1():
     import signal
 
