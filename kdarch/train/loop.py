@@ -26,9 +26,8 @@ get the same optimiser, schedule, accumulation, bias update, logging, checkpoint
   count as denominator, so the losses are the 1-process run's; rank 0 alone writes metrics, progress and
   checkpoints (whole tensors, resumable on any world size). Under `parallel.pp` each micro-batch goes through the
   pipeline schedule (`kdarch.parallel.pipeline`), which runs forward and backward itself (a distillation's teacher
-  and loss on the rank of the last stage). A distillation teacher
-  runs on each data rank's own rows: whole on every rank, or FSDP2-sharded over the data ranks with
-  `distill.teacher_shard` (`kdarch.parallel.teacher`).
+  and loss on the rank of the last stage). A distillation teacher runs on each data rank's own rows: whole on every
+  rank, or FSDP2-sharded over the data ranks with `distill.teacher_shard` (`kdarch.parallel.teacher`).
 """
 from __future__ import annotations
 
