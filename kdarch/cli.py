@@ -166,9 +166,6 @@ def cmd_distill(args) -> int:
         if ctx is not None and run.distill.on_policy > 0:
             raise ConfigError(f"distill.on_policy: expected 0 under torchrun (the student's rollouts run in inference "
                               f"mode, which FSDP-sharded weights cannot take part in yet), got {run.distill.on_policy}")
-        if ctx is not None and run.parallel.pp > 1:
-            raise ConfigError(f"parallel.pp: expected 1 for kdarch distill (pipeline stages run the language-model "
-                              f"loss only; kdarch train takes pp), got {run.parallel.pp}")
         log = log_to_stderr if ctx is None or ctx.is_main else _quiet
         out = args.out_dir = _parallel_run_dir(ctx, args, f"distill-{'quick' if args.quick else args.task}")
         log(f"kdarch distill ({args.task}{', quick' if args.quick else ''}): run directory {out}")

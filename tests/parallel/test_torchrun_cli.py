@@ -1,6 +1,6 @@
-"""`torchrun -m kdarch train` with dp_shard=2, ep=2 against `python -m kdarch train`: the same losses; rank 0
-alone writes the run directory and prints the result; a [parallel] plan that does not fit the world size fails
-with one line naming the field."""
+"""`torchrun -m kdarch train|distill` against `python -m kdarch train|distill`: the same losses (dp_shard=2, ep=2;
+pp=2 DualPipeV, training and distilling); rank 0 alone writes the run directory and prints the result; a [parallel]
+plan that does not fit the world size fails with one line naming the field."""
 import json
 import os
 import subprocess
@@ -41,16 +41,36 @@ def test_torchrun_plan_that_does_not_fit_fails_naming_the_field(tmp_path):
     assert not (tmp_path / "bad").exists()  # refused before any work
 
 
-def test_torchrun_refuses_the_arithmetic_task_and_a_pipelined_distill(tmp_path):
+def test_torchrun_refuses_the_arithmetic_task(tmp_path):
     res = subprocess.run([*TORCHRUN, "-m", "kdarch", "distill", "--task", "arithmetic", "--parallel.dp_shard", "2",
                           "--out", str(tmp_path / "arith")], capture_output=True, text=True, timeout=300, env=ENV)
     assert res.returncode != 0
     assert "kdarch distill: error: --task: expected lm under torchrun" in res.stderr, res.stderr[-2000:]
-    res = subprocess.run([*TORCHRUN, "-m", "kdarch", "distill", "--quick", "--parallel.pp", "2",
-                          "--parallel.pp_microbatches", "2", "--out", str(tmp_path / "pp")],
+
+
+def test_torchrun_distill_with_dualpipev_equals_one_process(tmp_path):
+    """`torchrun -m kdarch distill` with pp=2 DualPipeV from a kdarch teacher trained here: the student's losses
+    are the 1-process run's; relation KD, which a pipeline's last stage cannot compute, is refused by the loop."""
+    teacher = subprocess.run([sys.executable, "-m", "kdarch", "train", *FLAGS, "--out", str(tmp_path / "teacher")],
+                             capture_output=True, text=True, timeout=300, env=ENV)
+    assert teacher.returncode == 0, teacher.stderr[-2000:]
+    distill = [*FLAGS, "--distill.teacher", str(tmp_path / "teacher" / "model"), "--scratch", "false"]
+    one = subprocess.run([sys.executable, "-m", "kdarch", "distill", *distill, "--out", str(tmp_path / "one")],
                          capture_output=True, text=True, timeout=300, env=ENV)
+    assert one.returncode == 0, one.stderr[-2000:]
+    pp_flags = ["--parallel.pp", "2", "--parallel.pp_schedule", "DualPipeV", "--parallel.pp_microbatches", "4"]
+    pp = subprocess.run([*TORCHRUN, "-m", "kdarch", "distill", *distill, *pp_flags, "--out", str(tmp_path / "pp")],
+                        capture_output=True, text=True, timeout=300, env=ENV)
+    assert pp.returncode == 0, pp.stderr[-3000:]
+    a, b = _losses(tmp_path / "one" / "student"), _losses(tmp_path / "pp" / "student")
+    assert len(a) == len(b) == 4 and max(abs(x - y) / abs(x) for x, y in zip(a, b)) < 1e-4, (a, b)
+    assert (tmp_path / "pp" / "report.json").is_file()
+    res = subprocess.run([*TORCHRUN, "-m", "kdarch", "distill", *distill, *pp_flags, "--distill.relation_weight",
+                          "0.1", "--out", str(tmp_path / "feat")], capture_output=True, text=True, timeout=300,
+                         env=ENV)
     assert res.returncode != 0
-    assert "kdarch distill: error: parallel.pp: expected 1 for kdarch distill" in res.stderr, res.stderr[-2000:]
+    assert "kdarch distill: error: distill.relation_weight: expected 0 with parallel.pp=2" in res.stderr, \
+        res.stderr[-2000:]
 
 
 def test_torchrun_train_with_dualpipev_equals_one_process(tmp_path):
