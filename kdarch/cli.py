@@ -163,9 +163,6 @@ def cmd_distill(args) -> int:
         if ctx is not None and args.task != "lm":
             raise ConfigError(f"--task: expected lm under torchrun (the {args.task} task runs in one process), "
                               f"got {args.task}")
-        if ctx is not None and run.distill.on_policy > 0:
-            raise ConfigError(f"distill.on_policy: expected 0 under torchrun (the student's rollouts run in inference "
-                              f"mode, which FSDP-sharded weights cannot take part in yet), got {run.distill.on_policy}")
         log = log_to_stderr if ctx is None or ctx.is_main else _quiet
         out = args.out_dir = _parallel_run_dir(ctx, args, f"distill-{'quick' if args.quick else args.task}")
         log(f"kdarch distill ({args.task}{', quick' if args.quick else ''}): run directory {out}")

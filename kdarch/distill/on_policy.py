@@ -19,7 +19,13 @@ of `kd_loss` works.
   truth, so a trainer puts no hard loss on them (α = 1 on sampled steps).
 - `RolloutStats`: rollouts (micro-batches), sequences, sampled tokens and seconds spent sampling, for the report.
 
-Sampling draws from a generator seeded by (seed, step), so a run and its resumption sample the same tokens.
+Sampling draws from a generator seeded by (seed, step), so a run and its resumption sample the same tokens; given
+the rows' indices in the training set, each row draws from its own generator seeded by (seed, step, row), so a row's
+tokens do not depend on the rows it is batched with, and a run under a data-parallel plan, where every data rank
+samples its own rows, samples what one process does. Under torch.distributed every rank runs the same number of
+decoding steps (an FSDP-sharded or expert-parallel model's forward is a collective): each rollout runs its full
+length and is cut at its end-of-sequence token afterwards, and it decodes under `torch.no_grad`, as the training
+step reuses FSDP's gathered weights, which inference mode would mark unusable for autograd.
 
 Shape legend: B batch, T row length, P prompt length, R sampled tokens.
 """
@@ -80,22 +86,31 @@ def tail_prompts(rollout_tokens: int) -> Callable[[torch.Tensor], list[int]]:
 
 @torch.no_grad()
 def rollout(model, ids_BT: torch.Tensor, prompt_lengths: list[int], max_new_tokens: int, *, temperature: float,
-            eos_token_id: int | None = None, pad_id: int = 0, seed: int = 0,
+            eos_token_id: int | None = None, pad_id: int = 0, seed: int = 0, rows: list[int] | None = None,
             stats: RolloutStats | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Continue row i's first `prompt_lengths[i]` tokens with up to `max_new_tokens` tokens sampled from `model`
     at `temperature` (stopping at `eos_token_id`, default the model's). Returns (ids [B, T'], labels [B, T'])
     with T' = max(P_i + R_i): prompts from position 0 followed by their samples, padded with `pad_id`; labels
-    are the ids on sampled tokens and -100 elsewhere (prompt, padding). Compiled blocks run eagerly here."""
+    are the ids on sampled tokens and -100 elsewhere (prompt, padding). `rows` (the rows' indices in the training
+    set): one generator per row, seeded by (seed, row). Compiled blocks run eagerly here."""
     B = ids_BT.shape[0]
     check(len(prompt_lengths) == B and all(is_int(p) and 1 <= p <= ids_BT.shape[1] for p in prompt_lengths),
           "rollout: prompt_lengths", f"{B} ints in [1, {ids_BT.shape[1]}]", prompt_lengths)
     check(is_int(max_new_tokens) and max_new_tokens >= 1, "rollout: max_new_tokens", "an int >= 1", max_new_tokens)
     t0 = time.perf_counter()
-    gen = torch.Generator(ids_BT.device).manual_seed(seed)
+    if rows is None:
+        gen = torch.Generator(ids_BT.device).manual_seed(seed)
+    else:
+        check(len(rows) == B, "rollout: rows", f"{B} row indices", rows)
+        gen = [torch.Generator(ids_BT.device).manual_seed((seed * 1_000_003 + int(r)) % 2**63) for r in rows]
     prompts = [row[:p] for row, p in zip(ids_BT.tolist(), prompt_lengths)]
+    lockstep = torch.distributed.is_available() and torch.distributed.is_initialized()
+    eos = (model.config.eos_token_id if eos_token_id is None else eos_token_id) if lockstep else eos_token_id
     with torch.compiler.set_stance("force_eager"):  # decoding shapes would recompile every compiled block
-        new = generate(model, prompts, max_new_tokens, temperature=temperature, eos_token_id=eos_token_id,
-                       generator=gen)
+        new = generate(model, prompts, max_new_tokens, temperature=temperature,
+                       eos_token_id=-1 if lockstep else eos_token_id, generator=gen, inference_mode=not lockstep)
+    if lockstep and eos is not None:  # what stopping at eos would have returned
+        new = [n[:n.index(eos) + 1] if eos in n else n for n in new]
     T = max(len(p) + len(n) for p, n in zip(prompts, new))
     out_BT = torch.full((B, T), pad_id, dtype=torch.long)
     labels_BT = torch.full((B, T), -100, dtype=torch.long)

@@ -20,8 +20,9 @@ from kdarch.model.cache import LatentKVCache, StaticLatentKVCache
 
 
 def sample_next(logits_BV: torch.Tensor, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row: argmax when temperature == 0, otherwise a sample from the filtered softmax."""
+                generator: torch.Generator | Sequence[torch.Generator] | None = None) -> torch.Tensor:
+    """One token per row: argmax when temperature == 0, otherwise a sample from the filtered softmax (with one
+    generator per row when `generator` is a sequence, so that a row's tokens do not depend on its batch)."""
     if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
         raise ValueError(f"sampling: expected temperature >= 0, 0 < top_p <= 1, top_k >= 0; "
                          f"got temperature={temperature}, top_p={top_p}, top_k={top_k}")
@@ -36,7 +37,11 @@ def sample_next(logits_BV: torch.Tensor, *, temperature: float = 0.0, top_k: int
         mass_before_BV = sorted_BV.softmax(dim=-1).cumsum(dim=-1) - sorted_BV.softmax(dim=-1)
         drop_BV = mass_before_BV >= top_p  # keep the smallest prefix whose mass reaches top_p (never empty)
         logits_BV = logits_BV.scatter(1, order_BV, sorted_BV.masked_fill(drop_BV, float("-inf")))
-    return torch.multinomial(logits_BV.softmax(dim=-1), 1, generator=generator).squeeze(1)
+    probs_BV = logits_BV.softmax(dim=-1)
+    if isinstance(generator, Sequence):
+        return torch.cat([torch.multinomial(probs_BV[i:i + 1], 1, generator=g) for i, g in enumerate(generator)]
+                         ).squeeze(1)
+    return torch.multinomial(probs_BV, 1, generator=generator).squeeze(1)
 
 
 def left_pad(prompts: Sequence[Sequence[int]] | torch.Tensor, pad_id: int = 0, device=None):
@@ -80,13 +85,17 @@ def compiled_decode_step(device_type: str):
 
 
 def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, eos_token_id: int | None = None, generator: torch.Generator | None = None,
-             cache_dtype: torch.dtype | None = None, compile: bool = False) -> list[list[int]]:
+             top_p: float = 1.0, eos_token_id: int | None = None,
+             generator: torch.Generator | Sequence[torch.Generator] | None = None,
+             cache_dtype: torch.dtype | None = None, compile: bool = False,
+             inference_mode: bool = True) -> list[list[int]]:
     """Continue each prompt by up to `max_new_tokens` tokens; returns the new tokens per prompt, ending
     with `eos_token_id` (default: the config's) where it was produced. `compile=True` decodes on a
-    preallocated StaticLatentKVCache with the compiled `decode_step` (same tokens, fixed shapes)."""
+    preallocated StaticLatentKVCache with the compiled `decode_step` (same tokens, fixed shapes).
+    `generator`: one, or one per prompt. `inference_mode=False` decodes under `torch.no_grad` instead (an
+    FSDP-sharded model's gathered weights must stay usable by the training step that follows)."""
     # inference mode drops autograd's per-op bookkeeping; torch.compile cannot trace the views of its tensors
-    with torch.no_grad() if compile else torch.inference_mode():
+    with torch.no_grad() if compile or not inference_mode else torch.inference_mode():
         return _generate(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                          eos_token_id=eos_token_id, generator=generator, cache_dtype=cache_dtype, compile=compile)
 

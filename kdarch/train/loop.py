@@ -204,10 +204,6 @@ def train(model: nn.Module, cfg: TrainSection, train_NT: torch.Tensor, run_dir: 
     net = par.model if par is not None else model  # what trains: the model, or its parallelised replica
     main = par is None or par.is_main
     pipe = par.pipe if par is not None else None
-    on_policy = getattr(getattr(objective, "cfg", None), "on_policy", 0)
-    if par is not None and on_policy > 0:
-        raise ConfigError(f"distill.on_policy: expected 0 under torchrun (the student's rollouts run in inference "
-                          f"mode, which FSDP-sharded weights cannot take part in yet), got {on_policy}")
     kd_stage = pipe is not None and type(objective) is not LMObjective  # the teacher and KD loss on the last stage
     if kd_stage and not hasattr(objective, "pipeline_head"):
         raise ConfigError(f"parallel.pp: expected 1 for a {type(objective).__name__} (pipeline stages run the "

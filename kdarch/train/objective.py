@@ -18,7 +18,8 @@ runs on the rank of the last stage and the same KD loss of the main head and the
 function; feature and relation KD, which need every stage's hidden states, are refused there.
 
 On-policy steps (`distill.on_policy` = λ > 0, `kdarch.distill.on_policy`): the batch's rows are cut to prompts and
-continued by the student's own samples first; everything above then runs on the sampled rows, with the loss on
+continued by the student's own samples first (each row by its own generator, seeded by the step and the row's index,
+so that they do not depend on the plan); everything above then runs on the sampled rows, with the loss on
 the sampled tokens only and no hard term (α = 1). Their target count is known only after sampling, so the
 micro-batches of an on-policy step are weighted by their rows' tokens, as sampled rows have at most that many.
 
@@ -161,7 +162,7 @@ class DistillObjective:
             ids_BT, labels_BT = rollout(model, ids_BT, self.prompt_lengths(ids_BT), cfg.rollout_tokens,
                                         temperature=cfg.rollout_temperature, eos_token_id=self.eos_token_id,
                                         pad_id=self.pad_id or 0, seed=self.seed * 1_000_003 + step,
-                                        stats=self.rollouts)
+                                        rows=[int(i) for i in indices_B], stats=self.rollouts)
             alpha = 1.0
         else:
             labels_BT = labels_for(ids_BT, self.pad_id)
@@ -223,6 +224,9 @@ class DistillObjective:
         if self.cross:
             raise ConfigError(f"distill.cross_tokenizer: expected a teacher of the student's tokenizer with "
                               f"parallel.pp={pp}, got {cfg.cross_tokenizer!r}")
+        if cfg.on_policy > 0:
+            raise ConfigError(f"distill.on_policy: expected 0 with parallel.pp={pp} (the student's rollouts need the "
+                              f"whole model on one rank), got {cfg.on_policy}")
         if self.schedule.adaptive:
             raise ConfigError(f"distill.alpha: expected a schedule that does not observe the loss with "
                               f"parallel.pp={pp} (only the last stage sees it), got {cfg.alpha!r}")

@@ -65,6 +65,21 @@ def test_a_rollout_ended_by_eos_is_padded_and_its_padding_ignored():
     assert (out[0, 8 + len(row0):] == 7).all() and (labels[0, 8 + len(row0):] == -100).all()
 
 
+def test_rows_seed_their_own_samples_whatever_they_are_batched_with():
+    """With the rows' indices each row samples from its own generator: a row alone, or batched with others, or
+    placed elsewhere in the batch, gets the same tokens (what lets data ranks sample their own rows)."""
+    model = _model()
+    ids = torch.randint(0, 256, (3, 10), generator=torch.Generator().manual_seed(4))
+    whole, _ = rollout(model, ids, [6] * 3, 5, temperature=1.0, eos_token_id=-1, seed=5, rows=[7, 2, 9])
+    for i, r in enumerate([7, 2, 9]):
+        alone, _ = rollout(model, ids[i:i + 1], [6], 5, temperature=1.0, eos_token_id=-1, seed=5, rows=[r])
+        assert alone[0].tolist() == whole[i].tolist()
+    swapped, _ = rollout(model, ids[[2, 0]], [6] * 2, 5, temperature=1.0, eos_token_id=-1, seed=5, rows=[9, 7])
+    assert swapped.tolist() == whole[[2, 0]].tolist()
+    other, _ = rollout(model, ids, [6] * 3, 5, temperature=1.0, eos_token_id=-1, seed=5, rows=[8, 2, 9])
+    assert other[0, 6:].tolist() != whole[0, 6:].tolist() and other[1].tolist() == whole[1].tolist()
+
+
 def test_sampling_is_reproducible_by_seed_and_stats_count_it():
     model = _model()
     ids = torch.randint(0, 256, (4, 10), generator=torch.Generator().manual_seed(3))

@@ -215,6 +215,24 @@ def test_distillation_with_ep2_equals_one_process(tmp_path):
     assert ref_rows[-1]["loss"] < ref_rows[0]["loss"]
 
 
+@pytest.mark.parametrize("plan", [{"dp_shard": 2}, {"dp_shard": 2, "ep": 2}])
+def test_on_policy_distillation_equals_one_process(tmp_path, plan):
+    """λ = 0.5: steps 2 and 4 distil on the student's own samples, each data rank sampling its rows of the batch
+    through the FSDP-sharded (and expert-parallel) student; every row is seeded by the step and its index, so the
+    samples, and so the losses, are those of one process."""
+    distill = {"on_policy": 0.5, "rollout_tokens": 6, "rollout_temperature": 1.0}
+    _, ref_rows = _run(tmp_path / "ref", distill=distill)
+    spawn_gloo(_worker, 2, str(tmp_path), plan, {"distill": distill})
+    rows = [json.loads((tmp_path / f"rows{r}.json").read_text()) for r in range(2)]
+    assert [r["on_policy"] for r in rows[0]] == [r["on_policy"] for r in ref_rows] == [0.0, 1.0, 0.0, 1.0]
+    rel = [_rel(a["loss"], b["loss"]) for a, b in zip(rows[0], ref_rows)]
+    print(f"on-policy distillation, {plan}: per-step loss relative differences {[f'{x:.1e}' for x in rel]}")
+    assert len(rel) == STEPS and max(rel) < REL, rel
+    for key in ("kd_loss", "soft", "grad_norm"):
+        assert max(_rel(a[key], b[key]) for a, b in zip(rows[0], ref_rows)) < REL, key
+    assert [r["loss"] for r in rows[1]] == [r["loss"] for r in rows[0]]  # every rank logged the global values
+
+
 def test_one_process_checkpoint_resumes_on_two_with_ep2(tmp_path, reference):
     _, ref_rows = reference
     with pytest.raises(_Stop):  # the 1-process run killed in step 3, after its step-2 checkpoint
@@ -237,8 +255,8 @@ REFUSALS = [  # (plan, run, the ConfigError each rank must raise before any work
     ({"pp": 2, "pp_microbatches": 2}, {"distill": {"relation_weight": 0.5}},
      "distill.relation_weight: expected 0 with parallel.pp=2 (the last pipeline stage sees only the final hidden "
      "states), got 0.5"),
-    ({"dp_shard": 2}, {"distill": {"on_policy": 1.0}},
-     "distill.on_policy: expected 0 under torchrun (the student's rollouts run in inference mode"),
+    ({"pp": 2, "pp_microbatches": 2}, {"distill": {"on_policy": 1.0}},
+     "distill.on_policy: expected 0 with parallel.pp=2 (the student's rollouts need the whole model on one rank)"),
     ({"dp_shard": 2}, {"batch_size": 3}, "train.batch_size: expected a multiple of the data-parallel ranks "
      "dp_replicate * dp_shard = 2 (the global batch is split among them), got 3"),
 ]
