@@ -159,10 +159,6 @@ def cmd_distill(args) -> int:
     task_stages(run) if args.task == "arithmetic" else check_distill(run, quick=args.quick)  # before the run dir
     ctx = _start_parallel(args, run)  # each stage's model is checked against [parallel] when it trains
     try:
-        from kdarch.checks import ConfigError
-        if ctx is not None and args.task != "lm":
-            raise ConfigError(f"--task: expected lm under torchrun (the {args.task} task runs in one process), "
-                              f"got {args.task}")
         log = log_to_stderr if ctx is None or ctx.is_main else _quiet
         out = args.out_dir = _parallel_run_dir(ctx, args, f"distill-{'quick' if args.quick else args.task}")
         log(f"kdarch distill ({args.task}{', quick' if args.quick else ''}): run directory {out}")

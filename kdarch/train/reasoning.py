@@ -11,6 +11,11 @@ Text is byte-level (`ByteTokenizer`; the task is ASCII). Training rows hold one 
 padded (padding is never a target): the prompt then sits where it sits at generation time, so reading the
 operands back is learnt as copying from fixed offsets rather than by induction over a packed stream, which
 small models pick up far sooner. Problems for teacher training, curation and testing are disjoint.
+
+Under torchrun every rank draws the same problems, the stages train on the `[parallel]` plan as `kdarch distill`'s
+do, and each finished model is whole on every rank: the solutions (the teacher's for curation, every model's for the
+test problems) are written by the ranks in turns of a contiguous share each, greedily, and gathered in problem order,
+so every rank curates the same set; rank 0 alone writes the tokenizer and the report.
 """
 from __future__ import annotations
 
@@ -19,9 +24,11 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from kdarch.checks import ConfigError
 from kdarch.distill.teachers import ModelTeacher
+from kdarch.parallel.runtime import is_main_process
 from kdarch.train import arithmetic as ar
 from kdarch.train.config import DataSection, ModelSection, RunConfig, Stage, TrainSection
 from kdarch.train.objective import DistillObjective, LMObjective
@@ -83,6 +90,19 @@ def solve(model, problems: list[ar.Problem], tok: ByteTokenizer, batch: int = 10
     return out
 
 
+def solve_shared(model, problems: list[ar.Problem], tok: ByteTokenizer) -> list[str]:
+    """`solve` in one process; under torch.distributed each rank solves its contiguous share of `problems` and the
+    shares are gathered on every rank, in problem order."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return solve(model, problems, tok)
+    n, rank = dist.get_world_size(), dist.get_rank()
+    share = -(-len(problems) // n)
+    shares: list = [None] * n
+    dist.all_gather_object(shares, solve(model, problems[rank * share:(rank + 1) * share], tok)
+                           if rank * share < len(problems) else [])
+    return [text for part in shares for text in part]
+
+
 def task_stages(run: RunConfig) -> tuple[Stage, Stage]:
     """The teacher and student stages of the task, every field of the run honoured or refused by name: [teacher],
     one [[students]] entry, [model] (the default student's architecture) and [train] are laid over the task's
@@ -106,7 +126,8 @@ def run_arithmetic(run: RunConfig, out: Path, *, resume: bool = False, log=print
     t_start = time.perf_counter()
     teacher_stage, student_stage = task_stages(run)
     cfg, tok = TASK, ByteTokenizer()
-    tok.save(out / "tokenizer")
+    if is_main_process():
+        tok.save(out / "tokenizer")
     # Test and curation problems are drawn before the teacher's (unique) training problems, which exhaust the
     # small space of two-operation problems: drawn after them, the curation set would hold almost only
     # three-operation problems and the student would never see a two-step solution.
@@ -122,7 +143,7 @@ def run_arithmetic(run: RunConfig, out: Path, *, resume: bool = False, log=print
 
     teacher_run = run_stage(teacher_stage, teacher_data, out, objective_for=lm, resume=resume, log=log)
     t0 = time.perf_counter()
-    written = solve(teacher_run.model, fresh, tok)
+    written = solve_shared(teacher_run.model, fresh, tok)
     kept, stats = ar.curate(fresh, written, strict=True)
     log(f"teacher wrote {len(written)} solutions in {time.perf_counter() - t0:.0f}s; kept {stats.kept} "
         f"(right answer {stats.correct}, valid steps {stats.valid_steps})")
@@ -159,11 +180,12 @@ def run_arithmetic(run: RunConfig, out: Path, *, resume: bool = False, log=print
     for key, res in runs.items():
         report[key] = {**report.get(key, {}), **measure(res, teacher_data, eval_sequences=0, teacher_top1_NT=top1_NT,
                                                                speculative=key != "teacher")}
-        completions = solve(res.model, test, tok)
+        completions = solve_shared(res.model, test, tok)
         report["arithmetic"][key] = {"exact_match": ar.exact_match(test, completions),
                                      "example": ar.prompt(test[0]) + completions[0]}
         log(f"[{key}] exact match on {len(test)} test problems: {report['arithmetic'][key]['exact_match']:.1%}")
     report["wall_seconds"] = time.perf_counter() - t_start
-    write_report(out, report, {key: res.rows for key, res in runs.items()},
-                 run.to_toml(teacher_stage, [student_stage]))
+    if is_main_process():
+        write_report(out, report, {key: res.rows for key, res in runs.items()},
+                     run.to_toml(teacher_stage, [student_stage]))
     return report

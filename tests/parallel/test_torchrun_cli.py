@@ -41,13 +41,6 @@ def test_torchrun_plan_that_does_not_fit_fails_naming_the_field(tmp_path):
     assert not (tmp_path / "bad").exists()  # refused before any work
 
 
-def test_torchrun_refuses_the_arithmetic_task(tmp_path):
-    res = subprocess.run([*TORCHRUN, "-m", "kdarch", "distill", "--task", "arithmetic", "--parallel.dp_shard", "2",
-                          "--out", str(tmp_path / "arith")], capture_output=True, text=True, timeout=300, env=ENV)
-    assert res.returncode != 0
-    assert "kdarch distill: error: --task: expected lm under torchrun" in res.stderr, res.stderr[-2000:]
-
-
 def test_torchrun_distill_with_dualpipev_equals_one_process(tmp_path):
     """`torchrun -m kdarch distill` with pp=2 DualPipeV from a kdarch teacher trained here: the student's losses
     are the 1-process run's; relation KD, which a pipeline's last stage cannot compute, is refused by the loop."""
