@@ -3,9 +3,9 @@ eager on a growing cache or compiled on a static one.
 
 Prompts of different lengths are left-padded into one batch; padding slots are masked out of attention
 and every row gets its own rope positions, so a row's tokens do not depend on what it is batched with.
-A batch without padding builds no mask at all. Eager generation runs under `torch.inference_mode`; the
-prefill attends on expanded heads and each one-token step on the latent cache
-(`kdarch.model.attention.choose_path`).
+A batch without padding builds no mask at all. Eager generation runs under `torch.inference_mode` (or
+`torch.no_grad`, `inference_mode=False`, for an FSDP-sharded model); the prefill attends on expanded heads
+and each one-token step on the latent cache (`kdarch.model.attention.choose_path`).
 
 Shape legend: B batch, T tokens, V vocabulary.
 """
