@@ -147,20 +147,31 @@ def _generator(model) -> Callable[[list[list[int]], int], object]:
 
 
 @torch.no_grad()
-def generation_speed(model, prompts: list[list[int]], new_tokens: int = 64, repeats: int = 3) -> dict[str, float]:
-    """Greedy generation throughput: new tokens per second over the whole batch of prompts (of one length), the
-    median of `repeats` timed runs after a warm-up, so that a moment of contention on a busy machine does not
-    decide a model's figure. `model`: a kdarch model (its latent KV cache), a Hugging Face causal LM or a
-    `ModelTeacher` of either."""
-    generate = _generator(model)
-    generate([prompts[0][:4]], 2)  # warm-up
-    seconds = []
+def generation_speeds(jobs: dict[str, tuple[object, list[list[int]]]], new_tokens: int = 48,
+                      repeats: int = 3) -> dict[str, dict[str, float]]:
+    """Greedy generation throughput of several models, each on its prompts (one length per model): new tokens
+    per second over the whole batch, the median of `repeats` timed runs after a warm-up. The models take turns
+    — round r times every model once — so a spell of contention on a busy machine slows every row alike
+    instead of deciding one of them (measured one after another, two copies of one architecture were seen 2x
+    apart). `jobs`: name -> (model, prompts); a model is a kdarch model (its latent KV cache), a Hugging Face
+    causal LM or a `ModelTeacher` of either."""
+    generators = {name: _generator(model) for name, (model, _) in jobs.items()}
+    seconds: dict[str, list[float]] = {name: [] for name in jobs}
+    for name, generate in generators.items():
+        generate([jobs[name][1][0][:4]], 2)  # warm-up
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        generate(prompts, new_tokens)
-        seconds.append(time.perf_counter() - t0)
-    return {"generate_tokens_per_s": len(prompts) * new_tokens / statistics.median(seconds),
-            "generate_batch": len(prompts), "generate_new_tokens": new_tokens, "generate_repeats": repeats}
+        for name, generate in generators.items():
+            t0 = time.perf_counter()
+            generate(jobs[name][1], new_tokens)
+            seconds[name].append(time.perf_counter() - t0)
+    return {name: {"generate_tokens_per_s": len(prompts) * new_tokens / statistics.median(seconds[name]),
+                   "generate_batch": len(prompts), "generate_new_tokens": new_tokens, "generate_repeats": repeats}
+            for name, (_, prompts) in jobs.items()}
+
+
+def generation_speed(model, prompts: list[list[int]], new_tokens: int = 48, repeats: int = 3) -> dict[str, float]:
+    """`generation_speeds` of one model."""
+    return generation_speeds({"model": (model, prompts)}, new_tokens, repeats)["model"]
 
 
 @torch.no_grad()

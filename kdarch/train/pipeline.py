@@ -42,6 +42,7 @@ from kdarch.train.evaluate import (
     evaluate_cross_tokenizer_teacher,
     evaluate_lm,
     generation_speed,
+    generation_speeds,
     speculative_speed,
     token_bytes,
 )
@@ -182,14 +183,16 @@ def generation_prompts(data: Data) -> list[list[int]]:
 
 
 def measure(run: StageRun, data: Data, *, eval_sequences: int, teacher_top1_NT: torch.Tensor | None,
-            speculative: bool = True) -> dict:
+            speculative: bool = True, speed: bool = True) -> dict:
     """The report row of one model; with `speculative`, a model with MTP modules also gets its MTP drafts'
-    acceptance and self-speculative decoding's speed beside plain greedy decoding (two prompts, batch 1)."""
+    acceptance and self-speculative decoding's speed beside plain greedy decoding (two prompts, batch 1).
+    `speed=False` leaves generation speed to the caller (`generation_speeds`, several models in turns)."""
     cfg = run.model.config
     lookup = (lambda idx, ids: teacher_top1_NT[idx]) if teacher_top1_NT is not None else None
     row = evaluate_lm(run.model, data.heldout_NT, max_sequences=eval_sequences, teacher_top1=lookup,
                       pad_id=data.pad_id, token_bytes_V=data.token_bytes_V)
-    row.update(generation_speed(run.model, generation_prompts(data), new_tokens=48))
+    if speed:
+        row.update(generation_speed(run.model, generation_prompts(data), new_tokens=48))
     if speculative:
         row.update(speculative_speed(run.model, generation_prompts(data)[:2], new_tokens=48))
     row.update(cfg.figures())
@@ -204,9 +207,8 @@ def measure_teacher(model_teacher: ModelTeacher, teacher: Teacher, data: Data, e
                     top1_NT: torch.Tensor | None, device: torch.device) -> dict:
     """The report row of a given teacher model (kdarch, Hugging Face or GGUF), measured as `measure` measures a
     student: held-out loss from its logits and bits per byte (a teacher of another tokenizer: bits per byte of
-    the same text, and its loss over its own tokens, which does not compare), top-1 agreement with itself,
-    generation speed on the same prompts (its own tokens of the same text for another tokenizer), peak memory,
-    sizes."""
+    the same text, and its loss over its own tokens, which does not compare), top-1 agreement with itself, peak
+    memory, sizes; generation speed is measured with the other rows' (`teacher_prompts`)."""
     with PeakMemory(device) as mem:
         if isinstance(teacher, CrossTokenizerTeacher):
             row = evaluate_cross_tokenizer_teacher(teacher, data.heldout_NT, max_sequences=eval_sequences)
@@ -214,15 +216,19 @@ def measure_teacher(model_teacher: ModelTeacher, teacher: Teacher, data: Data, e
             row = evaluate_lm(teacher, data.heldout_NT, max_sequences=eval_sequences, pad_id=data.pad_id,
                               teacher_top1=None if top1_NT is None else lambda idx, ids: top1_NT[idx],
                               token_bytes_V=data.token_bytes_V)
-        prompts = generation_prompts(data)
-        if isinstance(teacher, CrossTokenizerTeacher):
-            retok = retokenize(torch.tensor(prompts), teacher.student, teacher.teacher_tokenizer)
-            n = int(retok.teacher_lengths.min())
-            prompts = retok.teacher_ids[:, :n].tolist()
-        row.update(generation_speed(model_teacher, prompts, new_tokens=48))
     row.update(model_teacher.figures())
     row.update(device=device_label(device), peak_memory_mb=mem.peak_mb)
     return row
+
+
+def teacher_prompts(teacher: Teacher, data: Data) -> list[list[int]]:
+    """`generation_prompts` as the teacher reads them: its own tokens of the same text when it has another
+    tokenizer (cut to the shortest, so the batch has one length)."""
+    prompts = generation_prompts(data)
+    if not isinstance(teacher, CrossTokenizerTeacher):
+        return prompts
+    retok = retokenize(torch.tensor(prompts), teacher.student, teacher.teacher_tokenizer)
+    return retok.teacher_ids[:, :int(retok.teacher_lengths.min())].tolist()
 
 
 @torch.no_grad()
@@ -420,13 +426,16 @@ def run_distill(run: RunConfig, out: Path, *, resume: bool = False, quick: bool 
               f"Hugging Face model {dcfg.teacher}" if isinstance(model_teacher, HFTeacher) else
               f"kdarch model {dcfg.teacher}")
     report: dict = {"teacher": {"name": teacher.name, "source": source}}
+    speed_jobs: dict = {}  # row -> (model, prompts): generation speeds are measured together, in turns, at the end
     if teacher_run is not None:
         report["teacher"].update(measure(teacher_run, data, eval_sequences=n_eval, teacher_top1_NT=top1_NT,
-                                         speculative=False))
+                                         speculative=False, speed=False))
+        speed_jobs["teacher"] = (teacher_run.model, generation_prompts(data))
     elif isinstance(teacher, CachedTeacher):
         report["teacher"].update(teacher.cache.figures())
     else:
         report["teacher"].update(measure_teacher(model_teacher, teacher, data, n_eval, top1_NT, teacher_device))
+        speed_jobs["teacher"] = (model_teacher, teacher_prompts(teacher, data))
     chain, curves = [], {teacher_stage.name: teacher_run.rows} if teacher_run else {}
     for stage in students:
         objectives: list[DistillObjective] = []
@@ -437,19 +446,25 @@ def run_distill(run: RunConfig, out: Path, *, resume: bool = False, quick: bool 
 
         res = run_stage(stage, data, out, resume=resume, teacher=teacher.name, log=log,
                         objective_for=distill_objective)
-        chain.append({"name": stage.name, **measure(res, data, eval_sequences=n_eval, teacher_top1_NT=top1_NT),
-                      **on_policy_figures(dcfg, objectives)})
+        chain.append({"name": stage.name, **measure(res, data, eval_sequences=n_eval, teacher_top1_NT=top1_NT,
+                                                    speed=False), **on_policy_figures(dcfg, objectives)})
+        speed_jobs[f"chain.{len(chain) - 1}"] = (res.model, generation_prompts(data))
         curves[stage.name] = res.rows
         teacher = ModelTeacher(res.model, name=stage.name, fingerprint=data.tokenizer.fingerprint)
         teacher.align_to(data.tokenizer.vocab_size, student_fingerprint=data.tokenizer.fingerprint)
-    report["student"] = dict(chain[0])
-    if len(chain) > 1:
-        report["chain"] = chain
     if run.scratch:
         scratch = dataclasses.replace(students[0], name="scratch")
         res = run_stage(scratch, data, out, resume=resume, log=log)
-        report["scratch"] = measure(res, data, eval_sequences=n_eval, teacher_top1_NT=top1_NT)
+        report["scratch"] = measure(res, data, eval_sequences=n_eval, teacher_top1_NT=top1_NT, speed=False)
+        speed_jobs["scratch"] = (res.model, generation_prompts(data))
         curves["scratch"] = res.rows
+    rows = {"teacher": report["teacher"], "scratch": report.get("scratch"),
+            **{f"chain.{i}": row for i, row in enumerate(chain)}}
+    for name, speed in generation_speeds(speed_jobs, new_tokens=48).items():
+        rows[name].update(speed)
+    report["student"] = dict(chain[0])
+    if len(chain) > 1:
+        report["chain"] = chain
     report["wall_seconds"] = time.perf_counter() - t_start
     if is_main_process():
         write_report(out, report, curves, run.to_toml(None if dcfg.teacher else teacher_stage, students))

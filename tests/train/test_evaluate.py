@@ -86,3 +86,27 @@ def test_speculative_figures_count_the_drafts_and_compare_with_greedy():
     assert out["speculative_speedup"] == pytest.approx(out["speculative_tokens_per_s"] /
                                                        out["greedy_batch1_tokens_per_s"])
     assert speculative_speed(CausalLM(get_preset("debug", vocab_size=64, n_mtp_modules=0)), prompts, 6) == {}
+
+
+def test_generation_speeds_of_several_models_take_turns():
+    """Round r times every model once, so a slow spell on a busy machine hits every row alike."""
+    calls = []
+
+    class Recorder:
+        config = type("Config", (), {"figures": lambda self: {}})()
+
+        def __init__(self, name):
+            self.name = name
+
+        def eval(self):
+            return self
+
+        def generate(self, prompts, n, eos_token_id=None):
+            calls.append((self.name, n))
+            return [[0] * n for _ in prompts]
+
+    from kdarch.train.evaluate import generation_speeds
+    out = generation_speeds({"a": (Recorder("a"), [[1, 2]]), "b": (Recorder("b"), [[3, 4], [5, 6]])},
+                            new_tokens=7, repeats=3)
+    assert calls == [("a", 2), ("b", 2)] + [("a", 7), ("b", 7)] * 3  # warm-ups, then three rounds
+    assert set(out) == {"a", "b"} and out["b"]["generate_batch"] == 2 and out["a"]["generate_repeats"] == 3
