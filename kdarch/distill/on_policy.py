@@ -17,7 +17,8 @@ of `kd_loss` works.
   sampled tokens; returns the sequences [B, T'] (rows left-aligned, as training rows are, padded after an early
   end) and their labels, -100 everywhere but on the sampled tokens. The student's own samples are no ground
   truth, so a trainer puts no hard loss on them (α = 1 on sampled steps).
-- `RolloutStats`: rollouts (micro-batches), sequences, sampled tokens and seconds spent sampling, for the report.
+- `RolloutStats`: rollouts (micro-batches), sequences, sampled tokens and seconds spent sampling, for the report;
+  under torch.distributed the sequences and tokens of every rank.
 
 Sampling draws from a generator seeded by (seed, step), so a run and its resumption sample the same tokens; given
 the rows' indices in the training set, each row draws from its own generator seeded by (seed, step, row), so a row's
@@ -118,7 +119,12 @@ def rollout(model, ids_BT: torch.Tensor, prompt_lengths: list[int], max_new_toke
         out_BT[i, :len(p) + len(n)] = torch.tensor(p + n)
         labels_BT[i, len(p):len(p) + len(n)] = torch.tensor(n)
     if stats is not None:
-        stats.rollouts, stats.sequences = stats.rollouts + 1, stats.sequences + B
-        stats.tokens += sum(map(len, new))
+        counts = [B, sum(map(len, new))]
+        if lockstep:  # every data rank's rows (a plan that samples runs on data ranks only), as one process counts
+            counts_2 = torch.tensor(counts, device=ids_BT.device)
+            torch.distributed.all_reduce(counts_2)
+            counts = counts_2.tolist()
+        stats.rollouts, stats.sequences = stats.rollouts + 1, stats.sequences + counts[0]
+        stats.tokens += counts[1]
         stats.seconds += time.perf_counter() - t0
     return out_BT.to(ids_BT.device), labels_BT.to(ids_BT.device)

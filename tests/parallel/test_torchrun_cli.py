@@ -76,3 +76,26 @@ def test_torchrun_train_with_dualpipev_equals_one_process(tmp_path):
     assert pp.returncode == 0, pp.stderr[-3000:]
     a, b = _losses(tmp_path / "one"), _losses(tmp_path / "pp")
     assert len(a) == len(b) == 4 and max(abs(x - y) / abs(x) for x, y in zip(a, b)) < 1e-4, (a, b)
+
+
+def test_torchrun_on_policy_distill_equals_one_process(tmp_path):
+    """`torchrun -m kdarch distill` with distill.on_policy = 0.5 over dp_shard=2: each rank samples its own rows
+    through the sharded student, and the losses are the 1-process run's."""
+    teacher = subprocess.run([sys.executable, "-m", "kdarch", "train", *FLAGS, "--out", str(tmp_path / "teacher")],
+                             capture_output=True, text=True, timeout=300, env=ENV)
+    assert teacher.returncode == 0, teacher.stderr[-2000:]
+    distill = [*FLAGS, "--distill.teacher", str(tmp_path / "teacher" / "model"), "--scratch", "false",
+               "--distill.on_policy", "0.5", "--distill.rollout_tokens", "6", "--distill.rollout_temperature", "1.0"]
+    one = subprocess.run([sys.executable, "-m", "kdarch", "distill", *distill, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, timeout=300, env=ENV)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([*TORCHRUN, "-m", "kdarch", "distill", *distill, "--parallel.dp_shard", "2", "--out",
+                          str(tmp_path / "two")], capture_output=True, text=True, timeout=300, env=ENV)
+    assert two.returncode == 0, two.stderr[-3000:]
+    rows = [[json.loads(line) for line in (tmp_path / d / "student" / "metrics.jsonl").read_text().splitlines()]
+            for d in ("one", "two")]
+    assert [r["on_policy"] for r in rows[0]] == [r["on_policy"] for r in rows[1]] == [0.0, 1.0, 0.0, 1.0]
+    rel = [abs(a["loss"] - b["loss"]) / abs(a["loss"]) for a, b in zip(*rows)]
+    assert len(rel) == 4 and max(rel) < 1e-4, rel
+    report = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert report["student"]["on_policy"]["sequences"] == 2 * 4  # both ranks' rollouts, summed
