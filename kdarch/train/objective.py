@@ -250,8 +250,10 @@ class DistillObjective:
 
     def _cross_tokenizer_loss(self, model, ids_BT, labels_BT, t_out, alpha, temperature, sampled) -> StepLoss:
         cfg = self.cfg
-        out = model(ids_BT, labels=labels_BT)
-        terms = cross_tokenizer_kd_loss(out.logits, t_out, labels_BT, mode=cfg.cross_tokenizer, kind=cfg.kind,
+        out = model(ids_BT, labels=labels_BT, return_logits=False)  # for the MTP loss
+        # the logits that come back with labels carry no autograd history: the head's own, which do
+        logits_BTV = model.head(out.last_hidden_state)
+        terms = cross_tokenizer_kd_loss(logits_BTV, t_out, labels_BT, mode=cfg.cross_tokenizer, kind=cfg.kind,
                                         temperature=temperature, alpha=alpha, beta=cfg.beta,
                                         hard_weight=0.0 if sampled else 1.0, return_terms=True)  # uld's hard term
         loss = terms.total
