@@ -14,6 +14,9 @@ The combination follows the model's own `mtp_loss_weight` convention (`CausalLM`
     total = main + λ · Σ_k w_k · loss_k / Σ_k w_k        (w_k = depth_weights, default equal: the mean)
 
 each head's loss being the α·soft + (1 − α)·hard mean over its own valid rows (kdarch.distill.losses).
+A batch that is one part of a larger one (a micro-batch, a data rank's rows) passes `normalisers`, each head's
+target count in the whole (`target_counts`, summed over the parts): each head's loss is then its sum over these
+rows divided by that count, so the parts' totals add up to the whole batch's, whatever the padding of each part.
 With labels the rows whose target lies beyond the sequence (the main head's position T-1, depth k's
 position T-1) are excluded; without labels (pure soft KD, α = 1) every row with a teacher row counts
 (the main head's T rows, depth k's T - k rows).
@@ -39,13 +42,27 @@ from kdarch.distill.teacher_signal import TopKTeacher
 class MultiTokenKD:
     """The heads' losses and their combination: backpropagate `total`; the parts are there to log."""
     total: torch.Tensor
-    """main.total + mtp_weight · mtp (just main.total without MTP heads)."""
+    """shares[0] · main.total + mtp_weight · mtp (without MTP heads just the first)."""
     main: KDTerms
     """The main head's loss and terms (soft / hard are None where not computed)."""
     depths: list[KDTerms]
     """Depth k = 1..len(mtp_hidden): each MTP head's loss and terms."""
     mtp: torch.Tensor | None
-    """Σ_k w_k · depths[k].total / Σ_k w_k (the model's `mtp_loss` at equal weights); None without MTP heads."""
+    """Σ_k w_k · shares[k + 1] · depths[k].total / Σ_k w_k (the model's `mtp_loss` at equal weights, without
+    normalisers); None without MTP heads."""
+    shares: list[torch.Tensor | float]
+    """Per head (main, then depths 1..): its targets here over its normaliser (1 without normalisers): a head's
+    mean times its share is its part of the whole batch's mean."""
+
+
+def target_counts(labels_BT: torch.Tensor, n_depths: int, ignore_index: int = -100) -> torch.Tensor:
+    """[2 + n_depths] what a batch's loss terms are normalised by: its rows (per-sequence terms), then the targets of
+    the main head and of MTP depths 1..n_depths (position j's head of depth k predicts label j + k + 1, so depth k's
+    targets are the labels from position k + 1 on that are not ignored). A tensor: counting on the host would be a
+    sync."""
+    valid_BT = labels_BT != ignore_index
+    rows = torch.tensor(labels_BT.shape[0], device=labels_BT.device)
+    return torch.stack([rows] + [valid_BT[:, k + 1:].sum() for k in range(n_depths + 1)])
 
 
 def _check(main_hidden_BTD, mtp_hidden, weight_VD, labels_BT, teacher, depth_weights, mtp_weight, chunk):
@@ -83,7 +100,8 @@ def multi_token_kd_loss(main_hidden_BTD: torch.Tensor, mtp_hidden: Sequence[torc
                         labels_BT: torch.Tensor | None, teacher, *, depth_weights: Sequence[float] | None = None,
                         mtp_weight: float = ModelConfig.mtp_loss_weight, kind: str = "forward_kl",
                         temperature: float = 1.0, alpha: float = 0.5, beta: float = 0.5, ignore_index: int = -100,
-                        chunk: int | None = None, return_terms: bool = True) -> MultiTokenKD:
+                        chunk: int | None = None, return_terms: bool = True,
+                        normalisers: torch.Tensor | None = None) -> MultiTokenKD:
     """KD of the main head and every MTP depth against the teacher's distribution for the token each predicts.
 
     main_hidden [B, T, D] (`out.last_hidden_state`), mtp_hidden [[B, T-k, D] for k = 1..] (`out.mtp_hidden_states`;
@@ -93,9 +111,16 @@ def multi_token_kd_loss(main_hidden_BTD: torch.Tensor, mtp_hidden: Sequence[torc
     depth_weights: relative weights of depths 1..len(mtp_hidden) (default equal); mtp_weight: λ (default
     ModelConfig's 0.3), pass `model.config.mtp_loss_weight` to match the model's loss. kind / temperature / alpha /
     beta / chunk as in `fused_kd_loss`. return_terms=False skips the term α leaves unused (α = 0 or 1; its field
-    is then None; for 0 < α < 1 both are None); keep it True to feed `KDSchedule.observe` the soft term."""
+    is then None; for 0 < α < 1 both are None); keep it True to feed `KDSchedule.observe` the soft term.
+    normalisers: [1 + len(mtp_hidden)] target counts of the whole batch these rows are part of (main head, then
+    depths; `target_counts(...)[1:]` summed over the parts): each head's loss is divided by its count there rather
+    than by its own (`MultiTokenKD.shares`); default: each head's mean over its own targets."""
     cfg = KDLossConfig(kind, temperature, alpha, beta, ignore_index)  # validate before any work
     w_depth = _check(main_hidden_BTD, mtp_hidden, weight_VD, labels_BT, teacher, depth_weights, mtp_weight, chunk)
+    check(normalisers is None or (isinstance(normalisers, torch.Tensor) and normalisers.dim() == 1
+                                  and normalisers.shape[0] >= 1 + len(mtp_hidden)),
+          "multi_token_kd_loss: normalisers", f"None or a 1-d tensor of at least {1 + len(mtp_hidden)} target counts "
+          f"(the main head's, then each depth's)", normalisers)
     B, T, D = main_hidden_BTD.shape
     if labels_BT is None:
         ignore = -1  # the targets below only mark rows: every position with a student row has a teacher row
@@ -126,5 +151,8 @@ def multi_token_kd_loss(main_hidden_BTD: torch.Tensor, mtp_hidden: Sequence[torc
 
     main = head(main_hidden_BTD, 0)
     depths = [head(h, k) for k, h in enumerate(mtp_hidden, start=1)]
-    mtp = sum(w * d.total for w, d in zip(w_depth, depths)) if depths else None
-    return MultiTokenKD(main.total + mtp_weight * mtp if depths else main.total, main, depths, mtp)
+    shares = [1.0] * (1 + len(depths)) if normalisers is None else \
+        [t.n_tokens / normalisers[k].clamp_min(1) for k, t in enumerate([main, *depths])]
+    mtp = sum(w * s * d.total for w, s, d in zip(w_depth, shares[1:], depths)) if depths else None
+    main_total = main.total * shares[0]
+    return MultiTokenKD(main_total + mtp_weight * mtp if depths else main_total, main, depths, mtp, shares)

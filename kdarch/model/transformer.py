@@ -33,6 +33,9 @@ class CausalLMOutput:
     lm_loss: torch.Tensor | None = None
     mtp_loss: torch.Tensor | None = None
     """Mean over MTP depths of their cross-entropies."""
+    mtp_losses: list[torch.Tensor] | None = None
+    """Per MTP depth: its cross-entropy, a mean over its own targets (a trainer that splits a batch weighs each by
+    its share of that depth's targets)."""
     balance_loss: torch.Tensor | None = None
     """Sum over MoE layers of the sequence-wise balance loss (training, seq_aux_loss_coef > 0)."""
     last_hidden_state: torch.Tensor | None = None
@@ -214,7 +217,7 @@ class CausalLM(nn.Module):
                 if aux is not None:
                     aux_losses.append(aux)
             if labels is not None and mtp_losses:
-                out.mtp_loss = torch.stack(mtp_losses).mean()
+                out.mtp_losses, out.mtp_loss = mtp_losses, torch.stack(mtp_losses).mean()
         if aux_losses:
             out.balance_loss = torch.stack(aux_losses).sum()
         if labels is not None:

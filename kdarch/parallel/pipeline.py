@@ -9,8 +9,9 @@ loop (s on rank s % pp); ZBVZeroBubble and DualPipeV two per rank in a V (rank r
 the first and the last stage on rank 0: the embedding is then used on one rank only. Otherwise the gradient of a
 parameter two ranks use (the embedding; the head when tied) is summed over the pp ranks after the backward.
 
-The loss of each micro-batch is weighted by its share of the step's target tokens inside `loss_fn` (the schedules'
-own gradient scaling is off), so a step's gradient is the 1-process gradient of the whole batch. A distillation
+Each loss term of a micro-batch (the main head, each MTP depth) is divided by its count over the whole step inside
+`loss_fn` (`target_counts`, summed by the caller; the schedules' own gradient scaling is off), so a step's gradient
+is the 1-process gradient of the whole batch. A distillation
 runs its teacher on the rank of the last stage, once per step's micro-batch, and its KD loss (main head and MTP
 depths) in `loss_fn`: the target carries each row's index, which picks that row's teacher signal. Beside pp,
 dp_replicate replicas each run their rows of the batch through their own pipeline and sum gradients. Each rank keeps the
@@ -18,7 +19,7 @@ whole model and its optimizer steps only the parameters that received gradients 
 summed over the ranks before the bias update, so every rank moves every bias alike. For a checkpoint every tensor
 is broadcast from the rank that trains it: the state is the 1-process one.
 
-Shape legend: b rows of a micro-batch, T positions, D model width.
+Shape legend: b rows of a micro-batch, T positions, D model width, C counts (rows, main head, MTP depths 1..).
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from torch.distributed.pipelining import (
 )
 
 from kdarch.checks import ConfigError
+from kdarch.distill.mtp import target_counts
 from kdarch.parallel.runtime import DistributedContext
 
 __all__ = ["Pipeline"]
@@ -115,7 +117,7 @@ class Pipeline:
         self.owner = {n: min(users.get(id(p), {0})) for n, p in model.named_parameters()}
         self.shared = [p for p in model.parameters() if len(users.get(id(p), ())) > 1]
         self._state_owner = self._module_owners(S, per, ranks)
-        self.total, self.head, self.last_rank = 1, None, ranks[S - 1]
+        self.counts_C, self.head, self.last_rank = None, None, ranks[S - 1]
         self.sums: dict[str, torch.Tensor] = {}
 
     def _module_owners(self, S: int, per: int, ranks: list[int]) -> dict[str, int]:
@@ -146,26 +148,27 @@ class Pipeline:
         return out
 
     def _loss(self, h_bTD: torch.Tensor, target_b3T: torch.Tensor) -> torch.Tensor:
-        """The micro-batch's loss, weighted by its share of the step's target tokens: LM + MTP (as CausalLM.forward
-        composes it), or the distillation head's (`step(head=...)`) on the rows the target's third channel names."""
+        """The micro-batch's part of the step's loss, each term by its share of the step's count: LM + MTP (as
+        CausalLM.forward composes it), or the distillation head's (`step(head=...)`) on the rows the target's third
+        channel names."""
         model = self.model
         ids_bT, labels_bT, rows_b = target_b3T[:, 0], target_b3T[:, 1], target_b3T[:, 2, 0]
         if self.head is not None:
             loss, metrics = self.head(h_bTD, lambda: self._mtp_hidden(h_bTD, ids_bT), model.head.weight, labels_bT,
-                                      rows_b)
+                                      rows_b, self.counts_C)
         else:
-            lm, _ = model._head(h_bTD, labels_bT, 1, False)
-            loss, metrics = lm, {"lm_loss": lm}
-            losses = [model._head(h, labels_bT, k + 1, False)[0]
+            s_C = target_counts(labels_bT, self.counts_C.shape[0] - 2) / self.counts_C.clamp_min(1)
+            loss = model._head(h_bTD, labels_bT, 1, False)[0] * s_C[1]
+            metrics = {"lm_loss": loss}
+            losses = [model._head(h, labels_bT, k + 1, False)[0] * s_C[1 + k]
                       for k, h in enumerate(self._mtp_hidden(h_bTD, ids_bT) if model.mtp else [], start=1)]
             if losses:
                 metrics["mtp_loss"] = torch.stack(losses).mean()
                 loss = loss + model.config.mtp_loss_weight * metrics["mtp_loss"]
-        share = (labels_bT[:, 1:] != -100).sum().float() / self.total
         for k, v in {"loss": loss, **metrics}.items():
             v = v.detach().float() if isinstance(v, torch.Tensor) else torch.tensor(float(v), device=h_bTD.device)
-            self.sums[k] = self.sums.get(k, 0.0) + v * share
-        return loss * share
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        return loss
 
     def _build(self, ids_BT: torch.Tensor) -> None:
         """The stages with their activation shapes given (no shape-inference pass, which would run `loss_fn` on
@@ -182,10 +185,11 @@ class Pipeline:
                                                   scale_grads=False)
         self.shape = tuple(ids_BT.shape)
 
-    def step(self, ids_BT: torch.Tensor, labels_BT: torch.Tensor, total: int,
+    def step(self, ids_BT: torch.Tensor, labels_BT: torch.Tensor, counts_C: torch.Tensor,
              head: Callable[[], Callable] | None = None) -> tuple[torch.Tensor, dict]:
         """Forward and backward of one global micro-batch through the pipeline; returns this rank's part of the
-        token-weighted loss and metrics (zero off the last stage: the caller sums over the ranks). `head`, for a
+        step's loss and metrics (zero off the last stage: the caller sums over the ranks). `counts_C`: the step's
+        `target_counts` (every micro-batch, every data rank), each term's denominator. `head`, for a
         distillation: called on the rank of the last stage only (it runs the teacher on these rows), it gives that
         stage's loss function (`DistillObjective.pipeline_head`); None: the language-model loss."""
         if self.schedule is None:
@@ -193,7 +197,7 @@ class Pipeline:
         elif tuple(ids_BT.shape) != self.shape:
             raise ValueError(f"Pipeline.step: expected batches of shape {self.shape} (the pipeline's activation "
                              f"shapes are fixed at its first batch), got {tuple(ids_BT.shape)}")
-        self.total, self.sums = total, {}
+        self.counts_C, self.sums = counts_C, {}
         first, last = 0 in self.modules, self.n_stages - 1 in self.modules
         self.head = head() if head is not None and last else None
         rows_BT = torch.arange(ids_BT.shape[0], device=ids_BT.device)[:, None].expand_as(ids_BT)

@@ -5,9 +5,11 @@ numbers do not depend on the plan:
 - the model is a parallelised replica (`parallelize`) of the caller's; the caller's model stays an ordinary
   module and receives the gathered weights at every checkpoint, before each evaluation and at the end, so the
   code after training (saving, evaluating, generating) runs unchanged;
-- every rank draws the same global batch and takes its own contiguous rows of it (`rows`); the loss of each
-  rank's rows is weighted by their share of the global target tokens and gradients are summed over the ranks,
-  so the gradient is the 1-process gradient of the whole batch;
+- every rank draws the same global batch and takes its own contiguous rows of it (`rows`); each loss term of a
+  rank's rows (main head, each MTP depth, per-sequence terms) is divided by its count over all the data ranks
+  (`global_counts`: the counts are known only after an on-policy step's sampling, so they are summed, not read off
+  the global batch) and gradients are summed over the ranks, so the gradient is the 1-process gradient of the
+  whole batch;
 - the step's loss and metrics are summed over the data ranks (`reduce`) before anything reads them, so every
   rank takes the same decision on a non-finite step, and the router load is summed before the bias update;
 - checkpoints hold whole tensors (kdarch.parallel.state), written by rank 0 and committed only after a barrier.
@@ -68,6 +70,15 @@ class ParallelStage:
         b = ids_BT.shape[0] // self.ctx.dp_size
         r = self.ctx.dp_rank
         return indices_B[r * b:(r + 1) * b], ids_BT[r * b:(r + 1) * b]
+
+    def global_counts(self, counts_C: torch.Tensor) -> torch.Tensor:
+        """A step's loss-term counts (rows, main-head and MTP targets) summed over the data ranks: one all-reduce of
+        a few integers, before any loss (pipeline ranks of one replica hold the same rows, counted once)."""
+        if self.ctx.dp_size == 1:
+            return counts_C
+        counts_C = counts_C.clone()
+        dist.all_reduce(counts_C, group=self.ctx.group("dp"))
+        return counts_C
 
     def clip(self, params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
         """Gradients completed over the ranks, then the global norm and clipping."""

@@ -5,8 +5,10 @@ loss of a micro-batch), so teacher training, distillation, the scratch baseline 
 get the same optimiser, schedule, accumulation, bias update, logging, checkpointing and failure handling.
 
 - AdamW (decay on matrices only) with linear warm-up then cosine decay to `min_lr_ratio` x lr.
-- Gradient accumulation normalises by the target tokens of the whole step: micro-batch i's mean loss is
-  weighted n_i / sum(n), so the update equals one big batch's whatever the padding / masking.
+- Gradient accumulation normalises every loss term by its own count over the whole step (the objective's
+  `prepare` counts each micro-batch's rows and main-head and MTP targets, after sampling on an on-policy step;
+  the loop sums them, over the data ranks too, before the first loss), so the update equals one big batch's
+  whatever the padding / masking.
 - After each optimizer step the MoE router biases are nudged (aux-loss-free balancing) and the measured
   expert load is logged (max load / mean load, 1.0 = perfectly balanced).
 - A non-finite loss or gradient norm (a NaN teacher signal makes both) skips the step (no update, warning,
@@ -22,8 +24,8 @@ get the same optimiser, schedule, accumulation, bias update, logging, checkpoint
   cut back to the checkpoint's step).
 - Under torchrun (`kdarch.parallel.runtime.init_distributed` made a context) the stage trains a parallelised
   replica through `kdarch.parallel.training.ParallelStage`: each data rank takes its rows of the same global
-  batch (`train.batch_size` is global), losses and metrics are summed over the ranks with the global target
-  count as denominator, so the losses are the 1-process run's; rank 0 alone writes metrics, progress and
+  batch (`train.batch_size` is global), every term is divided by its global count and losses and metrics are
+  summed over the ranks, so the losses are the 1-process run's; rank 0 alone writes metrics, progress and
   checkpoints (whole tensors, resumable on any world size). Under `parallel.pp` each micro-batch goes through the
   pipeline schedule (`kdarch.parallel.pipeline`), which runs forward and backward itself (a distillation's teacher
   and loss on the rank of the last stage). A distillation teacher runs on each data rank's own rows: whole on every
@@ -62,7 +64,7 @@ from kdarch.train.data import Batches
 from kdarch.train.device import autocast, resolve_device, to_device
 from kdarch.train.interrupt import Interrupted, stop_on_signal
 from kdarch.train.metrics import MetricsLog, Progress, expert_imbalance, warn_if_oversubscribed
-from kdarch.train.objective import LMObjective, Objective, labels_for
+from kdarch.train.objective import LMObjective, Objective
 
 
 class TrainingError(RuntimeError):
@@ -164,9 +166,10 @@ def compile_blocks(model: nn.Module) -> None:
         block.compile(dynamic=False)
 
 
-def _accumulate(sums: dict, metrics: dict, weight: float) -> None:
+def _accumulate(sums: dict, metrics: dict) -> None:
+    """Metrics are each micro-batch's part of the step's value: their sum is the step's."""
     for k, v in metrics.items():
-        sums[k] = sums.get(k, 0.0) + (v.detach().float() if isinstance(v, torch.Tensor) else v) * weight
+        sums[k] = sums.get(k, 0.0) + (v.detach().float() if isinstance(v, torch.Tensor) else v)
 
 
 def _on_host(values: dict) -> dict[str, float]:
@@ -250,22 +253,26 @@ def train(model: nn.Module, cfg: TrainSection, train_NT: torch.Tensor, run_dir: 
             opt.zero_grad(set_to_none=True)
             sums: dict = {}
             loss_sum = torch.zeros((), device=device)
-            for idx, ids in micro:
-                if pipe is not None:  # forward and backward through the stages, each micro-batch's share inside
-                    ids_dev = to_device(ids, device)
-                    head = (lambda i=idx, x=ids_dev, at=(step - 1) / cfg.steps: objective.pipeline_head(i, x, at)) \
+            at = (step - 1) / cfg.steps
+            with amp:  # labels and counts of every micro-batch (on-policy: its samples) before the first loss
+                prepared = [objective.prepare(net, idx, to_device(ids, device), at) for idx, ids in micro]
+            counts_C = torch.stack([b.counts_C for b in prepared]).sum(0)
+            if par is not None:
+                counts_C = par.global_counts(counts_C)
+            for b in prepared:
+                b.step_counts_C = counts_C
+                if pipe is not None:  # forward and backward through the stages, each micro-batch's shares inside
+                    head = (lambda i=b.indices_B, x=b.ids_BT, t=at: objective.pipeline_head(i, x, t)) \
                         if kd_stage else None
-                    part, metrics = pipe.step(ids_dev, to_device(labels_for(ids, objective.pad_id), device), total,
-                                              head=head)
+                    part, metrics = pipe.step(b.ids_BT, b.labels_BT, counts_C, head=head)
                     loss_sum += part
-                    _accumulate(sums, metrics, 1.0)
+                    _accumulate(sums, metrics)
                     continue
-                n = objective.target_tokens(ids)  # this rank's share of the global denominator
                 with amp:
-                    res = objective(net, idx, to_device(ids, device), (step - 1) / cfg.steps)
-                (res.loss * (n / total)).backward()
-                loss_sum += res.loss.detach().float() * (n / total)
-                _accumulate(sums, res.metrics, n / total)
+                    res = objective(net, b.indices_B, b, at)
+                res.loss.backward()
+                loss_sum += res.loss.detach().float()
+                _accumulate(sums, res.metrics)
             sent = None
             if par is not None:
                 grad_norm = par.clip([p for _, p in params], cfg.grad_clip or float("inf"))

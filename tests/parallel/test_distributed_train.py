@@ -39,23 +39,38 @@ def _model() -> CausalLM:
     return CausalLM(CFG)
 
 
-def _run(run_dir, *, resume=False, evaluate=None, distill=False, **kw):
+PAD = 0  # never a byte of the text
+
+
+def _padded_data() -> torch.Tensor:
+    """_data's rows cut to 4..31 tokens and padded: every row has its own number of targets for each head."""
+    ids = _data()
+    keep = 4 + (torch.arange(ids.shape[0]) * 11) % 28
+    return ids.masked_fill(torch.arange(ids.shape[1]) >= keep[:, None], PAD)
+
+
+def _run(run_dir, *, resume=False, evaluate=None, distill=False, padded=False, eos_token_id=None, objectives=None,
+         **kw):
     from kdarch.train.loop import train
+    from kdarch.train.objective import LMObjective
     model = _model()
-    objective = _distill_objective(model, **({} if distill is True else distill)) if distill else None
-    res = train(model, _cfg(**kw), _data(), run_dir, resume=resume, evaluate=evaluate, objective=objective,
-                **({"name": "t"} if evaluate else {}))
+    objective = _distill_objective(model, eos_token_id, **({} if distill is True else distill)) if distill else \
+        LMObjective(pad_id=PAD) if padded else None
+    res = train(model, _cfg(**kw), _padded_data() if padded else _data(), run_dir, resume=resume, evaluate=evaluate,
+                objective=objective, **({"name": "t"} if evaluate else {}))
+    if objectives is not None:
+        objectives.append(objective)
     return model, res.rows
 
 
-def _distill_objective(student, **distill):
+def _distill_objective(student, eos_token_id=None, **distill):
     """Distillation from a small kdarch teacher (another debug model), the default [distill] losses."""
     from kdarch.distill.teachers import ModelTeacher
     from kdarch.train.config import DistillSection
     from kdarch.train.objective import DistillObjective
     torch.manual_seed(1)
     teacher = ModelTeacher(CausalLM(get_preset("debug")).eval())
-    return DistillObjective(teacher, student, DistillSection(**distill), total_steps=STEPS)
+    return DistillObjective(teacher, student, DistillSection(**distill), total_steps=STEPS, eos_token_id=eos_token_id)
 
 
 def _save(out_dir, rank, model, rows):
@@ -231,6 +246,55 @@ def test_on_policy_distillation_equals_one_process(tmp_path, plan):
     for key in ("kd_loss", "soft", "grad_norm"):
         assert max(_rel(a[key], b[key]) for a, b in zip(rows[0], ref_rows)) < REL, key
     assert [r["loss"] for r in rows[1]] == [r["loss"] for r in rows[0]]  # every rank logged the global values
+
+
+STRICT = 1e-5  # a step's terms each normalised by their global counts: only the summation order differs
+
+
+@pytest.fixture(scope="module")
+def padded_reference(tmp_path_factory):
+    """1 process on padded rows (MTP on): 2 micro-batches of 4 rows per step, checked against one batch of 8."""
+    _, rows = _run(tmp_path_factory.mktemp("padded_ref"), padded=True)
+    _, whole = _run(tmp_path_factory.mktemp("padded_whole"), padded=True, batch_size=8, grad_accum=1)
+    for key in ("loss", "lm_loss", "mtp_loss", "grad_norm"):
+        assert max(_rel(a[key], b[key]) for a, b in zip(rows, whole)) < STRICT, key
+    return rows
+
+
+@pytest.mark.parametrize("plan", [{"dp_shard": 2}, {"dp_shard": 2, "ep": 2}, {"pp": 2, "pp_microbatches": 2}],
+                         ids=["dp_shard2", "ep2", "pp2"])
+def test_rows_with_different_target_counts_give_the_one_process_losses(tmp_path, padded_reference, plan):
+    """Rows padded to 4..31 tokens: each rank's main-head and MTP targets differ in number from its share of the
+    rows, so every term must be divided by its own count over the whole step, not weighted by the main head's."""
+    spawn_gloo(_worker, 2, str(tmp_path), plan, {"padded": True})
+    rows = json.loads((tmp_path / "rows0.json").read_text())
+    assert len(rows) == len(padded_reference) == STEPS
+    for key in ("loss", "lm_loss", "mtp_loss", "grad_norm"):
+        rel = [_rel(a[key], b[key]) for a, b in zip(rows, padded_reference)]
+        print(f"padded rows, {plan}: per-step {key} relative differences {[f'{x:.1e}' for x in rel]}")
+        assert max(rel) < STRICT, (key, rel)
+    assert padded_reference[-1]["loss"] < padded_reference[0]["loss"]
+
+
+EOS = 32  # a space: frequent enough in the student's samples that some rollouts end early, not all
+
+
+@pytest.mark.parametrize("plan", [{"dp_shard": 2}], ids=["dp_shard2"])
+def test_on_policy_rollouts_that_end_early_give_the_one_process_losses(tmp_path, plan):
+    """Rollouts cut at their end token: the sampled rows have different target counts, so the on-policy loss must
+    be divided by the step's sampled tokens over every micro-batch and data rank."""
+    distill = {"on_policy": 0.5, "rollout_tokens": 12, "rollout_temperature": 1.0}
+    objectives = []
+    _, ref_rows = _run(tmp_path / "ref", distill=distill, eos_token_id=EOS, objectives=objectives)
+    stats = objectives[0].rollouts
+    assert stats.sequences == 2 * 8 and 2 * 8 < stats.tokens < 2 * 8 * 12  # some rows ended early, not every one
+    spawn_gloo(_worker, 2, str(tmp_path), plan, {"distill": distill, "eos_token_id": EOS})
+    rows = json.loads((tmp_path / "rows0.json").read_text())
+    assert [r["on_policy"] for r in rows] == [r["on_policy"] for r in ref_rows] == [0.0, 1.0, 0.0, 1.0]
+    for key in ("loss", "kd_loss", "soft", "mtp_kd_loss", "grad_norm"):
+        rel = [_rel(a[key], b[key]) for a, b in zip(rows, ref_rows)]
+        print(f"on-policy, early ends, {plan}: per-step {key} relative differences {[f'{x:.1e}' for x in rel]}")
+        assert max(rel) < STRICT, (key, rel)
 
 
 def test_one_process_checkpoint_resumes_on_two_with_ep2(tmp_path, reference):
