@@ -276,7 +276,7 @@ def test_rows_with_different_target_counts_give_the_one_process_losses(tmp_path,
     assert padded_reference[-1]["loss"] < padded_reference[0]["loss"]
 
 
-EOS = 32  # a space: frequent enough in the student's samples that some rollouts end early, not all
+EOS = 150  # a byte the young student (its samples near uniform) draws in a few of these rollouts: they end early
 
 
 @pytest.mark.parametrize("plan", [{"dp_shard": 2}], ids=["dp_shard2"])
