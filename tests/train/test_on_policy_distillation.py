@@ -113,3 +113,33 @@ def test_arithmetic_rollouts_answer_each_question_and_the_report_says_so(tmp_pat
     assert 4 <= figures["tokens"] <= 32 and figures["mean_sampled_tokens"] == figures["tokens"] / 4
     assert figures["seconds"] > 0
     assert json.loads((tmp_path / "report.json").read_text())["student"]["on_policy"]["tokens"] == figures["tokens"]
+
+
+def test_rollouts_that_end_early_are_averaged_over_the_steps_sampled_tokens():
+    """Greedy rollouts, one row cut at its end token after 2 tokens: two micro-batches, each divided by the step's
+    sampled tokens, give the KD mean over all sampled tokens of the batch, computed here from materialised logits."""
+    teacher, student = _models()
+    cfg = DistillSection(on_policy=1.0, rollout_tokens=6, rollout_temperature=0.0, mtp=False, kind="reverse_kl")
+    ids = torch.randint(1, 256, (4, 12), generator=torch.Generator().manual_seed(4))
+    P = 12 - 6
+    seq = _greedy(student.eval(), ids[:, :P], 6)
+    student.train()
+    eos = int(seq[0, P + 1])  # row 0 ends at its second sampled token
+    ends = [next((j for j in range(P, 12) if seq[i, j] == eos), 11) for i in range(4)]
+    assert ends[0] == P + 1 and max(ends) == 11  # one row ends early, another runs its full length
+    labels = seq.clone()
+    for i, e in enumerate(ends):
+        seq[i, e + 1:] = 0  # what the rollout pads with
+        labels[i, :P], labels[i, e + 1:] = -100, -100
+    want = _kd_reference(student, teacher, seq, labels, kind="reverse_kl", alpha=1.0)
+    obj = DistillObjective(teacher, student, cfg, total_steps=4, eos_token_id=eos)
+    parts = [obj.prepare(student, torch.tensor(r), ids[list(r)], 0.0) for r in ((0, 1), (2, 3))]
+    step_C = torch.stack([b.counts_C for b in parts]).sum(0)
+    assert int(step_C[1]) == sum(e - P + 1 for e in ends)  # the sampled tokens of every row
+    got = 0.0
+    for b in parts:
+        b.step_counts_C = step_C
+        got += obj(student, b.indices_B, b, 0.0).loss.detach()
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    halves = sum(obj(student, b.indices_B, b.ids_BT, 0.0).loss.detach() / 2 for b in parts)  # each its own mean
+    assert halves.item() != pytest.approx(want.item(), rel=2e-4)  # 20x the tolerance above
