@@ -68,7 +68,6 @@ std::tuple<at::Tensor, at::Tensor> fp8_quantize_cpu(const at::Tensor& x, int64_t
   at::Tensor q = at::empty(x.sizes(), x.options().dtype(at::kFloat8_e4m3fn));
   at::Tensor s = x.dim() == 3 ? at::empty({E, RT, CT}, x.options().dtype(at::kFloat))
                               : at::empty({RT, CT}, x.options().dtype(at::kFloat));
-  advise_huge_pages(q.data_ptr(), q.nbytes());
   const float floor = static_cast<float>(amax_floor);
   uint8_t* q_ptr = reinterpret_cast<uint8_t*>(q.data_ptr());
   float* s_ptr = s.data_ptr<float>();
@@ -115,7 +114,6 @@ at::Tensor fp8_dequantize_cpu(const at::Tensor& q, const at::Tensor& s, int64_t 
   const at::Tensor qc = transposed ? q : q.contiguous(), sc = s.contiguous();
   at::Tensor out = transposed ? at::empty_strided({R, C}, {1, R}, q.options().dtype(out_dtype))
                               : at::empty({R, C}, q.options().dtype(out_dtype));
-  advise_huge_pages(out.data_ptr(), out.nbytes());
   const uint8_t* q_ptr = reinterpret_cast<const uint8_t*>(qc.data_ptr());
   const float* s_ptr = sc.data_ptr<float>();
   const float* lut = e4m3_table().data();

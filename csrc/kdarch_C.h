@@ -85,24 +85,6 @@ KD_HD int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 }  // namespace kdarch_C
 
 #if !defined(__CUDACC__)
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
-namespace kdarch_C {
-// A fresh CPU output of many MiB is first touched by the op that fills it, page by page: ask for transparent
-// huge pages (where the kernel leaves them to madvise), so that first touch faults 2 MiB at a time instead
-// of 4 KiB, which is most of a memory-bound op's time at these sizes. Advisory only: failures are ignored.
-inline void advise_huge_pages(void* data, size_t nbytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kPage = 4096, kMin = uintptr_t(4) << 20;
-  const uintptr_t lo = (reinterpret_cast<uintptr_t>(data) + kPage - 1) & ~(kPage - 1);
-  const uintptr_t hi = (reinterpret_cast<uintptr_t>(data) + nbytes) & ~(kPage - 1);
-  if (hi > lo && hi - lo >= kMin) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
-#endif
-}
-}  // namespace kdarch_C
-
 #include <c10/util/Exception.h>
 // "<op>: <arg>: expected <what>, got <value>" as kdarch.checks writes it (raised as a RuntimeError).
 #define KD_CHECK(cond, op, arg, what, got) \

@@ -125,7 +125,6 @@ at::Tensor moe_permute_cpu(const at::Tensor& src, const at::Tensor& idx, int64_t
     w = weights->contiguous().to(at::kFloat);
   }
   at::Tensor out = at::empty({P, H}, x.options());
-  advise_huge_pages(out.data_ptr(), out.nbytes());
   const int64_t* ix_P = ix.data_ptr<int64_t>();
   const float* w_M = w.defined() ? w.data_ptr<float>() : nullptr;
   std::atomic<int64_t> bad{-1};
@@ -173,7 +172,6 @@ at::Tensor moe_unpermute_cpu(const at::Tensor& src, const at::Tensor& inv_idx, i
     w = weights->contiguous().to(at::kFloat);
   }
   at::Tensor out = at::empty({T, H}, y.options().dtype(out_dtype.value_or(y.scalar_type())));
-  advise_huge_pages(out.data_ptr(), out.nbytes());
   const int64_t* inv_M = inv.data_ptr<int64_t>();
   const float* w_M = w.defined() ? w.data_ptr<float>() : nullptr;
   std::atomic<int64_t> bad{-1};
