@@ -3,7 +3,8 @@
 // Python (kdarch.ops.cpp.ops), so torch.compile traces these ops and torch.library.opcheck passes.
 //
 // Legend: T tokens, K slots per token, E experts, H row width, M = T*K routed rows, P rows of the sorted
-// layout (M, or more with block padding), R x C a quantised matrix, G rows per scale group (1 or 128).
+// layout (M, or more with block padding), I expert width, R x C a quantised matrix, G rows per scale group
+// (1 or 128).
 #include <torch/library.h>
 
 TORCH_LIBRARY(kdarch_C, m) {
@@ -16,6 +17,11 @@ TORCH_LIBRARY(kdarch_C, m) {
   m.def("moe_unpermute(Tensor src, Tensor inv_idx, int K, Tensor? weights=None, ScalarType? out_dtype=None) -> Tensor");
   // d weights [T, K] fp32 of moe_unpermute: <grad_out[t], src[inv_idx[t*K + k]]>.
   m.def("moe_unpermute_weights_grad(Tensor grad_out, Tensor src, Tensor inv_idx, int K) -> Tensor");
+  // The routed experts' weighted SwiGLU on h [M, 2I] = [gate | up]: y [M, I] = w * silu(gate) * up in fp32,
+  // stored in h's dtype; w [M] fp32 routing weights.
+  m.def("swiglu_forward(Tensor h, Tensor w) -> Tensor");
+  // Its backward from grad_y [M, I] fp32: (grad_h [M, 2I] in h's dtype, grad_w [M] fp32, y recomputed).
+  m.def("swiglu_backward(Tensor grad_y, Tensor h, Tensor w) -> (Tensor, Tensor, Tensor)");
   // x [(E,) R, C] -> (q e4m3fn, same shape; s fp32 [(E,) ceil(R/G), ceil(C/128)]), as kdarch.kernels.fp8_ref.
   m.def("fp8_quantize(Tensor x, int group_rows, float amax_floor, bool pow2_scale) -> (Tensor, Tensor)");
   // q [R, C] e4m3fn * its tile scales s [ceil(R/G), ceil(C/128)], in out_dtype.

@@ -10,7 +10,7 @@ the inverse index and vice versa, and only the caller holds both indices. Both d
 (fp32 sums in a fixed order, every output row written by one thread).
 
 Legend: T tokens, K slots per token, E experts, H row width, M = T*K routed rows, P sorted rows (>= M),
-R x C a quantised matrix, G rows per scale group.
+I expert width, R x C a quantised matrix, G rows per scale group.
 """
 
 from __future__ import annotations
@@ -53,6 +53,14 @@ def register_fakes() -> None:
     def _(grad_out, src, inv_idx, K):
         return grad_out.new_empty(inv_idx.shape[0] // K, K, dtype=torch.float32)
 
+    @reg("kdarch_C::swiglu_forward")
+    def _(h, w):
+        return h.new_empty(h.shape[0], h.shape[1] // 2)
+
+    @reg("kdarch_C::swiglu_backward")
+    def _(grad_y, h, w):
+        return h.new_empty(h.shape), w.new_empty(h.shape[0]), h.new_empty(h.shape[0], h.shape[1] // 2)
+
     @reg("kdarch_C::fp8_quantize")
     def _(x, group_rows, amax_floor, pow2_scale):
         *lead, R, C = x.shape
@@ -80,6 +88,16 @@ def routing(topk_ids_TK: Tensor, n_experts: int, pad_to: int = 1):
 def routing_metadata(topk_ids_TK: Tensor, n_experts: int):
     """The routing callable of the MoE compositions (unpadded)."""
     return _lib().moe_routing(topk_ids_TK, n_experts, 1)
+
+
+def swiglu_forward(h_M2I: Tensor, w_M1: Tensor) -> Tensor:
+    """y [M, I] = w * silu(gate) * up for h = [gate | up] [M, 2I] and fp32 routing weights w [M, 1], in h's dtype."""
+    return _lib().swiglu_forward(h_M2I, w_M1.reshape(-1))
+
+
+def swiglu_backward(grad_y_MI: Tensor, h_M2I: Tensor, w_M1: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_h [M, 2I] in h's dtype, grad_w [M] fp32, y recomputed) from grad_y [M, I] fp32."""
+    return _lib().swiglu_backward(grad_y_MI, h_M2I, w_M1.reshape(-1))
 
 
 def quantize(x: Tensor, group_rows: int, amax_floor: float, pow2_scale: bool):

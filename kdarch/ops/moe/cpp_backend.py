@@ -1,14 +1,15 @@
-"""The "cpp" backends of `moe_ffn` and `moe_ffn_fp8`: routing, permute and combine from csrc/, expert GEMMs
-through torch._grouped_mm (or the FP8 grouped linear).
+"""The "cpp" backends of `moe_ffn` and `moe_ffn_fp8`: routing, permute, SwiGLU and combine from csrc/, expert
+GEMMs through torch._grouped_mm (or the FP8 grouped linear).
 
 Why this split: the expert GEMMs are what BLAS / cuBLAS do best; around them the torch backend spends its
 time in many small ops (argsort + searchsorted + scatter for the routing, index_select, float copies and a
-sum for the combine), each one pass here. The dataflow is the torch backend's grouped-mm FFN unchanged
-(routing weight folded into the down projection's input, only the [M, 2I] gate/up pre-activations saved,
-a hand-written backward), so the two backends agree to fp32 rounding: the combine adds the K rows in the
-same order. As there, forward and backward are custom ops with fakes, so torch.compile traces the model
-around them in any dtype. Where torch._grouped_mm cannot take the dtype or layout, the torch backend's
-padded-bmm path runs instead.
+sum for the combine, a dozen elementwise passes for the SwiGLU's backward), each one pass here (the SwiGLU
+on the CPU; CUDA tensors take the torch backend's). The dataflow is the torch backend's grouped-mm FFN
+unchanged (routing weight folded into the down projection's input, only the [M, 2I] gate/up pre-activations
+saved, a hand-written backward), so the two backends agree to fp32 rounding: the combine adds the K rows in
+the same order, the SwiGLU computes in the same order with an exp of its own. As there, forward and backward
+are custom ops with fakes, so torch.compile traces the model around them in any dtype. Where
+torch._grouped_mm cannot take the dtype or layout, the torch backend's padded-bmm path runs instead.
 
 Legend: T tokens, K slots per token (top-k), E experts, H hidden, I expert intermediate, M = T*K rows.
 """
@@ -21,6 +22,7 @@ from kdarch.ops.backend import register
 from kdarch.ops.cpp import ops as C
 from kdarch.ops.cpp.build import check_device, cpp_available
 from kdarch.ops.moe.torch_backend import (
+    TORCH_SWIGLU,
     _aligned_copy,
     grouped_mm_ok,
     moe_ffn_fp8_composed,
@@ -31,6 +33,12 @@ from kdarch.ops.moe.torch_backend import (
 )
 
 Tensor = torch.Tensor
+CPP_SWIGLU = (C.swiglu_forward, C.swiglu_backward)
+"""The compiled SwiGLU between the expert GEMMs (CPU); CUDA tensors take the torch backend's."""
+
+
+def _swiglu(x: Tensor):
+    return CPP_SWIGLU if x.device.type == "cpu" else TORCH_SWIGLU
 
 
 def _lib():
@@ -44,7 +52,7 @@ def cpp_ffn_fwd(x_TH: Tensor, topk_weights_TK: Tensor, w_gate_up_E2IH: Tensor, w
     K = topk_weights_TK.shape[1]
     w_M1 = topk_weights_TK.reshape(-1)[sorted_idx_M].float()[:, None]
     y_MH, h_M2I = swiglu_experts_fwd(_lib().moe_permute(x_TH, sorted_idx_M, K), w_M1, _aligned_copy(w_gate_up_E2IH),
-                                     _aligned_copy(w_down_EHI), ends_E)
+                                     _aligned_copy(w_down_EHI), ends_E, _swiglu(x_TH))
     return _lib().moe_unpermute(y_MH, inv_idx_M, K, None, x_TH.dtype), h_M2I
 
 
@@ -57,7 +65,7 @@ def cpp_ffn_bwd(grad_out_TH: Tensor, x_TH: Tensor, topk_weights_TK: Tensor, w_ga
     w_M1 = topk_weights_TK.reshape(-1)[sorted_idx_M].float()[:, None]
     grad_x_MH, grad_w_M, d_w_gate_up, d_w_down = swiglu_experts_bwd(
         _lib().moe_permute(grad_out_TH, sorted_idx_M, K), _lib().moe_permute(x_TH, sorted_idx_M, K), w_M1, h_M2I,
-        _aligned_copy(w_gate_up_E2IH), _aligned_copy(w_down_EHI), ends_E)
+        _aligned_copy(w_gate_up_E2IH), _aligned_copy(w_down_EHI), ends_E, _swiglu(x_TH))
     grad_x_TH = _lib().moe_unpermute(grad_x_MH, inv_idx_M, K, None, x_TH.dtype)
     grad_weights_TK = grad_w_M[inv_idx_M].view(T, K).to(topk_weights_TK.dtype)
     return grad_x_TH, grad_weights_TK, d_w_gate_up.to(w_gate_up_E2IH.dtype), d_w_down.to(w_down_EHI.dtype)

@@ -103,27 +103,43 @@ def _aligned_copy(t: torch.Tensor) -> torch.Tensor:
     return t if _aligned(t) else t.clone()
 
 
-def swiglu_experts_fwd(x_MH, w_M1, w_gate_up_E2IH, w_down_EHI, ends_E):
-    """The expert GEMMs on rows already in expert order: (y [M, H] with the routing weight folded in, h [M, 2I])."""
-    h_M2I = torch._grouped_mm(x_MH, w_gate_up_E2IH.transpose(-1, -2), offs=ends_E)
-    gate_MI, up_MI = h_M2I.chunk(2, dim=-1)
-    act_MI = (F.silu(gate_MI.float()) * up_MI.float() * w_M1).to(x_MH.dtype)
-    return torch._grouped_mm(act_MI, w_down_EHI.transpose(-1, -2), offs=ends_E), h_M2I
+def swiglu_weighted(h_M2I, w_M1):
+    """y [M, I] = w * silu(gate) * up in fp32, stored in h's dtype (h = [gate | up] pre-activations [M, 2I],
+    w [M, 1] fp32 routing weights). Differentiable."""
+    gate_MI, up_MI = h_M2I.float().chunk(2, dim=-1)
+    return (F.silu(gate_MI) * up_MI * w_M1).to(h_M2I.dtype)
 
 
-def swiglu_experts_bwd(grad_y_MH, x_MH, w_M1, h_M2I, w_gate_up_E2IH, w_down_EHI, ends_E):
-    """Backward of `swiglu_experts_fwd`: (d x rows [M, H], d routing weight [M] in fp32, d w_gate_up, d w_down)."""
+def swiglu_weighted_bwd(grad_y_MI, h_M2I, w_M1):
+    """Backward of `swiglu_weighted` from grad_y [M, I] fp32: (grad_h [M, 2I] in h's dtype, grad_w [M] fp32,
+    y recomputed for the down projection's weight gradient)."""
     gate_MI, up_MI = h_M2I.float().chunk(2, dim=-1)
     sig_MI = torch.sigmoid(gate_MI)
     silu_MI = gate_MI * sig_MI
     act_MI = silu_MI * up_MI  # SwiGLU output before the routing weight
-    d_w_down = torch._grouped_mm(grad_y_MH.t(), (act_MI * w_M1).to(x_MH.dtype), offs=ends_E)  # [E, H, I]
+    grad_w_M = (grad_y_MI * act_MI).sum(dim=-1)
+    grad_act_MI = grad_y_MI * w_M1
+    grad_gate_MI = grad_act_MI * up_MI * sig_MI * (1 + gate_MI * (1 - sig_MI))
+    grad_h_M2I = torch.cat((grad_gate_MI, grad_act_MI * silu_MI), dim=-1).to(h_M2I.dtype)
+    return grad_h_M2I, grad_w_M, (act_MI * w_M1).to(h_M2I.dtype)
+
+
+TORCH_SWIGLU = (swiglu_weighted, swiglu_weighted_bwd)
+"""The SwiGLU between the expert GEMMs, forward and backward; the cpp backend passes its compiled pair."""
+
+
+def swiglu_experts_fwd(x_MH, w_M1, w_gate_up_E2IH, w_down_EHI, ends_E, swiglu=TORCH_SWIGLU):
+    """The expert GEMMs on rows already in expert order: (y [M, H] with the routing weight folded in, h [M, 2I])."""
+    h_M2I = torch._grouped_mm(x_MH, w_gate_up_E2IH.transpose(-1, -2), offs=ends_E)
+    return torch._grouped_mm(swiglu[0](h_M2I, w_M1), w_down_EHI.transpose(-1, -2), offs=ends_E), h_M2I
+
+
+def swiglu_experts_bwd(grad_y_MH, x_MH, w_M1, h_M2I, w_gate_up_E2IH, w_down_EHI, ends_E, swiglu=TORCH_SWIGLU):
+    """Backward of `swiglu_experts_fwd`: (d x rows [M, H], d routing weight [M] in fp32, d w_gate_up, d w_down)."""
     # d(w * act) in fp32 (a no-op cast for fp32): it feeds the routing weights' gradient
     grad_act_w_MI = torch._grouped_mm(grad_y_MH.float(), w_down_EHI.float(), offs=ends_E)
-    grad_w_M = (grad_act_w_MI * act_MI).sum(dim=-1)
-    grad_act_MI = grad_act_w_MI * w_M1
-    grad_gate_MI = grad_act_MI * up_MI * sig_MI * (1 + gate_MI * (1 - sig_MI))
-    grad_h_M2I = torch.cat((grad_gate_MI, grad_act_MI * silu_MI), dim=-1).to(x_MH.dtype)
+    grad_h_M2I, grad_w_M, act_w_MI = swiglu[1](grad_act_w_MI, h_M2I, w_M1)
+    d_w_down = torch._grouped_mm(grad_y_MH.t(), act_w_MI, offs=ends_E)  # [E, H, I]
     d_w_gate_up = torch._grouped_mm(grad_h_M2I.t(), x_MH, offs=ends_E)  # [E, 2I, H]
     grad_x_MH = torch._grouped_mm(grad_h_M2I, w_gate_up_E2IH, offs=ends_E)
     return grad_x_MH, grad_w_M, d_w_gate_up, d_w_down
@@ -230,9 +246,8 @@ def moe_ffn_fp8_composed(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_d
     _, offsets_E1, sorted_idx_M, inv_idx_M = routing(topk_ids_TK, w_gate_up_E2IH.shape[0])
     x_MH = _PermuteRows.apply(x_TH, sorted_idx_M, inv_idx_M, K)
     h_M2I = fp8_matmul(x_MH, w_gate_up_E2IH, offsets_E1, fp8_backend)
-    gate_MI, up_MI = h_M2I.float().chunk(2, dim=-1)
     w_M1 = topk_weights_TK.reshape(-1)[sorted_idx_M].float()[:, None]
-    act_MI = (F.silu(gate_MI) * up_MI * w_M1).to(x_TH.dtype)  # routing weight folded in, as in the torch path
+    act_MI = swiglu_weighted(h_M2I, w_M1).to(x_TH.dtype)  # routing weight folded in, as in the torch path
     y_MH = fp8_matmul(act_MI, w_down_EHI, offsets_E1, fp8_backend)
     return _PermuteRows.apply(y_MH.float(), inv_idx_M, sorted_idx_M, 1).view(T, K, -1).sum(dim=1).to(x_TH.dtype)
 
