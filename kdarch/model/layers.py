@@ -17,6 +17,28 @@ from kdarch.config import ModelConfig
 from kdarch.ops.fp8 import Fp8Linear
 
 
+class _RMSNorm(torch.autograd.Function):
+    """y = (x * rstd).to(x.dtype) * w with rstd = 1 / sqrt(mean(x^2) + eps) in fp32; backward keeps x and rstd only
+    (autograd through the same expression also keeps the normalised x: one more [..., D] tensor per norm, the
+    largest share of a block's saved activations after the projections' inputs)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        xf = x.float()
+        rstd = torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, rstd, weight)
+        return (xf * rstd).to(x.dtype) * weight
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, rstd, weight = ctx.saved_tensors
+        x_hat = x.float() * rstd
+        grad_w = (grad_y * x_hat.to(x.dtype)).reshape(-1, x.shape[-1]).sum(dim=0) if ctx.needs_input_grad[1] else None
+        g = (grad_y * weight).float()
+        grad_x = rstd * (g - x_hat * (g * x_hat).mean(dim=-1, keepdim=True))
+        return grad_x.to(x.dtype), grad_w.to(weight.dtype) if grad_w is not None else None, None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -24,7 +46,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
+        return _RMSNorm.apply(x, self.weight, self.eps)
 
 
 def _yarn_correction_dim(n_rotations: float, dim: int, base: float, max_seq_len: int) -> float:
