@@ -96,6 +96,7 @@ def test_torchrun_on_policy_distill_equals_one_process(tmp_path):
             for d in ("one", "two")]
     assert [r["on_policy"] for r in rows[0]] == [r["on_policy"] for r in rows[1]] == [0.0, 1.0, 0.0, 1.0]
     rel = [abs(a["loss"] - b["loss"]) / abs(a["loss"]) for a, b in zip(*rows)]
+    print(f"torchrun on-policy distill, dp_shard=2: per-step loss relative differences {[f'{x:.1e}' for x in rel]}")
     assert len(rel) == 4 and max(rel) < 1e-4, rel
     report = json.loads((tmp_path / "two" / "report.json").read_text())
     assert report["student"]["on_policy"]["sequences"] == 2 * 4  # both ranks' rollouts, summed
