@@ -14,7 +14,7 @@ from kdarch.kernels.testing import max_rel_err as rel_err
 from kdarch.ops import backend as ops_backend
 from kdarch.ops import moe as ops_moe
 from kdarch.ops.moe import routing_metadata
-from kdarch.ops.moe.torch_backend import grouped_mm_ok, moe_ffn_fp8_torch, moe_ffn_torch
+from kdarch.ops.moe.torch_backend import few_rows, grouped_mm_ok, moe_ffn_fp8_torch, moe_ffn_gathered, moe_ffn_torch
 
 CASES, IDS = MOE_CASES, MOE_CASE_IDS
 
@@ -77,6 +77,25 @@ def test_routing_metadata_invariants(case, id_dtype):
         assert bool((seg[1:] > seg[:-1]).all())
     if routing == "skip0":
         assert counts[0] == 0
+
+
+@pytest.mark.parametrize("T, K, E, routing", [(1, 4, 16, "random"), (2, 4, 16, "random"), (4, 2, 8, "one"),
+                                              (3, 1, 5, "skip0")])
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_decode_shapes_take_the_gathered_path(T, K, E, routing, backend):
+    """A few rows (T * K <= E) without autograd: the gathered path, equal to the reference; with autograd the
+    grouped path (training never gathers weights)."""
+    if backend not in ops.available_backends("moe_ffn"):
+        pytest.skip("the compiled ops do not build here")
+    x, ids, w, wgu, wd = make_inputs(T, 24, 16, E, K, routing)
+    assert few_rows(x, ids, wgu) and not few_rows(x.requires_grad_(), ids, wgu)
+    x = x.detach()
+    with torch.no_grad():
+        got = ops.moe_ffn(x, ids, w, wgu, wd, backend=backend)
+    assert torch.equal(got, moe_ffn_gathered(x, ids, w, wgu, wd))
+    assert rel_err(got, moe_ffn_ref(x, ids, w, wgu, wd)) < 1e-6
+    for a, r in zip(fwd_bwd(moe_ffn_gathered, x, ids, w, wgu, wd), fwd_bwd(moe_ffn_ref, x, ids, w, wgu, wd)):
+        assert rel_err(a, r) < 1e-5  # differentiable too, though only inference takes it
 
 
 def test_int32_ids_and_broadcast_grad():

@@ -24,8 +24,10 @@ from kdarch.ops.cpp.build import check_device, cpp_available
 from kdarch.ops.moe.torch_backend import (
     TORCH_SWIGLU,
     _aligned_copy,
+    few_rows,
     grouped_mm_ok,
     moe_ffn_fp8_composed,
+    moe_ffn_gathered,
     moe_ffn_torch,
     register_ffn_autograd,
     swiglu_experts_bwd,
@@ -77,6 +79,8 @@ register_ffn_autograd(cpp_ffn_fwd, cpp_ffn_bwd)
 def moe_ffn_cpp(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI):
     """moe_ffn on the compiled routing / permute / combine (inputs already validated by kdarch.ops.moe)."""
     check_device("moe_ffn", x_TH)
+    if few_rows(x_TH, topk_ids_TK, w_gate_up_E2IH):
+        return moe_ffn_gathered(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI)
     if not grouped_mm_ok(x_TH.dtype, w_gate_up_E2IH, w_down_EHI):
         return moe_ffn_torch(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI, impl="padded_bmm")
     _, offsets_E1, sorted_idx_M, inv_idx_M = C.routing_metadata(topk_ids_TK, w_gate_up_E2IH.shape[0])

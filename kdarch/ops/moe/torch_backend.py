@@ -201,6 +201,27 @@ def register_ffn_autograd(fwd_op, bwd_op) -> None:
 register_ffn_autograd(grouped_ffn_fwd, grouped_ffn_bwd)
 
 
+def few_rows(x_TH: torch.Tensor, topk_ids_TK: torch.Tensor, w_gate_up_E2IH: torch.Tensor) -> bool:
+    """Decode-sized inputs (no more token copies than experts, no autograd): `moe_ffn_gathered` runs them. A
+    grouped GEMM loops over every expert (two GEMMs, slicing and a host read of the offsets each: hundreds of
+    small ops a layer), while a one-token step touches K experts."""
+    return topk_ids_TK.numel() <= w_gate_up_E2IH.shape[0] and not (
+        torch.is_grad_enabled() and (x_TH.requires_grad or w_gate_up_E2IH.requires_grad))
+
+
+def moe_ffn_gathered(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI):
+    """moe_ffn for a few rows: each (token, slot) row's expert weights gathered, both expert GEMMs as one bmm
+    each, the K slots summed in fp32 in slot order. It copies the M chosen experts' weights, so it is for
+    decode shapes (`few_rows`); a dozen ops whatever E is."""
+    T, K = topk_ids_TK.shape
+    ids_M = topk_ids_TK.reshape(-1)
+    x_M1H = x_TH.repeat_interleave(K, dim=0)[:, None]
+    h_M2I = torch.bmm(x_M1H, w_gate_up_E2IH[ids_M].transpose(1, 2)).squeeze(1)
+    act_MI = swiglu_weighted(h_M2I, topk_weights_TK.reshape(-1, 1).float())
+    y_MH = torch.bmm(act_MI[:, None], w_down_EHI[ids_M].transpose(1, 2)).squeeze(1)
+    return y_MH.float().view(T, K, -1).sum(dim=1).to(x_TH.dtype)
+
+
 def moe_ffn_torch(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI,
                   impl: str = "auto"):
     """Vectorised moe_ffn (inputs already validated by kdarch.ops.moe.moe_ffn).
@@ -210,6 +231,8 @@ def moe_ffn_torch(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI
     """
     if impl not in ("auto", "grouped_mm", "padded_bmm"):
         raise ValueError(f"impl: expected 'auto', 'grouped_mm' or 'padded_bmm', got {impl!r}")
+    if impl == "auto" and few_rows(x_TH, topk_ids_TK, w_gate_up_E2IH):
+        return moe_ffn_gathered(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI)
     T, K = topk_ids_TK.shape
     E = w_gate_up_E2IH.shape[0]
     counts_E, offsets_E1, sorted_idx_M, inv_idx_M = routing_metadata(topk_ids_TK, E)
