@@ -64,6 +64,16 @@ def device_name() -> str:
     return f"cpu:{platform.processor() or platform.machine()}:{torch.get_num_threads()}threads"
 
 
+def cpu_model() -> str:
+    """The CPU's model name and the vector ISA torch dispatches to here (AVX512 / AVX2 / ...), for tables."""
+    try:
+        name = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                    if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    return f"{name}, {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores"
+
+
 def row(kernel: str, provider: str, mode: str, metric: str, unit: str, x_name: str, x_value, samples_or_value,
         config: dict | str) -> dict:
     vals = samples_or_value if isinstance(samples_or_value, list) else [samples_or_value]
@@ -94,3 +104,37 @@ def print_table(headers: list[str], lines: list[list]) -> None:
     print("  ".join("-" * w for w in widths))
     for c in cells:
         print("  ".join(v.ljust(w) for v, w in zip(c, widths)))
+
+
+def plot_metric(rows: list[dict], panels: list[tuple[str, str]], path: Path, title: str) -> Path | None:
+    """One panel per (kernel, metric): each provider's p50 against x_value (numeric x on a log2 axis, otherwise
+    categories in row order). None (and no file) without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
+    for ax, (kernel, metric) in zip(axes[0], panels):
+        sel = [r for r in rows if r["kernel"] == kernel and r["metric"] == metric]
+        xs = list(dict.fromkeys(r["x_value"] for r in sel))
+        numeric = all(isinstance(x, (int, float)) for x in xs)
+        for provider in dict.fromkeys(r["provider"] for r in sel):
+            pts = [(r["x_value"] if numeric else xs.index(r["x_value"]), r["p50"]) for r in sel
+                   if r["provider"] == provider]
+            ax.plot(*zip(*sorted(pts)), marker="o", label=provider)
+        if numeric:
+            ax.set_xscale("log", base=2)
+        else:
+            ax.set_xticks(range(len(xs)), [str(x) for x in xs], rotation=30, fontsize=7)
+        unit = sel[0]["unit"] if sel else ""
+        ax.set(xlabel=sel[0]["x_name"] if sel else "", ylabel=f"{metric} ({unit})", title=f"{kernel}: {metric}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

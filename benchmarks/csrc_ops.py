@@ -17,7 +17,7 @@ Sections (ratio = torch time / cpp time, so > 1 means cpp is faster):
              preset) with KDARCH_BACKEND=torch and =cpp, in high precision and with model.fp8.
 GB/s = bytes an op must read and write (inputs once, outputs once) / its time. Timing: median of --repeat
 calls after --warmup, providers alternated call by call (a shared machine drifts), --threads fixed (2).
-Output: tables on stdout, long-form CSV in benchmarks/results/csrc_ops.csv.
+Output: tables on stdout, long-form CSV in benchmarks/results/csrc_ops.csv, a plot of the speedups beside it.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, quantiles, row, write_csv  # noqa: E402
+from common import RESULTS_DIR, plot_metric, print_table, quantiles, row, write_csv  # noqa: E402
 
 
 def paired(fns: dict, warmup: int, repeat: int) -> dict[str, list[float]]:
@@ -248,6 +248,10 @@ def main() -> None:
         print()
     print("summary (cpp / torch, higher is faster):\n  " + "\n  ".join(summary))
     print(f"CSV: {write_csv('csrc_ops', rows)}")
+    panels = [(k, "speedup") for k in dict.fromkeys(r["kernel"] for r in rows if r["metric"] == "speedup")]
+    png = panels and plot_metric(rows, panels, RESULTS_DIR / "csrc_ops.png", "compiled ops vs torch (cpp / torch)")
+    if png:
+        print(f"plot: {png}")
 
 
 if __name__ == "__main__":

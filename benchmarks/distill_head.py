@@ -15,7 +15,8 @@ Peak memory is the process's resident-set high-water mark during the steps minus
 Time: the best and the median over all timed steps of all rounds; the ratio
 uses the best, the least disturbed step on a shared machine (the median ratio is printed beside it).
 Reports a table, the ratios fused / naive (targets: <= 0.25x peak memory, <= 1.0x time), and a CSV in
-benchmarks/results/distill_head.csv. The loss of every provider is printed: they must agree.
+benchmarks/results/distill_head.csv with a plot beside it (memory and time vs vocabulary). The loss of every
+provider is printed: they must agree.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import peak_rss_mb, print_table, row, rss_mb, time_cpu, write_csv  # noqa: E402
+from common import RESULTS_DIR, peak_rss_mb, plot_metric, print_table, row, rss_mb, time_cpu, write_csv  # noqa: E402
 
 
 def textbook_loss(h, w, labels, teacher, kind, T, alpha):
@@ -156,6 +157,11 @@ def main() -> None:
             print(f"V={V}: fused / {peer}: {mem:.3f}x peak memory (target <= 0.25x), {speed:.2f}x best time "
                   f"({speed50:.2f}x median; target <= 1.0x), loss difference {abs(f['loss'] - q['loss']):.1e}")
     print(f"CSV: {write_csv(args.out, rows)}")
+    png = plot_metric([r for r in rows if "/" not in r["provider"]], [("distill_head", "peak_memory"),
+                      ("distill_head", "time")], RESULTS_DIR / f"{args.out}.png",
+                      f"KD head fwd+bwd, N={args.tokens} d={args.hidden}, teacher {teacher}, {args.dtype}")
+    if png:
+        print(f"plot: {png}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ Providers (operands quantised beforehand, as in DeepGEMM's benchmarks; the "+qua
   scaled_mm_block  (CUDA) torch._scaled_mm with DeepSeek's block scales, where this torch supports it
   te            (CUDA + transformer-engine) te.Linear forward under the Float8BlockScaling recipe
 Metrics: p50 time, GFLOP/s (TFLOP/s on CUDA), speed over torch_bf16 and torch_fp32, relative Frobenius
-error of the output against the fp32 product. CSV: benchmarks/results/fp8_gemm.csv.
+error of the output against the fp32 product. CSV: benchmarks/results/fp8_gemm.csv, and a plot beside it.
 Timing: CPU = median of --repeat calls after --warmup at fixed --threads; CUDA = triton.testing.do_bench.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, row, time_cpu, write_csv  # noqa: E402
+from common import RESULTS_DIR, plot_metric, print_table, row, time_cpu, write_csv  # noqa: E402
 
 from kdarch.kernels.fp8_ref import rel_err  # noqa: E402
 from kdarch.ops.fp8 import fp8_gemm, quantize_act, quantize_weight  # noqa: E402
@@ -137,6 +137,10 @@ def main(args):
     print()
     print_table(["MxNxK", "provider", "ms p50", unit, "vs bf16", "vs fp32", "rel err vs fp32"], lines)
     print(f"\nCSV: {write_csv(args.out, rows)}")
+    png = plot_metric(rows, [("fp8_gemm", "throughput"), ("fp8_gemm", "rel_err_vs_fp32")],
+                      RESULTS_DIR / f"{args.out}.png", f"FP8 block-scaled GEMM vs dense, {dev.type}")
+    if png:
+        print(f"plot: {png}")
 
 
 if __name__ == "__main__":
