@@ -93,6 +93,26 @@ def linear(in_dim: int, out_dim: int, fp8: bool = False) -> nn.Linear:
     return nn.Linear(in_dim, out_dim, bias=False)
 
 
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * up of a [..., 2I] gate | up projection; backward keeps only that projection (autograd also
+    keeps silu(gate), [..., I] more per MLP) and recomputes the rest in fp32 (or wider)."""
+
+    @staticmethod
+    def forward(ctx, gate_up):
+        ctx.save_for_backward(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        gate_up, = ctx.saved_tensors
+        work = torch.promote_types(gate_up.dtype, torch.float32)
+        gate, up = gate_up.to(work).chunk(2, dim=-1)
+        g = grad_h.to(work)
+        sig = torch.sigmoid(gate)
+        return torch.cat((g * up * sig * (1 + gate * (1 - sig)), g * gate * sig), dim=-1).to(gate_up.dtype)
+
+
 class MLP(nn.Module):
     """SwiGLU MLP, down(silu(gate x) * up x), with gate and up fused into one projection (gate rows first)."""
 
@@ -102,5 +122,4 @@ class MLP(nn.Module):
         self.w_down = linear(inter_dim, dim, fp8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w_gate_up(x).chunk(2, dim=-1)
-        return self.w_down(F.silu(gate) * up)
+        return self.w_down(_SwiGLU.apply(self.w_gate_up(x)))

@@ -1,11 +1,12 @@
-"""RMSNorm's hand-written backward against autograd on the plain formula in float64, and what it keeps.
+"""RMSNorm's and the SwiGLU MLP's hand-written backwards against autograd on the plain formulas in float64, and
+what they keep.
 
-Legend: B batch, T tokens, D width.
+Legend: B batch, T tokens, D width, I MLP width.
 """
 import pytest
 import torch
 
-from kdarch.model.layers import RMSNorm
+from kdarch.model.layers import MLP, RMSNorm, _SwiGLU
 
 
 def reference(x_BTD, weight_D, eps):
@@ -42,3 +43,30 @@ def test_rmsnorm_keeps_only_its_input_and_the_inverse_rms():
         norm(x)
     shapes = sorted(tuple(t.shape) for t in saved if t is not norm.weight)
     assert shapes == [(4, 8, 1), (4, 8, 64)]  # x and rstd; no normalised copy of x
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+def test_swiglu_matches_float64_autograd(dtype, tol):
+    g = torch.Generator().manual_seed(0)
+    gate_up = (torch.randn(4, 6, 2 * 40, generator=g) * 4).to(dtype).requires_grad_()
+    grad = torch.randn(4, 6, 40, generator=g)
+    h = _SwiGLU.apply(gate_up)
+    h.backward(grad.to(dtype))
+    ref_in = gate_up.detach().double().requires_grad_()
+    gate, up = ref_in.chunk(2, dim=-1)
+    ref = torch.nn.functional.silu(gate) * up
+    ref.backward(grad.to(dtype).double())
+    for got, want in ((h, ref), (gate_up.grad, ref_in.grad)):
+        assert got.dtype == dtype
+        assert ((got.double() - want).abs().max() / want.abs().max()).item() < tol
+
+
+def test_mlp_keeps_its_input_the_projection_and_the_product():
+    mlp = MLP(16, 24)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        mlp(x)
+    params = {p.data_ptr() for p in mlp.parameters()}
+    sizes = sorted(t.numel() for t in saved if t.data_ptr() not in params)
+    assert sizes == [15 * 16, 15 * 24, 15 * 48]  # x, silu(gate) * up, gate | up; no silu(gate)
