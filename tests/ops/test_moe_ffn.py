@@ -98,6 +98,18 @@ def test_decode_shapes_take_the_gathered_path(T, K, E, routing, backend):
         assert rel_err(a, r) < 1e-5  # differentiable too, though only inference takes it
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_no_tokens(backend):
+    """An expert-parallel rank can be sent no tokens at all."""
+    if backend not in ops.available_backends("moe_ffn"):
+        pytest.skip("the compiled ops do not build here")
+    _, _, _, wgu, wd = make_inputs(1, 24, 16, 8, 2, "random")
+    x, ids, w = torch.empty(0, 24), torch.empty(0, 2, dtype=torch.long), torch.empty(0, 2)
+    with torch.no_grad():
+        assert ops.moe_ffn(x, ids, w, wgu, wd, backend=backend).shape == (0, 24)
+    assert fwd_bwd(lambda *a: ops.moe_ffn(*a, backend=backend), x, ids, w, wgu, wd)[0].shape == (0, 24)
+
+
 def test_int32_ids_and_broadcast_grad():
     x, ids, w, wgu, wd = make_inputs(7, 32, 16, 4, 2, "random")
     torch.testing.assert_close(ops.moe_ffn(x, ids.int(), w, wgu, wd), ops.moe_ffn(x, ids, w, wgu, wd),

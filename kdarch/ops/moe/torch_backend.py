@@ -154,7 +154,7 @@ def grouped_ffn_fwd(x_TH: torch.Tensor, topk_weights_TK: torch.Tensor, w_gate_up
     w_M1 = topk_weights_TK.reshape(-1)[sorted_idx_M].float()[:, None]
     y_MH, h_M2I = swiglu_experts_fwd(x_TH[sorted_idx_M // K], w_M1, _aligned_copy(w_gate_up_E2IH),
                                      _aligned_copy(w_down_EHI), ends_E)
-    return y_MH.float()[inv_idx_M].view(T, K, -1).sum(dim=1).to(x_TH.dtype), h_M2I
+    return y_MH.float()[inv_idx_M].view(T, K, x_TH.shape[1]).sum(dim=1).to(x_TH.dtype), h_M2I
 
 
 @torch.library.custom_op("kdarch::moe_grouped_ffn_bwd", mutates_args=())
@@ -169,7 +169,7 @@ def grouped_ffn_bwd(grad_out_TH: torch.Tensor, x_TH: torch.Tensor, topk_weights_
     grad_x_MH, grad_w_M, d_w_gate_up, d_w_down = swiglu_experts_bwd(
         grad_out_TH.contiguous()[token_M], x_TH[token_M], w_M1, h_M2I, _aligned_copy(w_gate_up_E2IH),
         _aligned_copy(w_down_EHI), ends_E)
-    grad_x_TH = grad_x_MH.float()[inv_idx_M].view(T, K, -1).sum(dim=1).to(x_TH.dtype)
+    grad_x_TH = grad_x_MH.float()[inv_idx_M].view(T, K, x_TH.shape[1]).sum(dim=1).to(x_TH.dtype)
     grad_weights_TK = grad_w_M[inv_idx_M].view(T, K).to(topk_weights_TK.dtype)
     return grad_x_TH, grad_weights_TK, d_w_gate_up.to(w_gate_up_E2IH.dtype), d_w_down.to(w_down_EHI.dtype)
 
@@ -219,7 +219,7 @@ def moe_ffn_gathered(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_
     h_M2I = torch.bmm(x_M1H, w_gate_up_E2IH[ids_M].transpose(1, 2)).squeeze(1)
     act_MI = swiglu_weighted(h_M2I, topk_weights_TK.reshape(-1, 1).float())
     y_MH = torch.bmm(act_MI[:, None], w_down_EHI[ids_M].transpose(1, 2)).squeeze(1)
-    return y_MH.float().view(T, K, -1).sum(dim=1).to(x_TH.dtype)
+    return y_MH.float().view(T, K, w_down_EHI.shape[1]).sum(dim=1).to(x_TH.dtype)
 
 
 def moe_ffn_torch(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI,
@@ -252,7 +252,7 @@ def moe_ffn_torch(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI
     gate_MI, up_MI = h_M2I.chunk(2, dim=-1)
     y_MH = _padded_expert_linear(F.silu(gate_MI) * up_MI, w_down_EHI, slot_M, n_pad)
 
-    y_TKH = _PermuteRows.apply(y_MH, inv_idx_M, sorted_idx_M, 1).view(T, K, -1)  # slot order
+    y_TKH = _PermuteRows.apply(y_MH, inv_idx_M, sorted_idx_M, 1).view(T, K, x_TH.shape[1])  # slot order
     out_TH = torch.bmm(topk_weights_TK.float().unsqueeze(1), y_TKH.float()).squeeze(1)
     return out_TH.to(x_TH.dtype)
 
@@ -272,7 +272,8 @@ def moe_ffn_fp8_composed(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_d
     w_M1 = topk_weights_TK.reshape(-1)[sorted_idx_M].float()[:, None]
     act_MI = swiglu_weighted(h_M2I, w_M1).to(x_TH.dtype)  # routing weight folded in, as in the torch path
     y_MH = fp8_matmul(act_MI, w_down_EHI, offsets_E1, fp8_backend)
-    return _PermuteRows.apply(y_MH.float(), inv_idx_M, sorted_idx_M, 1).view(T, K, -1).sum(dim=1).to(x_TH.dtype)
+    y_TKH = _PermuteRows.apply(y_MH.float(), inv_idx_M, sorted_idx_M, 1).view(T, K, x_TH.shape[1])
+    return y_TKH.sum(dim=1).to(x_TH.dtype)
 
 
 def moe_ffn_fp8_torch(x_TH, topk_ids_TK, topk_weights_TK, w_gate_up_E2IH, w_down_EHI):
