@@ -95,7 +95,8 @@ def linear(in_dim: int, out_dim: int, fp8: bool = False) -> nn.Linear:
 
 class _SwiGLU(torch.autograd.Function):
     """silu(gate) * up of a [..., 2I] gate | up projection; backward keeps only that projection (autograd also
-    keeps silu(gate), [..., I] more per MLP) and recomputes the rest in fp32 (or wider)."""
+    keeps silu(gate), [..., I] more per MLP) and recomputes silu(gate), with the same kernels autograd runs, so
+    the gradients are autograd's bit for bit."""
 
     @staticmethod
     def forward(ctx, gate_up):
@@ -106,11 +107,8 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_h):
         gate_up, = ctx.saved_tensors
-        work = torch.promote_types(gate_up.dtype, torch.float32)
-        gate, up = gate_up.to(work).chunk(2, dim=-1)
-        g = grad_h.to(work)
-        sig = torch.sigmoid(gate)
-        return torch.cat((g * up * sig * (1 + gate * (1 - sig)), g * gate * sig), dim=-1).to(gate_up.dtype)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return torch.cat((torch.ops.aten.silu_backward(grad_h * up, gate), grad_h * F.silu(gate)), dim=-1)
 
 
 class MLP(nn.Module):
