@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kdarch.kernels.testing import max_rel_err
 from kdarch.ops.cpp import ops as C
 from kdarch.ops.moe.torch_backend import swiglu_weighted, swiglu_weighted_bwd
 
@@ -31,10 +32,6 @@ def inputs(M, I, dtype, scale=3.0, seed=0):
     return h, torch.rand(M, 1, generator=g), torch.randn(M, I, generator=g)
 
 
-def rel(a, ref):
-    return ((a.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-
-
 @pytest.mark.parametrize("M, I", [(1, 1), (7, 16), (33, 37), (256, 256)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_swiglu_matches_float64_autograd(lib, M, I, dtype):
@@ -45,8 +42,8 @@ def test_swiglu_matches_float64_autograd(lib, M, I, dtype):
     gh, gw, y_again = C.swiglu_backward(gy, h, w)
     assert y.dtype == gh.dtype == y_again.dtype == dtype and gw.dtype == torch.float32
     assert y.shape == (M, I) and gh.shape == (M, 2 * I) and gw.shape == (M,)
-    assert rel(y, y_ref) < tol and rel(y_again, y_ref) < tol
-    assert rel(gh, gh_ref) < tol and rel(gw, gw_ref) < 1e-6
+    assert max_rel_err(y.double(), y_ref) < tol and max_rel_err(y_again.double(), y_ref) < tol
+    assert max_rel_err(gh.double(), gh_ref) < tol and max_rel_err(gw.double(), gw_ref) < 1e-6
     torch.testing.assert_close(y_again, y, rtol=0, atol=0)
 
 
@@ -64,9 +61,9 @@ def test_swiglu_exp_over_its_whole_range(lib):
 
 def test_swiglu_agrees_with_the_torch_pair_and_threads(lib, threads):
     h, w, gy = inputs(300, 96, torch.float32, seed=3)
-    assert rel(C.swiglu_forward(h, w), swiglu_weighted(h, w).double()) < 1e-6
+    assert max_rel_err(C.swiglu_forward(h, w).double(), swiglu_weighted(h, w).double()) < 1e-6
     for a, b in zip(C.swiglu_backward(gy, h, w), swiglu_weighted_bwd(gy, h, w)):
-        assert rel(a, b.double()) < 1e-6
+        assert max_rel_err(a.double(), b.double()) < 1e-6
     one = threads(1, C.swiglu_backward, gy, h, w)
     two = threads(2, C.swiglu_backward, gy, h, w)
     assert all(torch.equal(a, b) for a, b in zip(one, two))
