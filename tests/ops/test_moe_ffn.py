@@ -13,7 +13,7 @@ from kdarch.kernels.testing import MOE_CASE_IDS, MOE_CASES, MOE_GRAD_NAMES, fwd_
 from kdarch.kernels.testing import max_rel_err as rel_err
 from kdarch.ops import backend as ops_backend
 from kdarch.ops import moe as ops_moe
-from kdarch.ops.moe import routing_metadata
+from kdarch.ops.moe import routing_metadata, torch_backend
 from kdarch.ops.moe.torch_backend import few_rows, grouped_mm_ok, moe_ffn_fp8_torch, moe_ffn_gathered, moe_ffn_torch
 
 CASES, IDS = MOE_CASES, MOE_CASE_IDS
@@ -82,11 +82,15 @@ def test_routing_metadata_invariants(case, id_dtype):
 @pytest.mark.parametrize("T, K, E, routing", [(1, 4, 16, "random"), (2, 4, 16, "random"), (4, 2, 8, "one"),
                                               (3, 1, 5, "skip0")])
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
-def test_decode_shapes_take_the_gathered_path(T, K, E, routing, backend):
-    """A few rows (T * K <= E) without autograd: the gathered path, equal to the reference; with autograd the
-    grouped path (training never gathers weights)."""
+@pytest.mark.parametrize("host_read", [True, False], ids=["rows-in-place", "gathered-weights"])
+def test_decode_shapes_take_the_gathered_path(T, K, E, routing, backend, host_read, monkeypatch):
+    """A few rows (T * K <= E) without autograd: the few-rows path, equal to the reference, both as the CPU runs
+    it (each row against its expert's weights in place) and as a GPU does (weights gathered, no host read);
+    with autograd the grouped path (training never gathers weights)."""
     if backend not in ops.available_backends("moe_ffn"):
         pytest.skip("the compiled ops do not build here")
+    if not host_read:
+        monkeypatch.setattr(torch_backend, "HOST_READ_DEVICES", ())
     x, ids, w, wgu, wd = make_inputs(T, 24, 16, E, K, routing)
     assert few_rows(x, ids, wgu) and not few_rows(x.requires_grad_(), ids, wgu)
     x = x.detach()
