@@ -1,9 +1,16 @@
 """Test-wide set-up: without a GPU, Triton kernels run under the interpreter (set before triton loads), and
-every value check runs (KDARCH_CHECKS=1; see kdarch.checks)."""
+every value check runs (KDARCH_CHECKS=1; see kdarch.checks); the repository's own directory is not an import
+path (its top-level kernels/, installed as kdarch.kernels, would shadow the `kernels` package transformers
+imports)."""
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
