@@ -7,8 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import setup
-from setuptools.command.build_py import build_py
+# Not the checkout on the import path: its top-level kernels/ (installed as kdarch.kernels) would shadow the
+# `kernels` package transformers requires, whose egg_info writer setuptools imports while it builds.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+from setuptools import setup  # noqa: E402
+from setuptools.command.build_py import build_py  # noqa: E402
 
 
 class BuildPyWithExtension(build_py):

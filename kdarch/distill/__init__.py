@@ -21,6 +21,8 @@
 - Teachers with another tokenizer: `CrossTokenizerTeacher` re-tokenises the student's rows and aligns positions
   by byte spans (`retokenize`, `align_text`, `align_spans`, `shared_vocab`), and `cross_tokenizer_kd_loss` with
   mode "align" (kd_loss over the shared vocabulary) or "uld" (sorted-probability L1), see `cross_tokenizer.py`.
+- `inherit_from_teacher`: a kdarch student starts from its kdarch teacher's weights (blocks evenly spaced, the
+  most-routed experts kept), see `inherit.py`.
 """
 from kdarch.distill.cross_tokenizer import (
                                       CROSS_TOKENIZER_MODES,
@@ -37,6 +39,7 @@ from kdarch.distill.cross_tokenizer import (
 )
 from kdarch.distill.features import FeatureDistiller, FeatureKDConfig, uniform_layer_map
 from kdarch.distill.head import DistillationHead, fused_kd_loss
+from kdarch.distill.inherit import Inheritance, check_inheritable, inherit_from_teacher
 from kdarch.distill.loading import load_teacher
 from kdarch.distill.logit_cache import CachedTeacher, LogitCache, write_logit_cache
 from kdarch.distill.losses import KINDS, KDLossConfig, KDTerms, kd_loss
@@ -60,12 +63,13 @@ from kdarch.distill.vocab import (
                                       vocab_fingerprint,
 )
 
-__all__ = ["CROSS_TOKENIZER_MODES", "KINDS", "MODES", "SCHEDULE_KINDS", "AdaptiveAlpha", "CachedTeacher",
-           "CrossTokenizerOutput", "CrossTokenizerTeacher", "CrossTokenizerTerms", "DistillationHead",
-           "FeatureDistiller", "FeatureKDConfig", "HFTeacher", "KDLossConfig", "KDSchedule", "KDTerms", "LogitCache",
-           "ModelTeacher", "MultiTokenKD", "RelationDistiller", "RelationKDConfig", "Retokenized", "Schedule",
+__all__ = ["AdaptiveAlpha", "CROSS_TOKENIZER_MODES", "CachedTeacher", "CrossTokenizerOutput", "CrossTokenizerTeacher",
+           "CrossTokenizerTerms", "DistillationHead", "FeatureDistiller", "FeatureKDConfig", "HFTeacher",
+           "Inheritance", "KDLossConfig", "KDSchedule", "KDTerms", "KINDS", "LogitCache", "MODES", "ModelTeacher",
+           "MultiTokenKD", "RelationDistiller", "RelationKDConfig", "Retokenized", "SCHEDULE_KINDS", "Schedule",
            "Teacher", "TeacherOutput", "TokenizerView", "TopKTeacher", "VocabAlignment", "VocabMismatchError",
-           "align_spans", "align_text", "align_vocab", "capture_mla_latents", "cross_tokenizer_kd_loss",
-           "fused_kd_loss", "kd_loss", "load_teacher", "multi_token_kd_loss", "parse_schedule", "retokenize",
-           "rkd_angle_loss", "rkd_distance_loss", "shared_vocab", "similarity_preserving_loss", "tokenizer_fingerprint",
-           "uniform_layer_map", "vocab_fingerprint", "write_logit_cache"]
+           "align_spans", "align_text", "align_vocab", "capture_mla_latents", "check_inheritable",
+           "cross_tokenizer_kd_loss", "fused_kd_loss", "inherit_from_teacher", "kd_loss", "load_teacher",
+           "multi_token_kd_loss", "parse_schedule", "retokenize", "rkd_angle_loss", "rkd_distance_loss",
+           "shared_vocab", "similarity_preserving_loss", "tokenizer_fingerprint", "uniform_layer_map",
+           "vocab_fingerprint", "write_logit_cache"]

@@ -18,6 +18,7 @@ from typing import Any
 from kdarch.checks import ConfigError, check, check_field_types, check_type, choice_arg, is_number
 from kdarch.config import PRESETS, ModelConfig, get_preset
 from kdarch.distill.cross_tokenizer import CROSS_TOKENIZER_MODES
+from kdarch.distill.inherit import INITS as STUDENT_INITS
 from kdarch.distill.losses import KINDS as KD_KINDS
 from kdarch.distill.relations import KINDS as RELATION_KINDS
 from kdarch.distill.relations import OVER as RELATION_OVER
@@ -181,6 +182,10 @@ class TrainSection:
         return self.checkpoint_every or max(100, self.steps // 10)
 
 
+ALPHA_AUTO = {True: "constant:0.5", False: "constant:0.9"}
+"""distill.alpha = "auto": the schedule for an inherited student (True) and for a randomly initialised one."""
+
+
 @dataclass(frozen=True)
 class DistillSection:
     """[distill]: how a student learns from its teacher."""
@@ -202,10 +207,12 @@ class DistillSection:
     rank. No effect in one process."""
     kind: str = "forward_kl"
     """Soft-label divergence: forward_kl, reverse_kl, jsd or tvd."""
-    alpha: str = "constant:0.9"
+    alpha: str = "auto"
     """Weight of the soft term (1 - alpha goes to hard labels): a schedule, e.g. "constant:0.5",
-    "linear:0.9->0.3", "cosine:0.9->0.3" or "adaptive:0.9->0.1". The default, 0.9, closed the most of the gap
-    in the embedded default's ablation (benchmarks/distill_ablation.py)."""
+    "linear:0.9->0.3", "cosine:0.9->0.3" or "adaptive:0.9->0.1"; "auto": ALPHA_AUTO's, constant 0.5 for a
+    student that starts from its teacher's weights (distill.student_init) and 0.9 for one that starts at random,
+    the best of each in the embedded default's ablation (benchmarks/distill_ablation.py): an inherited student
+    already holds what the teacher's soft labels would teach at first, and gains from the hard labels too."""
     temperature: str = "constant:1.0"
     """Soft-label temperature schedule, same syntax as alpha."""
     beta: float = 0.5
@@ -245,6 +252,15 @@ class DistillSection:
     """Tokens sampled per row on an on-policy step; the prompt is the rest of the row."""
     rollout_temperature: float = 1.0
     """Sampling temperature of the rollouts (0: greedy)."""
+    student_init: str = "auto"
+    """How each student starts: "teacher": from its kdarch teacher's weights, blocks evenly spaced and routed
+    experts pruned by routing weight (kdarch.distill.inherit; an error where they do not fit); "random": its
+    seeded initialisation; "auto": "teacher" where the teacher is a kdarch model whose weights fit the student,
+    else "random" (the log and the report say which). The scratch student always starts at random."""
+
+    def alpha_schedule(self, inherited: bool = False) -> str:
+        """The alpha schedule of a student that starts from its teacher's weights (`inherited`) or not."""
+        return ALPHA_AUTO[inherited] if self.alpha == "auto" else self.alpha
 
     def __post_init__(self):
         check_field_types(self, "distill")
@@ -255,9 +271,9 @@ class DistillSection:
         choice_arg("distill.kind", self.kind, KD_KINDS, error=ConfigError)
         for name in ("alpha", "temperature"):  # parsed here, so a typo fails before any work
             try:
-                KDSchedule(**{name: getattr(self, name)})
+                KDSchedule(**{name: self.alpha_schedule() if name == "alpha" else self.temperature})
             except ValueError as e:
-                raise ConfigError(f"distill.{name}: {e}") from None
+                raise ConfigError(f"distill.{name}: {e}" + (' (or "auto")' if name == "alpha" else "")) from None
         require(self.top_k >= 0, "distill.top_k", "an int >= 0", self.top_k)
         for name in ("feature_weight", "relation_weight"):
             require(getattr(self, name) >= 0, f"distill.{name}", "a number >= 0", getattr(self, name))
@@ -268,6 +284,7 @@ class DistillSection:
         require(all(is_number(w) and w >= 0 for w in self.mtp_depth_weights), "distill.mtp_depth_weights",
                 "a list of numbers >= 0", self.mtp_depth_weights)
         choice_arg("distill.cross_tokenizer", self.cross_tokenizer, CROSS_TOKENIZER_MODES, error=ConfigError)
+        choice_arg("distill.student_init", self.student_init, STUDENT_INITS, error=ConfigError)
         require(0 <= self.on_policy <= 1, "distill.on_policy", "a number in [0, 1]", self.on_policy)
         require(0 <= self.on_policy_start < 1, "distill.on_policy_start", "a number in [0, 1)", self.on_policy_start)
         require(self.rollout_tokens >= 1, "distill.rollout_tokens", "an int >= 1", self.rollout_tokens)

@@ -178,11 +178,12 @@ class DistillObjective:
 
     def __init__(self, teacher: Teacher, student: nn.Module, cfg: DistillSection, total_steps: int, *,
                  pad_id: int | None = None, prompt_lengths: Callable[[torch.Tensor], list[int]] | None = None,
-                 eos_token_id: int | None = None, seed: int = 0):
+                 eos_token_id: int | None = None, seed: int = 0, inherited: bool = False):
         """`prompt_lengths(ids_BT)` gives each row's prompt on an on-policy step (default: all but the row's last
-        `distill.rollout_tokens`); `eos_token_id` ends a rollout (default: the student's); `seed` seeds them."""
+        `distill.rollout_tokens`); `eos_token_id` ends a rollout (default: the student's); `seed` seeds them.
+        `inherited`: the student started from its teacher's weights (what `distill.alpha = "auto"` goes by)."""
         self.teacher, self.cfg, self.total_steps, self.pad_id = teacher, cfg, total_steps, pad_id
-        self.schedule = KDSchedule(alpha=cfg.alpha, temperature=cfg.temperature)
+        self.schedule = KDSchedule(alpha=cfg.alpha_schedule(inherited), temperature=cfg.temperature)
         self.on_policy = OnPolicySchedule(cfg.on_policy, start=round(cfg.on_policy_start * total_steps))
         self.cross = isinstance(teacher, CrossTokenizerTeacher)
         if self.cross and (cfg.feature_weight > 0 or cfg.relation_weight > 0):

@@ -22,10 +22,11 @@ from pathlib import Path
 import torch
 
 from kdarch.checks import ConfigError
-from kdarch.config import PRESETS, get_preset
+from kdarch.config import PRESETS, ModelConfig, get_preset
 from kdarch.convert.gguf import import_gguf, is_gguf
 from kdarch.convert.hf import HF_MODEL_TYPE
 from kdarch.distill.cross_tokenizer import CrossTokenizerTeacher, retokenize
+from kdarch.distill.inherit import check_inheritable, inherit_from_teacher
 from kdarch.distill.loading import load_teacher
 from kdarch.distill.logit_cache import CachedTeacher, LogitCache, input_ids_sha256
 from kdarch.distill.teacher_signal import TopKTeacher
@@ -52,19 +53,25 @@ from kdarch.train.report import write_report
 from kdarch.train.tokenizer import BPETokenizer, Tokenizer, load_tokenizer
 
 DEFAULT_TEACHER = Stage("teacher", ModelSection("tiny", {"n_layers": 6, "n_routed_experts": 32}),
-                        TrainSection(steps=180))
+                        TrainSection(steps=300))
 """The embedded default's teacher: the tiny preset deepened to 6 layers with 32 routed experts (2.5x the
-student's parameters, 1.4x its active parameters), trained on 1.8x the student's tokens. On two CPU cores a
+student's parameters, 1.4x its active parameters), trained on 3x the student's tokens. On two CPU cores a
 wider dense teacher learns less per second: what makes the teacher better than the student is its capacity
-and its longer training within the same minutes."""
+and its longer training within the same minutes. 300 steps rather than 180: its student starts from its
+weights (distill.student_init), so the teacher's training is the student's head start, and a teacher this
+much better is one whose soft labels still help the student rather than hold it back
+(benchmarks/distill_ablation.py)."""
 DEFAULT_STUDENT = Stage("student", ModelSection("tiny", {"mtp_loss_weight": 0.1}), TrainSection(steps=100))
 """The embedded default's student (and its scratch twin): the tiny preset (MLA + 16-expert MoE + 1 MTP module)
 with the MTP loss at weight 0.1 instead of 0.3 — in 100 steps the main head gains more from the trunk than
-the MTP head loses (benchmarks/distill_ablation.py), and MTP drafting still accepts most drafts."""
-QUICK_TEACHER = Stage("teacher", ModelSection("debug", {"hidden_size": 128, "n_layers": 4, "n_routed_experts": 16}),
+the MTP head loses (benchmarks/distill_ablation.py), and MTP drafting still accepts most drafts. Same width,
+heads and expert shape as the teacher, so it starts from 4 of the teacher's 6 blocks and 16 of its 32 experts
+per block (distill.student_init = "auto")."""
+QUICK_TEACHER = Stage("teacher", ModelSection("debug", {"n_layers": 4, "n_routed_experts": 16}),
                       TrainSection(steps=100))
 QUICK_STUDENT = Stage("student", ModelSection("debug", {"mtp_loss_weight": 0.1}), TrainSection(steps=100))
-"""`kdarch distill --quick`: the same pipeline on the debug preset's sizes, a first look in about a minute."""
+"""`kdarch distill --quick`: the same pipeline on the debug preset's sizes, a first look in about a minute (the
+student starts from 2 of the teacher's 4 blocks and 8 of its 16 experts per block, as the default's does)."""
 
 
 @dataclass
@@ -132,16 +139,21 @@ class StageRun:
 
 
 def run_stage(stage: Stage, data: Data, run_dir: Path, *, objective_for: Callable[[CausalLM], Objective] | None = None,
-              resume: bool = False, teacher: str | None = None, stage_dir: Path | None = None, log=print) -> StageRun:
+              init: Callable[[CausalLM], str] | None = None, resume: bool = False, teacher: str | None = None,
+              stage_dir: Path | None = None, log=print) -> StageRun:
     """Train one model (LM objective, or the objective `objective_for(model)` builds) in `stage_dir` (default
     run_dir / stage.name): checkpoints/ while it trains, metrics.jsonl, and at the end the final model/ with its
-    tokenizer and done.json. A finished stage's checkpoints are then deleted (they are most of a run's size and
-    only needed to continue it) unless train.keep_checkpoints; on resume a finished stage is loaded, not run."""
+    tokenizer and done.json. `init(model)` overwrites the seeded initialisation and says how (a resumed
+    checkpoint then overwrites both). A finished stage's checkpoints are then deleted (they are most of a run's
+    size and only needed to continue it) unless train.keep_checkpoints; on resume a finished stage is loaded,
+    not run."""
     stage_dir = stage_dir or run_dir / stage.name
     final, done = stage_dir / "model", stage_dir / STAGE_DONE
     if resume and done.is_file():
         return _finished_stage(stage, data, final, read_json(done), teacher, log)
     model = build_model(stage.model, data, stage.train.seed)
+    if init is not None:
+        log(f"[{stage.name}] initialised from {teacher}: {init(model)}")
     objective = objective_for(model) if objective_for is not None else None
     what = f"distilling from {teacher}" if teacher else "language modelling"
     log(f"[{stage.name}] {model.config.num_params() / 1e6:.2f}M parameters "
@@ -175,6 +187,17 @@ def _finished_stage(stage: Stage, data: Data, final: Path, done: dict, teacher: 
     log(f"[{stage.name}] finished earlier ({done['steps']} steps); loaded {final}")
     return StageRun(stage.name, model, rows, done["seconds"], done["tokens"], done["peak_memory_mb"], final, teacher,
                     done.get("device"))
+
+
+INHERIT_SAMPLE_ROWS = 64
+"""Training rows the teacher's routing is measured on to choose the experts a student inherits."""
+
+
+def inherit_init(teacher: CausalLM, train_NT: torch.Tensor, record: dict, student: CausalLM) -> str:
+    """The student starts from its kdarch teacher's weights; records and returns what it took."""
+    got = inherit_from_teacher(student, teacher, train_NT[:INHERIT_SAMPLE_ROWS])
+    record["init"] = got.summary(teacher.config.n_layers, teacher.config.n_routed_experts)
+    return record["init"]
 
 
 def generation_prompts(data: Data) -> list[list[int]]:
@@ -353,7 +376,43 @@ def check_distill(run: RunConfig, *, quick: bool = False) -> tuple[Stage, list[S
             if model_type not in (KDARCH_MODEL_TYPE, HF_MODEL_TYPE):
                 raise ConfigError(f"distill.relation_source: expected \"hidden\" for a {model_type!r} teacher (\"mla\" "
                                   f"needs MLA latents: a kdarch or DeepseekV3 teacher), got \"mla\"")
+    inheritance(run, teacher, students)
     return teacher, students
+
+
+def inheritance(run: RunConfig, teacher: Stage, students: list[Stage]) -> list[str | None]:
+    """distill.student_init per student, from the configs alone: None where its weights come from its teacher's
+    (the given or trained teacher for the first, the previous student for the next), else why it starts at
+    random. "teacher" raises where they cannot be; "auto" falls back to random there."""
+    mode, given = run.distill.student_init, run.distill.teacher
+    if mode == "random":
+        return ["distill.student_init = 'random'"] * len(students)
+    vocab = PRESETS[students[0].model.preset]().vocab_size
+    if given:
+        path = Path(given)
+        raw = read_json(path / "config.json") if not is_gguf(path) and (path / "config.json").is_file() else {}
+        if raw.get("model_type") != KDARCH_MODEL_TYPE or run.distill.cross_tokenizer != "refuse":
+            if mode == "teacher":
+                raise ConfigError(f"distill.student_init: expected \"random\" or \"auto\" with a teacher that is not "
+                                  f"a kdarch model of the student's tokenizer (\"teacher\" copies its weights), got "
+                                  f"\"teacher\" with {given!r}")
+            return ["the teacher is not a kdarch model of the student's tokenizer"] * len(students)
+        t_cfg = ModelConfig.from_dict({k: v for k, v in raw.items() if k != "model_type"})
+        vocab = t_cfg.vocab_size
+    else:
+        t_cfg = teacher.model.build(vocab, run.data.seq_len)
+    plan: list[str | None] = []
+    for st in students:
+        s_cfg = st.model.build(vocab, run.data.seq_len)
+        try:
+            check_inheritable(s_cfg, t_cfg)
+            plan.append(None)
+        except ValueError as e:
+            if mode == "teacher":
+                raise ConfigError(f"{st.name}: {e}") from None
+            plan.append(f"its teacher's weights do not fit: {str(e).split(': ', 1)[1]}")
+        t_cfg = s_cfg
+    return plan
 
 
 def stages_of(run: RunConfig, *, quick: bool = False) -> tuple[Stage, list[Stage]]:
@@ -391,6 +450,7 @@ def run_distill(run: RunConfig, out: Path, *, resume: bool = False, quick: bool 
     the report. `quick` runs it over the quick run's default stages."""
     t_start = time.perf_counter()
     dcfg, (teacher_stage, students) = run.distill, check_distill(run, quick=quick)
+    inherit = inheritance(run, teacher_stage, students)
     teacher_device = resolve_device(dcfg.teacher_device or students[0].train.device)
     n_eval = run.train.eval_sequences
     if dcfg.teacher:
@@ -437,20 +497,30 @@ def run_distill(run: RunConfig, out: Path, *, resume: bool = False, quick: bool 
         report["teacher"].update(measure_teacher(model_teacher, teacher, data, n_eval, top1_NT, teacher_device))
         speed_jobs["teacher"] = (model_teacher, teacher_prompts(teacher, data))
     chain, curves = [], {teacher_stage.name: teacher_run.rows} if teacher_run else {}
-    for stage in students:
+    teacher_model = teacher_run.model if teacher_run is not None else None  # the next student's weight source
+    for stage, random_why in zip(students, inherit, strict=True):
         objectives: list[DistillObjective] = []
 
-        def distill_objective(m, t=teacher, st=stage, made=objectives):
-            made.append(DistillObjective(t, m, dcfg, st.train.steps, seed=st.train.seed))
+        def distill_objective(m, t=teacher, st=stage, made=objectives, inherited=random_why is None):
+            made.append(DistillObjective(t, m, dcfg, st.train.steps, seed=st.train.seed, inherited=inherited))
             return made[-1]
 
+        inherited: dict = {}
+        init = None
+        if random_why is None:  # a given teacher's float32 weights, not its forward's dtype
+            source = teacher_model if teacher_model is not None else from_pretrained(dcfg.teacher)
+            init = functools.partial(inherit_init, source, data.train_NT, inherited)
+        elif dcfg.student_init != "random":
+            log(f"[{stage.name}] random initialisation: {random_why}")
         res = run_stage(stage, data, out, resume=resume, teacher=teacher.name, log=log,
-                        objective_for=distill_objective)
+                        objective_for=distill_objective, init=init)
         chain.append({"name": stage.name, **measure(res, data, eval_sequences=n_eval, teacher_top1_NT=top1_NT,
-                                                    speed=False), **on_policy_figures(dcfg, objectives)})
+                                                    speed=False), **on_policy_figures(dcfg, objectives),
+                      **({"init": inherited["init"]} if inherited else {})})
         speed_jobs[f"chain.{len(chain) - 1}"] = (res.model, generation_prompts(data))
         curves[stage.name] = res.rows
         teacher = ModelTeacher(res.model, name=stage.name, fingerprint=data.tokenizer.fingerprint)
+        teacher_model = res.model
         teacher.align_to(data.tokenizer.vocab_size, student_fingerprint=data.tokenizer.fingerprint)
     if run.scratch:
         scratch = dataclasses.replace(students[0], name="scratch")

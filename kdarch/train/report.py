@@ -91,8 +91,13 @@ def _verdict_sentence(report: dict) -> list[str]:
     gap, per_byte = report.get("gap_closed"), report.get("gap_closed_bits_per_byte")
     if gap is not None and d["verdict"] != "no measurable difference":
         sentence += f"; gap closed (scratch − student) / (scratch − teacher) = {gap:.1%}"
+        if gap > 1:
+            sentence += " (above 100%: the student ends below its teacher's held-out loss)"
     elif per_byte is not None and d["verdict"] != "no measurable difference":  # a teacher of another tokenizer
         sentence += f"; gap closed in bits per byte (the teacher's tokens are other ones) = {per_byte:.1%}"
+    if init := report["student"].get("init"):
+        sentence += (f". The student started from its teacher's weights ({init}; distill.student_init), the scratch "
+                     f"student from its random initialisation")
     return [sentence + ".", ""]
 
 

@@ -63,6 +63,8 @@ def toml(tmp_path):
     (["train", "--train.stpes", "5"], "did you mean --train.steps"),
     (["distill", "--teacher.train.stpes", "5"], "did you mean --teacher.train.steps"),
     (["train", "--train.lr", "-1"], "train.lr: expected a number > 0, got -1"),
+    (["distill", "--distill.student_init", "teacher", "--model.n_layers", "7"],
+     "student: distill.student_init = \"teacher\": the student's moe blocks: expected at most the teacher's 5, got 6"),
 ])
 def test_bad_input_fails_before_any_work_naming_the_field(tmp_path, capsys, args, needle):
     code, err = run([*args[:1], "--out", str(tmp_path / "run"), *args[1:]], capsys)
@@ -79,6 +81,9 @@ def test_toml_errors_and_teacher_kinds(tmp_path, capsys, toml, cache_dir):
     code, err = run(["distill", "--config", toml("[model]\npreset = 'debug'\n[[students]]\nname = 's'\n"),
                      "--out", str(tmp_path / "c")], capsys)
     assert code == 2 and "model: expected no [model] section beside [[students]]" in err
+    code, err = run(["distill", "--distill.teacher", str(cache_dir), "--distill.student_init", "teacher",
+                     "--out", str(tmp_path / "d")], capsys)
+    assert code == 2 and 'distill.student_init: expected "random" or "auto" with a teacher that is not a kdarch' in err
 
 
 def test_stage_flags_reach_every_stage():

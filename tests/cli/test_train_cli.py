@@ -150,13 +150,19 @@ def test_distill_chain_report(tmp_path, capsys):
     cfg.write_text(CHAIN)
     out = tmp_path / "run"
     assert main(["distill", "--config", str(cfg), "--out", str(out), *FAST[-2:]]) == 0
-    printed = capsys.readouterr().out
+    printed, logged = capsys.readouterr()
     assert f"report: {out / 'report.json'}" in printed
+    # distill.student_init = "auto": the wider teacher's weights do not fit the first student; the second student
+    # takes the first's.
+    assert ("[student] random initialisation: its teacher's weights do not fit: the student's "
+            "layers.0.attn_norm.weight: expected the teacher's shape (96,), got (64,)") in logged
+    assert "[student2] initialised from student: teacher blocks [0] of 2" in logged
     report = json.loads((out / "report.json").read_text())
     for key in ("teacher", "student", "scratch"):
         assert MODEL_FIELDS <= set(report[key]), key
     assert report["teacher"]["top1_agreement"] == 1.0
     assert [r["name"] for r in report["chain"]] == ["student", "student2"]
+    assert "init" not in report["chain"][0] and report["chain"][1]["init"].startswith("teacher blocks [0] of 2")
     assert report["chain"][1]["teacher"] == "student"
     s, b, t = (report[k]["eval_loss"] for k in ("student", "scratch", "teacher"))
     assert report["gap_closed"] == pytest.approx((b - s) / (b - t))
@@ -170,6 +176,17 @@ def test_distill_chain_report(tmp_path, capsys):
     # Finished stages are not retrained on --resume; a non-empty run directory needs it.
     assert main(["distill", "--config", str(cfg), "--out", str(out), *FAST[-2:]]) == 2
     assert "pass --resume" in capsys.readouterr().err
+
+
+def test_a_student_can_start_from_its_teacher_s_weights(trained, tmp_path, capsys):
+    out = tmp_path / "inherit"
+    assert main(["distill", "--out", str(out), "--distill.teacher", str(trained / "model"), "--distill.student_init",
+                 "teacher", "--train.steps", "1", "--scratch", "false", *FAST]) == 0
+    init = "teacher blocks [0, 1] of 2, 8 of 8 routed experts per MoE block by routed weight, 1 MTP module(s)"
+    assert "[student] initialised from CausalLM@" in capsys.readouterr().err
+    assert json.loads((out / "report.json").read_text())["student"]["init"] == init
+    rows = [json.loads(x) for x in (out / "student" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["alpha"] == 0.5  # distill.alpha = "auto" for an inherited student
 
 
 def test_tiny_dataset_and_vocab_mismatch(trained, tmp_path, capsys):
@@ -315,6 +332,7 @@ def test_quick_run_is_the_default_pipeline_on_small_models(tmp_path, capsys):
         cfg = json.loads((out / stage / "model" / "config.json").read_text())
         assert cfg["hidden_size"] == want.model.overrides.get("hidden_size", 64), stage
         assert json.loads((out / stage / "done.json").read_text())["steps"] == 2  # [train] over the quick stages
+    assert report["student"]["init"].startswith("teacher blocks [0, 3] of 4, 8 of 16 routed experts")
     capsys.readouterr()
     assert main(["distill", "--quick", "--task", "arithmetic", "--out", str(tmp_path / "x")]) == 2
     assert "--quick: expected with --task lm" in capsys.readouterr().err

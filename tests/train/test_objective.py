@@ -173,3 +173,17 @@ def test_mtp_kd_heads_of_micro_batches_add_up_to_the_full_batch_means():
                                                                         depth_weights=[2.0, 1.0], mtp_weight=0.3,
                                                                         alpha=0.0) for r in halves]),
                                ce[0] + 0.3 * (2 * ce[1] + ce[2]) / 3, rtol=1e-5, atol=0)
+
+
+def test_auto_alpha_follows_how_the_student_started():
+    """distill.alpha = "auto": 0.5 for a student that starts from its teacher's weights, 0.9 for a random one;
+    an explicit schedule is used as given either way."""
+    teacher, student = _models()
+    for inherited, want in ((True, 0.5), (False, 0.9)):
+        obj = DistillObjective(teacher, student, DistillSection(), total_steps=10, inherited=inherited)
+        assert obj.schedule.at(0, 10)[0] == pytest.approx(want) and obj.schedule.at(9, 10)[0] == pytest.approx(want)
+        explicit = DistillObjective(teacher, student, DistillSection(alpha="constant:0.7"),
+                                    total_steps=10, inherited=inherited)
+        assert explicit.schedule.at(5, 10)[0] == pytest.approx(0.7)
+    with pytest.raises(ValueError, match=r'distill.alpha: schedule .autoo.*\(or "auto"\)'):
+        DistillSection(alpha="autoo")

@@ -78,3 +78,13 @@ def test_noise_is_not_called_a_win():
     report["gap_closed"] = gap_closed(report)
     md = markdown(report)
     assert "no measurable difference" in md and "beats" not in md and "gap closed" not in md
+
+
+def test_an_inherited_student_below_its_teacher_is_said_so():
+    report = {"teacher": scored(2.5, 0.05, seed=1), "scratch": scored(3.0, 0.05, seed=3),
+              "student": {**scored(2.3, 0.05, seed=2), "init": "teacher blocks [0, 2] of 3"}}
+    add_uncertainty(report)
+    report["gap_closed"] = gap_closed(report)
+    md = markdown(report)
+    assert f"= {report['gap_closed']:.1%} (above 100%: the student ends below its teacher's held-out loss)" in md
+    assert "The student started from its teacher's weights (teacher blocks [0, 2] of 3; distill.student_init)" in md
