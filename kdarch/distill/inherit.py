@@ -141,14 +141,11 @@ def inherit_from_teacher(student: CausalLM, teacher: CausalLM, sample_NT: torch.
         tensor_arg("inherit_from_teacher: sample_NT", sample_NT, dim=2, dtypes=(torch.long, torch.int32), nonempty=True)
         weights = routed_weight(teacher, sample_NT)
 
-    def kind(cfg, i):
-        return "dense" if i < cfg.n_dense_layers or cfg.n_routed_experts == 0 else "moe"
-
     layers = [0] * s_cfg.n_layers
-    for k in ("dense", "moe"):
-        s_idx = [i for i in range(s_cfg.n_layers) if kind(s_cfg, i) == k]
-        t_idx = [i for i in range(t_cfg.n_layers) if kind(t_cfg, i) == k]
-        for i, j in zip(s_idx, spread(len(s_idx), t_idx, f"{k} blocks") if s_idx else []):
+    for moe, kind in ((False, "dense"), (True, "moe")):
+        s_idx = [i for i in range(s_cfg.n_layers) if s_cfg.is_moe_layer(i) == moe]
+        t_idx = [i for i in range(t_cfg.n_layers) if t_cfg.is_moe_layer(i) == moe]
+        for i, j in zip(s_idx, spread(len(s_idx), t_idx, f"{kind} blocks") if s_idx else []):
             layers[i] = j
 
     experts: dict[str, tuple[int, ...]] = {}

@@ -498,7 +498,10 @@ def run_distill(run: RunConfig, out: Path, *, resume: bool = False, quick: bool 
         report["teacher"].update(measure_teacher(model_teacher, teacher, data, n_eval, top1_NT, teacher_device))
         speed_jobs["teacher"] = (model_teacher, teacher_prompts(teacher, data))
     chain, curves = [], {teacher_stage.name: teacher_run.rows} if teacher_run else {}
-    teacher_model = teacher_run.model if teacher_run is not None else None  # the next student's weight source
+    # the next student's weight source: a given teacher's float32 weights, not those of its forward's dtype
+    given = getattr(model_teacher, "model", None)
+    teacher_model = (teacher_run.model if teacher_run is not None else given
+                     if isinstance(given, CausalLM) and given.embed.weight.dtype == torch.float32 else None)
     for stage, random_why in zip(students, inherit, strict=True):
         objectives: list[DistillObjective] = []
 
@@ -508,7 +511,7 @@ def run_distill(run: RunConfig, out: Path, *, resume: bool = False, quick: bool 
 
         inherited: dict = {}
         init = None
-        if random_why is None:  # a given teacher's float32 weights, not its forward's dtype
+        if random_why is None:
             source = teacher_model if teacher_model is not None else from_pretrained(dcfg.teacher)
             init = functools.partial(inherit_init, source, data.train_NT, inherited)
         elif dcfg.student_init != "random":

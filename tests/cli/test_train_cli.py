@@ -178,10 +178,11 @@ def test_distill_chain_report(tmp_path, capsys):
     assert "pass --resume" in capsys.readouterr().err
 
 
-def test_a_student_can_start_from_its_teacher_s_weights(trained, tmp_path, capsys):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # the loaded teacher's own weights / reloaded in fp32
+def test_a_student_can_start_from_its_teacher_s_weights(trained, tmp_path, capsys, dtype):
     out = tmp_path / "inherit"
     assert main(["distill", "--out", str(out), "--distill.teacher", str(trained / "model"), "--distill.student_init",
-                 "teacher", "--train.steps", "1", "--scratch", "false", *FAST]) == 0
+                 "teacher", "--distill.teacher_dtype", dtype, "--train.steps", "1", "--scratch", "false", *FAST]) == 0
     init = "teacher blocks [0, 1] of 2, 8 of 8 routed experts per MoE block by routed weight, 1 MTP module(s)"
     assert "[student] initialised from CausalLM@" in capsys.readouterr().err
     assert json.loads((out / "report.json").read_text())["student"]["init"] == init
